@@ -1,0 +1,505 @@
+//! Domain types of a command: names, ids, states, and the validated request that the
+//! executor runs. Request messages become a [`CommandSpec`] here, once; a bad field is an
+//! [`InvalidRequest`] naming the field and the limit.
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use kinvoke_proto::v1 as pb;
+
+use crate::config::Limits;
+
+/// A cluster name: 1–63 lowercase letters, digits and `-`, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterName(String);
+
+impl ClusterName {
+    /// Checks the syntax of a cluster name.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let ok_chars = name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if name.is_empty() || name.len() > 63 || !ok_chars || name.starts_with('-') {
+            return Err(format!(
+                "\"{name}\" is not a valid cluster name: use 1-63 lowercase letters, digits and '-', not starting with '-'"
+            ));
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClusterName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A command id: 32 lowercase hex characters (128 random bits).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CommandId(String);
+
+impl CommandId {
+    /// A fresh random id.
+    pub fn random() -> Result<Self, getrandom::Error> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes)?;
+        Ok(Self(hex(&bytes)))
+    }
+
+    /// Checks the syntax of an id a caller sent.
+    pub fn parse(id: &str) -> Option<Self> {
+        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+            .then(|| Self(id.to_owned()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for CommandId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lowercase hex of some bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Where a command is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandState {
+    /// Started and not yet ended.
+    Running,
+    /// Ran to completion; the exit code says how it went.
+    Succeeded,
+    /// Could not run, or was interrupted.
+    Failed,
+    /// Stopped on request.
+    Canceled,
+    /// Stopped because it ran past its timeout.
+    TimedOut,
+}
+
+impl CommandState {
+    /// Name used in the store and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "Running",
+            Self::Succeeded => "Succeeded",
+            Self::Failed => "Failed",
+            Self::Canceled => "Canceled",
+            Self::TimedOut => "TimedOut",
+        }
+    }
+
+    /// Inverse of [`as_str`](Self::as_str).
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Canceled,
+            Self::TimedOut,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
+    /// The wire enum.
+    pub fn to_proto(self) -> pb::CommandState {
+        match self {
+            Self::Running => pb::CommandState::Running,
+            Self::Succeeded => pb::CommandState::Succeeded,
+            Self::Failed => pb::CommandState::Failed,
+            Self::Canceled => pb::CommandState::Canceled,
+            Self::TimedOut => pb::CommandState::TimedOut,
+        }
+    }
+}
+
+/// A file to write into the command's working directory.
+#[derive(Clone)]
+pub struct Attachment {
+    /// Validated relative path.
+    pub path: PathBuf,
+    /// File content; never logged.
+    pub content: Vec<u8>,
+    /// Permission bits (0o777 at most).
+    pub mode: u32,
+}
+
+impl fmt::Debug for Attachment {
+    // content may hold secrets (kubeconfigs, values files): never print it
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Attachment")
+            .field("path", &self.path)
+            .field("bytes", &self.content.len())
+            .field("mode", &format_args!("{:o}", self.mode))
+            .finish()
+    }
+}
+
+/// Name, size and digest of an attachment, kept with the result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInfo {
+    /// Relative path.
+    pub path: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+impl FileInfo {
+    /// Describes an attachment.
+    pub fn of(a: &Attachment) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &a.content);
+        Self {
+            path: a.path.to_string_lossy().into_owned(),
+            size: a.content.len() as u64,
+            sha256: hex(digest.as_ref()),
+        }
+    }
+}
+
+/// A validated request to run a command.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    /// Target cluster (not yet checked against the configuration).
+    pub cluster: String,
+    /// The command line.
+    pub command: String,
+    /// Files for the working directory.
+    pub files: Vec<Attachment>,
+    /// How long it may run.
+    pub timeout: Duration,
+}
+
+/// A request field that breaks a rule or a limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    /// A required field is empty.
+    #[error("{field} is required")]
+    Missing {
+        /// The field.
+        field: &'static str,
+    },
+    /// A field's value is malformed.
+    #[error("{field}: {message}")]
+    Malformed {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A size or count limit of the gateway was exceeded.
+    #[error("{what} exceeds the gateway limit {limit} = {max} (got {got})")]
+    OverLimit {
+        /// What was measured.
+        what: &'static str,
+        /// The config key of the limit.
+        limit: &'static str,
+        /// The limit's value.
+        max: String,
+        /// The measured value.
+        got: String,
+    },
+}
+
+impl InvalidRequest {
+    /// True when the request is well formed but too big (RESOURCE_EXHAUSTED).
+    pub fn is_over_limit(&self) -> bool {
+        matches!(self, Self::OverLimit { .. })
+    }
+}
+
+impl CommandSpec {
+    /// Validates a request against the gateway's limits.
+    pub fn from_request(
+        req: pb::InvokeCommandRequest,
+        limits: &Limits,
+    ) -> Result<Self, InvalidRequest> {
+        if req.cluster.is_empty() {
+            return Err(InvalidRequest::Missing { field: "cluster" });
+        }
+        if req.command.trim().is_empty() {
+            return Err(InvalidRequest::Missing { field: "command" });
+        }
+        if req.command.len() > limits.max_command_bytes {
+            return Err(InvalidRequest::OverLimit {
+                what: "command length",
+                limit: "limits.max_command_bytes",
+                max: format!("{} bytes", limits.max_command_bytes),
+                got: format!("{} bytes", req.command.len()),
+            });
+        }
+        if req.command.contains('\0') {
+            return Err(InvalidRequest::Malformed {
+                field: "command",
+                message: "must not contain NUL".to_owned(),
+            });
+        }
+        let timeout = match req.timeout {
+            None => limits.default_timeout,
+            Some(d) => {
+                let d = Duration::try_from(d).map_err(|_| InvalidRequest::Malformed {
+                    field: "timeout",
+                    message: "must be a positive duration".to_owned(),
+                })?;
+                if d.is_zero() {
+                    return Err(InvalidRequest::Malformed {
+                        field: "timeout",
+                        message: "must be longer than 0s".to_owned(),
+                    });
+                }
+                if d > limits.max_timeout {
+                    return Err(InvalidRequest::OverLimit {
+                        what: "timeout",
+                        limit: "limits.max_timeout",
+                        max: humantime::format_duration(limits.max_timeout).to_string(),
+                        got: humantime::format_duration(d).to_string(),
+                    });
+                }
+                d
+            }
+        };
+        if req.files.len() > limits.max_files {
+            return Err(InvalidRequest::OverLimit {
+                what: "number of attached files",
+                limit: "limits.max_files",
+                max: limits.max_files.to_string(),
+                got: req.files.len().to_string(),
+            });
+        }
+        let total: u64 = req.files.iter().map(|f| f.content.len() as u64).sum();
+        if total > limits.max_total_file_bytes {
+            return Err(InvalidRequest::OverLimit {
+                what: "total size of attached files",
+                limit: "limits.max_total_file_bytes",
+                max: format!("{} bytes", limits.max_total_file_bytes),
+                got: format!("{total} bytes"),
+            });
+        }
+        let mut files = Vec::with_capacity(req.files.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for f in req.files {
+            let path = validate_file_path(&f.path, limits.max_file_path_bytes)?;
+            if !seen.insert(path.clone()) {
+                return Err(InvalidRequest::Malformed {
+                    field: "files.path",
+                    message: format!("\"{}\" is attached twice", f.path),
+                });
+            }
+            let mode = if f.mode == 0 { 0o644 } else { (f.mode & 0o777) | 0o400 };
+            files.push(Attachment {
+                path,
+                content: f.content,
+                mode,
+            });
+        }
+        // a file may not also be a directory of another ("a" and "a/b")
+        for path in &seen {
+            let mut parent = path.parent();
+            while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+                if seen.contains(p) {
+                    return Err(InvalidRequest::Malformed {
+                        field: "files.path",
+                        message: format!(
+                            "\"{}\" is attached as a file and is also the directory of \"{}\"",
+                            p.display(),
+                            path.display()
+                        ),
+                    });
+                }
+                parent = p.parent();
+            }
+        }
+        Ok(Self {
+            cluster: req.cluster,
+            command: req.command,
+            files,
+            timeout,
+        })
+    }
+}
+
+/// Checks that an attached file's path stays inside the working directory.
+fn validate_file_path(path: &str, max_bytes: usize) -> Result<PathBuf, InvalidRequest> {
+    let bad = |message: String| InvalidRequest::Malformed {
+        field: "files.path",
+        message,
+    };
+    if path.is_empty() {
+        return Err(bad("an attached file has an empty path".to_owned()));
+    }
+    if path.len() > max_bytes {
+        return Err(InvalidRequest::OverLimit {
+            what: "attached file path length",
+            limit: "limits.max_file_path_bytes",
+            max: format!("{max_bytes} bytes"),
+            got: format!("{} bytes", path.len()),
+        });
+    }
+    let shown = path.escape_debug();
+    if path.contains('\0') {
+        return Err(bad(format!("\"{shown}\" contains NUL")));
+    }
+    if path.contains('\\') {
+        return Err(bad(format!("\"{shown}\" contains '\\'; use '/' between directories")));
+    }
+    let p = Path::new(path);
+    let mut clean = PathBuf::new();
+    for component in p.components() {
+        match component {
+            Component::Normal(part) => {
+                if part.len() > 255 {
+                    return Err(bad(format!("\"{shown}\" has a name longer than 255 bytes")));
+                }
+                clean.push(part);
+            }
+            Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(bad(format!(
+                    "\"{shown}\" contains \"..\"; attached files must stay inside the working directory"
+                )));
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(bad(format!(
+                    "\"{shown}\" is absolute; attached files need relative paths"
+                )));
+            }
+        }
+    }
+    if clean.as_os_str().is_empty() {
+        return Err(bad(format!("\"{shown}\" names no file")));
+    }
+    Ok(clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(files: Vec<(&str, &[u8])>) -> pb::InvokeCommandRequest {
+        pb::InvokeCommandRequest {
+            cluster: "prod".into(),
+            command: "kubectl get pods".into(),
+            files: files
+                .into_iter()
+                .map(|(path, content)| pb::AttachedFile {
+                    path: path.into(),
+                    content: content.to_vec(),
+                    mode: 0,
+                })
+                .collect(),
+            timeout: None,
+            no_wait: false,
+        }
+    }
+
+    #[test]
+    fn file_paths_that_leave_the_work_dir_are_rejected() {
+        let limits = Limits::default();
+        for path in ["../x", "a/../../x", "/etc/passwd", "a/..", "", ".", "a\\b", "a\0b"] {
+            let err = CommandSpec::from_request(request(vec![(path, b"x")]), &limits).unwrap_err();
+            assert!(err.to_string().starts_with("files.path"), "{path:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_are_normalised() {
+        let spec =
+            CommandSpec::from_request(request(vec![("./chart/values.yaml", b"x")]), &Limits::default())
+                .unwrap();
+        assert_eq!(spec.files[0].path, Path::new("chart/values.yaml"));
+        assert_eq!(spec.files[0].mode, 0o644);
+    }
+
+    #[test]
+    fn duplicate_and_file_as_directory_are_rejected() {
+        let limits = Limits::default();
+        let err = CommandSpec::from_request(request(vec![("a", b""), ("./a", b"")]), &limits).unwrap_err();
+        assert!(err.to_string().contains("attached twice"), "{err}");
+        let err = CommandSpec::from_request(request(vec![("a", b""), ("a/b", b"")]), &limits).unwrap_err();
+        assert!(err.to_string().contains("also the directory"), "{err}");
+    }
+
+    #[test]
+    fn limits_are_named_when_exceeded() {
+        let limits = Limits {
+            max_total_file_bytes: 4,
+            max_files: 2,
+            max_command_bytes: 20,
+            ..Limits::default()
+        };
+        let cases: Vec<(pb::InvokeCommandRequest, &str)> = vec![
+            (request(vec![("a", b"12345")]), "limits.max_total_file_bytes"),
+            (request(vec![("a", b""), ("b", b""), ("c", b"")]), "limits.max_files"),
+            (
+                pb::InvokeCommandRequest {
+                    command: "x".repeat(21),
+                    ..request(vec![])
+                },
+                "limits.max_command_bytes",
+            ),
+            (
+                pb::InvokeCommandRequest {
+                    timeout: Some(prost_types::Duration { seconds: 7201, nanos: 0 }),
+                    ..request(vec![])
+                },
+                "limits.max_timeout",
+            ),
+        ];
+        for (req, limit) in cases {
+            let err = CommandSpec::from_request(req, &limits).unwrap_err();
+            assert!(err.is_over_limit(), "{err}");
+            assert!(err.to_string().contains(limit), "{limit}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let err = CommandSpec::from_request(
+            pb::InvokeCommandRequest { command: " ".into(), ..request(vec![]) },
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err, InvalidRequest::Missing { field: "command" });
+    }
+
+    #[test]
+    fn cluster_names_follow_dns_label_rules() {
+        assert!(ClusterName::parse("prod-eu-1").is_ok());
+        for bad in ["", "-a", "Prod", "a_b", &"a".repeat(64)] {
+            assert!(ClusterName::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_ids_are_32_hex() {
+        let id = CommandId::random().unwrap();
+        assert!(CommandId::parse(id.as_str()).is_some());
+        assert!(CommandId::parse("../../etc").is_none());
+        assert!(CommandId::parse(&"A".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn attachment_debug_hides_content() {
+        let a = Attachment { path: "s".into(), content: b"hunter2".to_vec(), mode: 0o600 };
+        assert!(!format!("{a:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,605 @@
+//! The gateway's TOML configuration: parsed and validated once at start-up into typed
+//! values. Unknown keys are errors, and every error names the key at fault.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::command::ClusterName;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, has an unknown key or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value parsed but is not acceptable.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted path of the offending key, e.g. `cluster[1].name`.
+        key: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole gateway configuration, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory for the result store and other state.
+    pub state_dir: PathBuf,
+    /// The result store.
+    pub store: StoreConfig,
+    /// Limits applied to every request.
+    pub limits: Limits,
+    /// How long running commands may finish after a shutdown signal before they are canceled.
+    pub shutdown_grace: Duration,
+    /// The gRPC listeners; at least one.
+    pub listeners: Vec<ListenerConfig>,
+    /// The clusters this gateway fronts; at least one.
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// Where results are kept and for how long.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+    /// How long a finished command's record is kept.
+    pub retention: Duration,
+}
+
+/// Request limits; each violation is reported to the caller with the limit's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest accepted command line, in bytes.
+    pub max_command_bytes: usize,
+    /// Most files attached to one command.
+    pub max_files: usize,
+    /// Largest total size of the attached files, in bytes.
+    pub max_total_file_bytes: u64,
+    /// Longest attached file path, in bytes.
+    pub max_file_path_bytes: usize,
+    /// Timeout when the caller gives none.
+    pub default_timeout: Duration,
+    /// Longest timeout a caller may ask for.
+    pub max_timeout: Duration,
+    /// Commands running at once on this gateway.
+    pub max_concurrent_commands: usize,
+    /// Output kept per command; the rest is counted but cut.
+    pub max_output_bytes: usize,
+    /// Time between SIGTERM and SIGKILL when a command is stopped.
+    pub kill_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_command_bytes: 16 * 1024,
+            max_files: 1_000,
+            max_total_file_bytes: 4 * 1024 * 1024,
+            max_file_path_bytes: 1024,
+            default_timeout: Duration::from_secs(10 * 60),
+            max_timeout: Duration::from_secs(60 * 60),
+            max_concurrent_commands: 64,
+            max_output_bytes: 512 * 1024,
+            kill_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One TLS gRPC listener.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name used in logs and audit.
+    pub name: String,
+    /// Socket address to bind.
+    pub address: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub tls_cert: PathBuf,
+    /// Server private key (PEM).
+    pub tls_key: PathBuf,
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
+/// How a cluster's commands run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecMode {
+    /// `bash -c COMMAND`, like AKS: pipes and shell syntax work.
+    Shell,
+    /// The command is split with shell-word rules and run directly; the program must be allowed.
+    Argv,
+}
+
+/// One cluster the gateway runs commands for.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Name callers use.
+    pub name: ClusterName,
+    /// Shell or argv.
+    pub mode: ExecMode,
+    /// Programs an `argv` command may start (base names or absolute paths).
+    pub allowed_programs: BTreeSet<String>,
+    /// `PATH` given to commands.
+    pub path: String,
+    /// Kubeconfig file for the command's `KUBECONFIG` (until the relay replaces it).
+    pub kubeconfig: Option<PathBuf>,
+    /// Shell used in `shell` mode.
+    pub shell: PathBuf,
+}
+
+/// Default `PATH` handed to commands.
+pub const DEFAULT_COMMAND_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+// ---- raw, 1:1 with the file ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: PathBuf,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_grace: Option<Duration>,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default, rename = "listener")]
+    listeners: Vec<RawListener>,
+    #[serde(default, rename = "cluster")]
+    clusters: Vec<RawCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    retention: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_command_bytes: Option<ByteSize>,
+    max_files: Option<usize>,
+    max_total_file_bytes: Option<ByteSize>,
+    max_file_path_bytes: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    default_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_timeout: Option<Duration>,
+    max_concurrent_commands: Option<usize>,
+    max_output_bytes: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    kill_grace: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<String>,
+    address: String,
+    tls: RawTls,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    #[serde(default = "default_executor")]
+    executor: String,
+    #[serde(default = "default_mode")]
+    mode: ExecMode,
+    allowed_programs: Option<Vec<String>>,
+    path: Option<String>,
+    kubeconfig: Option<PathBuf>,
+    shell: Option<PathBuf>,
+}
+
+fn default_executor() -> String {
+    "local".to_owned()
+}
+
+fn default_mode() -> ExecMode {
+    ExecMode::Shell
+}
+
+impl Config {
+    /// Reads and validates a config file; relative paths are taken from the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|err| match err {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: err.to_string().trim_end().to_owned(),
+        })?;
+        let resolve = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let state_dir = resolve(&raw.state_dir);
+
+        let store = StoreConfig {
+            path: raw
+                .store
+                .path
+                .as_deref()
+                .map(resolve)
+                .unwrap_or_else(|| state_dir.join("kinvoke.db")),
+            retention: raw
+                .store
+                .retention
+                .unwrap_or(Duration::from_secs(24 * 3600)),
+        };
+        if store.retention.is_zero() {
+            return Err(invalid("store.retention", "must be longer than 0s"));
+        }
+
+        let limits = parse_limits(raw.limits)?;
+
+        if raw.listeners.is_empty() {
+            return Err(invalid(
+                "listener",
+                "no [[listener]] is configured; add one with `address` and a `tls` table",
+            ));
+        }
+        let mut listeners = Vec::with_capacity(raw.listeners.len());
+        let mut names = BTreeSet::new();
+        for (i, l) in raw.listeners.into_iter().enumerate() {
+            let key = format!("listener[{i}]");
+            let name = l.name.unwrap_or_else(|| format!("listener-{i}"));
+            if !names.insert(name.clone()) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("listener name \"{name}\" is used twice"),
+                ));
+            }
+            let address: SocketAddr = l.address.parse().map_err(|_| {
+                invalid(
+                    format!("{key}.address"),
+                    format!(
+                        "\"{}\" is not a socket address; write it as IP:PORT, e.g. \"0.0.0.0:8443\" or \"[::]:8443\"",
+                        l.address
+                    ),
+                )
+            })?;
+            listeners.push(ListenerConfig {
+                name,
+                address,
+                tls_cert: resolve(&l.tls.cert),
+                tls_key: resolve(&l.tls.key),
+                client_ca: resolve(&l.tls.client_ca),
+            });
+        }
+
+        if raw.clusters.is_empty() {
+            return Err(invalid(
+                "cluster",
+                "no [[cluster]] is configured; add one with a `name`",
+            ));
+        }
+        let mut clusters: Vec<ClusterConfig> = Vec::with_capacity(raw.clusters.len());
+        for (i, c) in raw.clusters.into_iter().enumerate() {
+            let key = format!("cluster[{i}]");
+            let name = ClusterName::parse(&c.name)
+                .map_err(|message| invalid(format!("{key}.name"), message))?;
+            if clusters.iter().any(|other| other.name == name) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("cluster \"{name}\" is configured twice"),
+                ));
+            }
+            if c.executor != "local" {
+                return Err(invalid(
+                    format!("{key}.executor"),
+                    format!(
+                        "unknown executor \"{}\"; this gateway supports \"local\"",
+                        c.executor
+                    ),
+                ));
+            }
+            let allowed_programs: BTreeSet<String> = c
+                .allowed_programs
+                .unwrap_or_else(|| vec!["kubectl".to_owned(), "helm".to_owned()])
+                .into_iter()
+                .collect();
+            if let Some(bad) = allowed_programs.iter().find(|p| p.is_empty()) {
+                return Err(invalid(
+                    format!("{key}.allowed_programs"),
+                    format!("\"{bad}\" is not a program name"),
+                ));
+            }
+            let path = c.path.unwrap_or_else(|| DEFAULT_COMMAND_PATH.to_owned());
+            if path.contains('\0') {
+                return Err(invalid(format!("{key}.path"), "must not contain NUL"));
+            }
+            clusters.push(ClusterConfig {
+                name,
+                mode: c.mode,
+                allowed_programs,
+                path,
+                kubeconfig: c.kubeconfig.as_deref().map(resolve),
+                shell: c.shell.unwrap_or_else(|| PathBuf::from("bash")),
+            });
+        }
+
+        Ok(Self {
+            state_dir,
+            store,
+            limits,
+            shutdown_grace: raw.shutdown_grace.unwrap_or(Duration::from_secs(30)),
+            listeners,
+            clusters,
+        })
+    }
+
+    /// The configured cluster with this name, if any.
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name.as_str() == name)
+    }
+
+    /// A short human summary, printed by `check-config`.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let l = &self.limits;
+        out.push_str(&format!("state dir: {}\n", self.state_dir.display()));
+        out.push_str(&format!(
+            "store: {} (retention {})\n",
+            self.store.path.display(),
+            humantime::format_duration(self.store.retention)
+        ));
+        for listener in &self.listeners {
+            out.push_str(&format!(
+                "listener \"{}\": {} (TLS, client certificates from {})\n",
+                listener.name,
+                listener.address,
+                listener.client_ca.display()
+            ));
+        }
+        for c in &self.clusters {
+            let mode = match c.mode {
+                ExecMode::Shell => "shell".to_owned(),
+                ExecMode::Argv => format!(
+                    "argv, programs: {}",
+                    c.allowed_programs
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            out.push_str(&format!("cluster \"{}\": local executor, {mode}\n", c.name));
+        }
+        out.push_str(&format!(
+            "limits: command {} B, {} files / {} B, output {} B, timeout {} (max {}), {} concurrent\n",
+            l.max_command_bytes,
+            l.max_files,
+            l.max_total_file_bytes,
+            l.max_output_bytes,
+            humantime::format_duration(l.default_timeout),
+            humantime::format_duration(l.max_timeout),
+            l.max_concurrent_commands,
+        ));
+        out
+    }
+}
+
+fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let size = |key: &str, v: Option<ByteSize>, default: u64| -> Result<u64, ConfigError> {
+        match v {
+            Some(v) if v.as_u64() == 0 => Err(invalid(
+                format!("limits.{key}"),
+                "must be larger than 0 bytes",
+            )),
+            Some(v) => Ok(v.as_u64()),
+            None => Ok(default),
+        }
+    };
+    let usize_of = |key: &str, v: u64| -> Result<usize, ConfigError> {
+        usize::try_from(v).map_err(|_| invalid(format!("limits.{key}"), "is too large"))
+    };
+    let limits = Limits {
+        max_command_bytes: usize_of(
+            "max_command_bytes",
+            size(
+                "max_command_bytes",
+                raw.max_command_bytes,
+                d.max_command_bytes as u64,
+            )?,
+        )?,
+        max_files: raw.max_files.unwrap_or(d.max_files),
+        max_total_file_bytes: size(
+            "max_total_file_bytes",
+            raw.max_total_file_bytes,
+            d.max_total_file_bytes,
+        )?,
+        max_file_path_bytes: usize_of(
+            "max_file_path_bytes",
+            size(
+                "max_file_path_bytes",
+                raw.max_file_path_bytes,
+                d.max_file_path_bytes as u64,
+            )?,
+        )?,
+        default_timeout: raw.default_timeout.unwrap_or(d.default_timeout),
+        max_timeout: raw.max_timeout.unwrap_or(d.max_timeout),
+        max_concurrent_commands: raw
+            .max_concurrent_commands
+            .unwrap_or(d.max_concurrent_commands),
+        max_output_bytes: usize_of(
+            "max_output_bytes",
+            size(
+                "max_output_bytes",
+                raw.max_output_bytes,
+                d.max_output_bytes as u64,
+            )?,
+        )?,
+        kill_grace: raw.kill_grace.unwrap_or(d.kill_grace),
+    };
+    if limits.default_timeout.is_zero() {
+        return Err(invalid("limits.default_timeout", "must be longer than 0s"));
+    }
+    if limits.max_timeout < limits.default_timeout {
+        return Err(invalid(
+            "limits.max_timeout",
+            format!(
+                "{} is shorter than limits.default_timeout ({}); raise it or lower the default",
+                humantime::format_duration(limits.max_timeout),
+                humantime::format_duration(limits.default_timeout)
+            ),
+        ));
+    }
+    if limits.max_concurrent_commands == 0 {
+        return Err(invalid(
+            "limits.max_concurrent_commands",
+            "must be at least 1",
+        ));
+    }
+    Ok(limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+state_dir = "state"
+[[listener]]
+address = "127.0.0.1:0"
+tls = { cert = "s.crt", key = "s.key", client_ca = "ca.crt" }
+[[cluster]]
+name = "prod-eu"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/kinvoke"))
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.state_dir, PathBuf::from("/etc/kinvoke/state"));
+        assert_eq!(
+            config.store.path,
+            PathBuf::from("/etc/kinvoke/state/kinvoke.db")
+        );
+        assert_eq!(config.store.retention, Duration::from_secs(86_400));
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.limits.max_output_bytes, 512 * 1024);
+        assert_eq!(config.limits.max_total_file_bytes, 4 * 1024 * 1024);
+        let cluster = config.cluster("prod-eu").unwrap();
+        assert_eq!(cluster.mode, ExecMode::Shell);
+        assert!(cluster.allowed_programs.contains("kubectl"));
+        assert!(cluster.allowed_programs.contains("helm"));
+        assert_eq!(config.listeners[0].client_ca, Path::new("/etc/kinvoke/ca.crt"));
+    }
+
+    fn with_limits(limits: &str) -> String {
+        MINIMAL.replacen(
+            "state_dir = \"state\"\n",
+            &format!("state_dir = \"state\"\n[limits]\n{limits}\n"),
+            1,
+        )
+    }
+
+    #[test]
+    fn sizes_and_durations_are_human_readable() {
+        let text = with_limits(
+            "max_output_bytes = \"1 MiB\"\ndefault_timeout = \"90s\"\nmax_timeout = \"2h\"",
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.limits.max_output_bytes, 1024 * 1024);
+        assert_eq!(config.limits.default_timeout, Duration::from_secs(90));
+        assert_eq!(config.limits.max_timeout, Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&MINIMAL.replace("name = \"prod-eu\"", "name = \"prod-eu\"\nmod = \"argv\"")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `mod`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (MINIMAL.replace("127.0.0.1:0", "localhost"), "listener[0].address"),
+            (MINIMAL.replace("prod-eu", "Prod EU"), "cluster[0].name"),
+            (
+                format!("{MINIMAL}\n[[cluster]]\nname = \"prod-eu\"\n"),
+                "cluster[1].name",
+            ),
+            (
+                MINIMAL.replace("name = \"prod-eu\"", "name = \"x\"\nexecutor = \"pod\""),
+                "cluster[0].executor",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).unwrap_err();
+            assert!(err.to_string().contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_listener_or_cluster_is_explained() {
+        let err = parse("state_dir = \"s\"\n").unwrap_err();
+        assert!(err.to_string().contains("[[listener]]"), "{err}");
+    }
+
+    #[test]
+    fn max_timeout_below_default_is_rejected() {
+        let err = parse(&with_limits("max_timeout = \"1m\"")).unwrap_err();
+        assert!(err.to_string().contains("limits.max_timeout"), "{err}");
+    }
+}

@@ -1,0 +1,144 @@
+//! `kinvoke-gateway dev`: a ready-to-use local gateway. Creates once, in a state
+//! directory, a CA, a server certificate for localhost, a client certificate, and then
+//! (each start) a gateway config with one `local` cluster in shell mode and a client
+//! config for `kinvoke --config DIR/client.toml`.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::pki::CertificateAuthority;
+
+/// Identity of the developer certificate `dev` issues.
+pub const DEV_PRINCIPAL: &str = "dev-user";
+
+/// Files of a dev environment.
+#[derive(Debug, Clone)]
+pub struct DevFiles {
+    /// Absolute state directory.
+    pub dir: PathBuf,
+    /// Gateway config.
+    pub gateway_config: PathBuf,
+    /// Client config.
+    pub client_config: PathBuf,
+}
+
+/// Why the dev environment could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// A file could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// Certificate generation failed.
+    #[error("cannot generate dev certificates: {0}")]
+    Cert(#[from] rcgen::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DevError + '_ {
+    move |source| DevError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write(path: &Path, content: &str, mode: u32) -> Result<(), DevError> {
+    std::fs::write(path, content).map_err(io_err(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err(path))
+}
+
+/// Creates missing certificates and writes both configs for a gateway on `listen`.
+pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevFiles, DevError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+    let dir = dir.canonicalize().map_err(io_err(dir))?;
+    let names = [
+        "ca.crt",
+        "server.crt",
+        "server.key",
+        "client.crt",
+        "client.key",
+    ];
+    if !names.iter().all(|n| dir.join(n).exists()) {
+        let ca = CertificateAuthority::new("kinvoke dev CA")?;
+        let server = ca.server_cert(&["localhost", "127.0.0.1", "::1"])?;
+        let client = ca.client_cert(DEV_PRINCIPAL, None)?;
+        write(&dir.join("ca.crt"), &ca.cert_pem(), 0o644)?;
+        write(&dir.join("server.crt"), &server.cert_pem, 0o644)?;
+        write(&dir.join("server.key"), &server.key_pem, 0o600)?;
+        write(&dir.join("client.crt"), &client.cert_pem, 0o644)?;
+        write(&dir.join("client.key"), &client.key_pem, 0o600)?;
+    }
+    let gateway_config = dir.join("gateway.toml");
+    write(&gateway_config, &gateway_toml(listen), 0o644)?;
+    let client_config = dir.join("client.toml");
+    Ok(DevFiles {
+        dir,
+        gateway_config,
+        client_config,
+    })
+}
+
+/// Writes the client config for the address the gateway actually bound.
+pub fn write_client_config(files: &DevFiles, bound: SocketAddr) -> Result<(), DevError> {
+    let host = match bound.ip() {
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+    };
+    let text = format!(
+        "# written by `kinvoke-gateway dev`; use with `kinvoke --config {path}`\n\
+         default_profile = \"dev\"\n\n\
+         [profiles.dev]\n\
+         endpoint = \"https://{host}:{port}\"\n\
+         ca_cert = \"ca.crt\"\n\
+         client_cert = \"client.crt\"\n\
+         client_key = \"client.key\"\n",
+        path = files.client_config.display(),
+        port = bound.port(),
+    );
+    write(&files.client_config, &text, 0o644)
+}
+
+fn gateway_toml(listen: SocketAddr) -> String {
+    format!(
+        "# written by `kinvoke-gateway dev` at every start; copy it to make your own\n\
+         state_dir = \".\"\n\
+         shutdown_grace = \"10s\"\n\n\
+         [store]\n\
+         retention = \"24h\"\n\n\
+         [[listener]]\n\
+         name = \"dev\"\n\
+         address = \"{listen}\"\n\
+         tls = {{ cert = \"server.crt\", key = \"server.key\", client_ca = \"ca.crt\" }}\n\n\
+         [[cluster]]\n\
+         name = \"local\"\n\
+         executor = \"local\"\n\
+         mode = \"shell\"\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prepare_writes_a_loadable_config_and_reuses_certificates() {
+        let tmp = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let files = prepare(tmp.path(), addr).unwrap();
+        let config = crate::config::Config::load(&files.gateway_config).unwrap();
+        assert_eq!(config.clusters[0].name.as_str(), "local");
+        assert_eq!(config.state_dir, files.dir.join("."));
+        let ca = std::fs::read(files.dir.join("ca.crt")).unwrap();
+        prepare(tmp.path(), addr).unwrap();
+        assert_eq!(std::fs::read(files.dir.join("ca.crt")).unwrap(), ca);
+        let key_mode = std::fs::metadata(files.dir.join("client.key")).unwrap().permissions().mode();
+        assert_eq!(key_mode & 0o777, 0o600);
+    }
+}

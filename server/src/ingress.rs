@@ -1,0 +1,276 @@
+//! Listeners: bind, accept, and complete a rustls handshake (client certificate
+//! required) off the accept loop, then hand tonic a connection that carries who and
+//! where the peer is.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenerConfig;
+
+/// How long a peer may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A listener that could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    /// A PEM file could not be read or holds nothing usable.
+    #[error("listener \"{listener}\": {what} {path}: {message}")]
+    Pem {
+        /// Listener name.
+        listener: String,
+        /// Which file (certificate, key, client CA).
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the certificates or key.
+    #[error("listener \"{listener}\": TLS setup failed: {source}")]
+    Tls {
+        /// Listener name.
+        listener: String,
+        /// rustls' error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The address could not be bound.
+    #[error("listener \"{listener}\": cannot listen on {address}: {source}")]
+    Bind {
+        /// Listener name.
+        listener: String,
+        /// Address.
+        address: SocketAddr,
+        /// OS error.
+        source: io::Error,
+    },
+}
+
+/// What the service knows about a connection's peer.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// Peer address.
+    pub remote: SocketAddr,
+    /// Verified client certificate chain, leaf first.
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// A bound listener with its TLS settings.
+pub struct BoundListener {
+    name: Arc<str>,
+    tcp: TcpListener,
+    tls: TlsAcceptor,
+}
+
+impl BoundListener {
+    /// The bound address (with the real port when configured with port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Listener name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Builds the rustls server config of a listener (client certificates required).
+pub fn tls_config(listener: &ListenerConfig) -> Result<Arc<rustls::ServerConfig>, IngressError> {
+    let pem_err = |what: &'static str, path: &Path, message: String| IngressError::Pem {
+        listener: listener.name.clone(),
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let tls_err = |source: Box<dyn std::error::Error + Send + Sync>| IngressError::Tls {
+        listener: listener.name.clone(),
+        source,
+    };
+    let certs = read_certs(&listener.tls_cert).map_err(|m| pem_err("certificate", &listener.tls_cert, m))?;
+    let key = PrivateKeyDer::from_pem_file(&listener.tls_key)
+        .map_err(|e| pem_err("private key", &listener.tls_key, e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs(&listener.client_ca).map_err(|m| pem_err("client CA", &listener.client_ca, m))? {
+        roots
+            .add(ca)
+            .map_err(|e| pem_err("client CA", &listener.client_ca, e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| tls_err(Box::new(e)))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(Box::new(e)))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_err(Box::new(e)))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| e.to_string())?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("holds no PEM certificate".to_owned());
+    }
+    Ok(certs)
+}
+
+/// Loads TLS settings and binds every listener.
+pub async fn bind(listeners: &[ListenerConfig]) -> Result<Vec<BoundListener>, IngressError> {
+    let mut bound = Vec::with_capacity(listeners.len());
+    for l in listeners {
+        let tls = TlsAcceptor::from(tls_config(l)?);
+        let tcp = TcpListener::bind(l.address)
+            .await
+            .map_err(|source| IngressError::Bind {
+                listener: l.name.clone(),
+                address: l.address,
+                source,
+            })?;
+        bound.push(BoundListener {
+            name: l.name.as_str().into(),
+            tcp,
+            tls,
+        });
+    }
+    Ok(bound)
+}
+
+/// Accepts on every listener until `stop` fires; yields connections whose TLS handshake
+/// succeeded. Handshakes run in their own tasks so a slow peer delays nobody else.
+pub fn incoming(
+    listeners: Vec<BoundListener>,
+    stop: CancellationToken,
+) -> impl Stream<Item = Result<Conn, io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    for listener in listeners {
+        tokio::spawn(accept_loop(listener, tx.clone(), stop.clone()));
+    }
+    ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: BoundListener,
+    tx: mpsc::Sender<Result<Conn, io::Error>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.tcp.accept() => accepted,
+        };
+        let (tcp, remote) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // e.g. EMFILE: back off briefly instead of spinning
+                tracing::warn!(listener = %listener.name, %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let tls = listener.tls.clone();
+        let name = listener.name.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let peer_certs = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .map(|certs| Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect()));
+                    let info = ConnInfo {
+                        listener: name,
+                        remote,
+                        peer_certs,
+                    };
+                    let _ = tx.send(Ok(Conn { stream, info })).await;
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(listener = %name, peer = %remote, %err, "TLS handshake refused");
+                }
+                Err(_) => {
+                    tracing::warn!(listener = %name, peer = %remote, "TLS handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+/// A TLS connection handed to tonic, carrying [`ConnInfo`] into request extensions.
+pub struct Conn {
+    stream: TlsStream<TcpStream>,
+    info: ConnInfo,
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}

@@ -1,0 +1,157 @@
+//! kinvoke-gateway: runs kubectl/helm commands next to a private cluster on behalf of
+//! authenticated callers, and keeps their results.
+//!
+//! A call flows: accept → TLS with a client certificate (`ingress`) → identify the caller
+//! (`authn`) → validate the request (`command`) → run it (`runner`, `exec`) → keep the
+//! result (`store`). `service` holds the thin tonic services and `status` maps errors to
+//! gRPC codes. `config` parses the TOML file once; `dev` and `pki` set up a local
+//! development gateway with its own certificates.
+
+pub mod authn;
+pub mod command;
+pub mod config;
+pub mod dev;
+pub mod exec;
+pub mod ingress;
+pub mod pki;
+pub mod runner;
+pub mod service;
+pub mod status;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kinvoke_proto::v1::command_service_server::CommandServiceServer;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::exec::local::LocalExecutor;
+use crate::ingress::BoundListener;
+use crate::runner::Runner;
+use crate::service::CommandApi;
+use crate::store::Store;
+
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The result store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Ingress(#[from] ingress::IngressError),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Server reflection could not be built.
+    #[error("server reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// How long connections may take to close after commands drained at shutdown.
+const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
+
+/// Room for the command line and message framing on top of the attached files.
+const MESSAGE_OVERHEAD: usize = 1024 * 1024;
+
+/// Serves on already bound listeners until `shutdown` resolves, then stops accepting,
+/// lets running commands finish for the configured grace and cancels the rest.
+pub async fn run(
+    config: Config,
+    listeners: Vec<BoundListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), GatewayError> {
+    let config = Arc::new(config);
+    let (store, recovered) = Store::open(&config.store.path)?;
+    if recovered > 0 {
+        tracing::warn!(
+            records = recovered,
+            "marked commands left running by a previous gateway process as failed"
+        );
+    }
+    let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
+    let runner = Runner::new(config.clone(), store, executor);
+    let purge = tokio::spawn(purge_loop(runner.clone(), config.store.retention));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<CommandServiceServer<CommandApi>>()
+        .await;
+    let reflection_sets = [
+        kinvoke_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let mut reflection_v1 = tonic_reflection::server::Builder::configure();
+    let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
+    for set in reflection_sets {
+        reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(set);
+        reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(set);
+    }
+    let max_message = usize::try_from(config.limits.max_total_file_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(config.limits.max_command_bytes)
+        .saturating_add(MESSAGE_OVERHEAD);
+    let commands = CommandServiceServer::new(CommandApi::new(config.clone(), runner.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(usize::MAX);
+
+    let stop_accepting = CancellationToken::new();
+    let incoming = ingress::incoming(listeners, stop_accepting.clone());
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health)
+        .add_service(reflection_v1.build_v1()?)
+        .add_service(reflection_v1alpha.build_v1alpha()?)
+        .add_service(commands)
+        // the incoming stream ending (stop_accepting) starts tonic's graceful shutdown:
+        // open calls, such as a waiting invoke, run to their end
+        .serve_with_incoming_shutdown(incoming, std::future::pending::<()>());
+    let mut server = tokio::spawn(server);
+
+    tokio::select! {
+        () = shutdown => {}
+        served = &mut server => {
+            purge.abort();
+            return match served {
+                Ok(result) => result.map_err(GatewayError::from),
+                Err(err) => {
+                    tracing::error!(%err, "gRPC server task died");
+                    Ok(())
+                }
+            };
+        }
+    }
+    tracing::info!("shutting down: no new connections or commands");
+    stop_accepting.cancel();
+    health_reporter
+        .set_not_serving::<CommandServiceServer<CommandApi>>()
+        .await;
+    runner.shutdown(config.shutdown_grace).await;
+    purge.abort();
+    match tokio::time::timeout(CONNECTION_DRAIN, &mut server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(err)) => tracing::error!(%err, "gRPC server task died"),
+        Err(_) => {
+            tracing::warn!("connections still open after the drain period; closing them");
+            server.abort();
+        }
+    }
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+async fn purge_loop(runner: Arc<Runner>, retention: Duration) {
+    let period = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        match runner.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "deleted results past their retention"),
+            Err(err) => tracing::warn!(%err, "could not delete expired results"),
+        }
+    }
+}

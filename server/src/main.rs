@@ -1,0 +1,176 @@
+//! `kinvoke-gateway`: parse arguments, set up logging, load the config, bind, serve.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use kinvoke_gateway::config::Config;
+use kinvoke_gateway::{dev, ingress};
+
+/// Runs kubectl/helm commands next to private clusters for authorized callers.
+#[derive(Debug, Parser)]
+#[command(name = "kinvoke-gateway", version)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "KINVOKE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve with a config file.
+    Serve {
+        /// Gateway config (TOML).
+        #[arg(long, env = "KINVOKE_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file and print a summary (exit 0 when valid, 1 otherwise).
+    CheckConfig {
+        /// Gateway config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Start a local development gateway with generated certificates and one cluster, `local`.
+    Dev {
+        /// Where certificates, configs and results are kept.
+        #[arg(long, default_value = ".kinvoke-dev")]
+        state_dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    // exactly one crypto provider (ring) for every rustls user in the process
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kinvoke-gateway: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Cmd::CheckConfig { config } => match Config::load(&config) {
+            Ok(cfg) => {
+                let mut problems = Vec::new();
+                for l in &cfg.listeners {
+                    if let Err(err) = ingress::tls_config(l) {
+                        problems.push(err.to_string());
+                    }
+                }
+                print!("{}", cfg.summary());
+                if problems.is_empty() {
+                    println!("config OK: {}", config.display());
+                    Ok(ExitCode::SUCCESS)
+                } else {
+                    for p in problems {
+                        eprintln!("error: {p}");
+                    }
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Cmd::Serve { config } => {
+            let cfg = Config::load(&config)?;
+            runtime()?.block_on(serve(cfg, None))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Dev { state_dir, listen } => {
+            let files = dev::prepare(&state_dir, listen)
+                .with_context(|| format!("cannot prepare {}", state_dir.display()))?;
+            let cfg = Config::load(&files.gateway_config)?;
+            runtime()?.block_on(serve(cfg, Some(files)))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
+    let listeners = ingress::bind(&cfg.listeners).await.with_context(|| {
+        if dev.is_some() {
+            "is another gateway running? pick a free address with --listen 127.0.0.1:PORT".to_owned()
+        } else {
+            "cannot start the listeners".to_owned()
+        }
+    })?;
+    let mut stdout = std::io::stdout().lock();
+    for l in &listeners {
+        let addr = l.local_addr().context("cannot read the bound address")?;
+        // one stable line per listener on stdout: scripts and tests wait for it
+        writeln!(stdout, "kinvoke-gateway: listener \"{}\" serving on https://{addr}", l.name())?;
+        if let Some(files) = &dev {
+            dev::write_client_config(files, addr)?;
+        }
+    }
+    if let Some(files) = &dev {
+        let client = files.client_config.display();
+        writeln!(
+            stdout,
+            "\nDevelopment gateway ready (state in {dir}). In another terminal, try:\n\n  \
+             kinvoke --config {client} invoke --cluster local --command \"kubectl version --client; echo hello | tr a-z A-Z\"\n  \
+             kinvoke --config {client} list\n\nPress Ctrl-C to stop.",
+            dir = files.dir.display(),
+        )?;
+    }
+    stdout.flush()?;
+    drop(stdout);
+    kinvoke_gateway::run(cfg, listeners, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(err) => {
+            tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
+            let _ = ctrl_c.await;
+        }
+    }
+}

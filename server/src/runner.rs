@@ -1,0 +1,349 @@
+//! The life of a command on this gateway: admit it (limits, cluster, concurrency), record
+//! it, run it on its executor in a task of its own (so a caller that goes away does not
+//! stop it), store how it ended, and let callers wait for, follow or cancel it. On
+//! shutdown, new commands are refused and running ones get a grace period.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::authn::Principal;
+use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequest};
+use crate::config::Config;
+use crate::exec::output::OutputLog;
+use crate::exec::{Executor, Job, Outcome, plan_argv};
+use crate::store::{CommandRecord, ListQuery, Store, StoreError};
+
+/// Reason recorded for commands stopped because the gateway shut down.
+pub const SHUTDOWN_REASON: &str = "gateway shut down before the command finished";
+
+/// Why a command could not be started or found.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The request breaks a rule or a limit.
+    #[error(transparent)]
+    Invalid(#[from] InvalidRequest),
+    /// The cluster is not configured here.
+    #[error("cluster \"{cluster}\" is not configured on this gateway")]
+    ClusterNotFound {
+        /// The name asked for.
+        cluster: String,
+    },
+    /// No command with that id (on that cluster).
+    #[error("command \"{id}\" was not found on cluster \"{cluster}\"")]
+    CommandNotFound {
+        /// Id asked for.
+        id: String,
+        /// Cluster asked for.
+        cluster: String,
+    },
+    /// Too many commands are running.
+    #[error(
+        "too many commands are running on this gateway (limit limits.max_concurrent_commands = {limit}); retry later"
+    )]
+    TooManyCommands {
+        /// The limit.
+        limit: usize,
+    },
+    /// The gateway is shutting down.
+    #[error("the gateway is shutting down and accepts no new commands; retry on another replica or later")]
+    ShuttingDown,
+    /// The result store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The system random source failed.
+    #[error("cannot generate a command id: {0}")]
+    Random(getrandom::Error),
+}
+
+/// A command that is running now.
+struct Running {
+    record: CommandRecord,
+    output: Arc<OutputLog>,
+    cancel: CancellationToken,
+    cancel_reason: Mutex<Option<String>>,
+    done: watch::Receiver<bool>,
+}
+
+/// Where a follower reads a command's output from.
+pub enum Follow {
+    /// Still running: follow its live output.
+    Live(Arc<OutputLog>, watch::Receiver<bool>),
+    /// Already finished: the stored record.
+    Finished(CommandRecord),
+}
+
+/// Runs and tracks commands.
+pub struct Runner {
+    config: Arc<Config>,
+    store: Store,
+    executor: Arc<dyn Executor>,
+    running: Mutex<HashMap<CommandId, Arc<Running>>>,
+    slots: Arc<Semaphore>,
+    accepting: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Runner {
+    /// A runner over a store and an executor.
+    pub fn new(config: Arc<Config>, store: Store, executor: Arc<dyn Executor>) -> Arc<Self> {
+        let slots = Arc::new(Semaphore::new(config.limits.max_concurrent_commands));
+        Arc::new(Self {
+            config,
+            store,
+            executor,
+            running: Mutex::new(HashMap::new()),
+            slots,
+            accepting: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    fn running_map(&self) -> std::sync::MutexGuard<'_, HashMap<CommandId, Arc<Running>>> {
+        // map operations are single inserts/removes; a poisoned lock still holds a valid map
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Admits and starts a command; returns its record in state `Running`.
+    pub async fn start(
+        self: &Arc<Self>,
+        principal: &Principal,
+        spec: CommandSpec,
+    ) -> Result<CommandRecord, RunError> {
+        if self.accepting.is_cancelled() {
+            return Err(RunError::ShuttingDown);
+        }
+        let cluster = self
+            .config
+            .cluster(&spec.cluster)
+            .ok_or_else(|| RunError::ClusterNotFound {
+                cluster: spec.cluster.clone(),
+            })?
+            .clone();
+        let argv = plan_argv(&cluster, &spec.command)?;
+        let permit: OwnedSemaphorePermit =
+            self.slots
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| RunError::TooManyCommands {
+                    limit: self.config.limits.max_concurrent_commands,
+                })?;
+        let id = CommandId::random().map_err(RunError::Random)?;
+        let record = CommandRecord {
+            id: id.clone(),
+            cluster: cluster.name.to_string(),
+            principal: principal.id.clone(),
+            command: spec.command.clone(),
+            files: spec.files.iter().map(FileInfo::of).collect(),
+            timeout: spec.timeout,
+            state: CommandState::Running,
+            exit_code: None,
+            started_at: SystemTime::now(),
+            finished_at: None,
+            reason: String::new(),
+            output: Vec::new(),
+            output_size: 0,
+        };
+        // recorded before it runs: a crash from here on leaves a record, marked failed at restart
+        self.store.put(record.clone()).await?;
+
+        let output = Arc::new(OutputLog::new(self.config.limits.max_output_bytes));
+        let cancel = CancellationToken::new();
+        let (done_tx, done_rx) = watch::channel(false);
+        let running = Arc::new(Running {
+            record: record.clone(),
+            output: output.clone(),
+            cancel: cancel.clone(),
+            cancel_reason: Mutex::new(None),
+            done: done_rx,
+        });
+        self.running_map().insert(id.clone(), running.clone());
+        tracing::info!(
+            command_id = %id,
+            cluster = %cluster.name,
+            principal = %principal.id,
+            source = %principal.source,
+            files = record.files.len(),
+            "command started"
+        );
+
+        let job = Job {
+            id: id.clone(),
+            argv,
+            spec,
+            cluster,
+            output,
+            cancel,
+        };
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            let outcome = this.executor.run(job).await;
+            this.finish(&running, outcome).await;
+            this.running_map().remove(&running.record.id);
+            let _ = done_tx.send(true);
+            drop(permit);
+        });
+        Ok(record)
+    }
+
+    async fn finish(&self, running: &Running, outcome: Outcome) {
+        let output = running.output.close();
+        let mut record = running.record.clone();
+        record.state = outcome.state;
+        record.exit_code = outcome.exit_code;
+        record.finished_at = Some(SystemTime::now());
+        record.reason = match outcome.state {
+            CommandState::Canceled => running
+                .cancel_reason
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+                .unwrap_or(outcome.reason),
+            _ => outcome.reason,
+        };
+        record.output_size = output.total;
+        record.output = output.data;
+        let elapsed = record
+            .finished_at
+            .and_then(|f| f.duration_since(record.started_at).ok())
+            .unwrap_or_default();
+        tracing::info!(
+            command_id = %record.id,
+            cluster = %record.cluster,
+            state = record.state.as_str(),
+            exit_code = ?record.exit_code,
+            output_bytes = record.output_size,
+            duration_ms = elapsed.as_millis() as u64,
+            reason = %record.reason,
+            "command finished"
+        );
+        if let Err(err) = self.store.put(record).await {
+            tracing::error!(command_id = %running.record.id, %err, "could not store the command result");
+        }
+    }
+
+    /// The record of a command on a cluster, optionally after waiting for it to end.
+    pub async fn result(
+        &self,
+        cluster: &str,
+        id: &str,
+        wait: bool,
+    ) -> Result<CommandRecord, RunError> {
+        let not_found = || RunError::CommandNotFound {
+            id: id.to_owned(),
+            cluster: cluster.to_owned(),
+        };
+        let id = CommandId::parse(id).ok_or_else(not_found)?;
+        let running = self.running_map().get(&id).cloned();
+        if let Some(running) = running {
+            if running.record.cluster != cluster {
+                return Err(not_found());
+            }
+            if !wait {
+                let mut record = running.record.clone();
+                let out = running.output.snapshot();
+                record.output_size = out.total;
+                record.output = out.data;
+                return Ok(record);
+            }
+            let mut done = running.done.clone();
+            // an error means the task is gone, which also means it is done
+            let _ = done.wait_for(|d| *d).await;
+        }
+        match self.store.get(&id).await? {
+            Some(record) if record.cluster == cluster => Ok(record),
+            _ => Err(not_found()),
+        }
+    }
+
+    /// How to follow a command's output.
+    pub async fn follow(&self, cluster: &str, id: &str) -> Result<Follow, RunError> {
+        let not_found = || RunError::CommandNotFound {
+            id: id.to_owned(),
+            cluster: cluster.to_owned(),
+        };
+        let cid = CommandId::parse(id).ok_or_else(not_found)?;
+        let running = self.running_map().get(&cid).cloned();
+        if let Some(running) = running {
+            if running.record.cluster != cluster {
+                return Err(not_found());
+            }
+            return Ok(Follow::Live(running.output.clone(), running.done.clone()));
+        }
+        self.result(cluster, id, false).await.map(Follow::Finished)
+    }
+
+    /// Stops a running command and returns its final record; a finished command's
+    /// record is returned unchanged.
+    pub async fn cancel(
+        &self,
+        cluster: &str,
+        id: &str,
+        reason: String,
+    ) -> Result<CommandRecord, RunError> {
+        if let Some(cid) = CommandId::parse(id) {
+            let running = self.running_map().get(&cid).cloned();
+            if let Some(running) = running.filter(|r| r.record.cluster == cluster) {
+                running.request_cancel(reason);
+            }
+        }
+        self.result(cluster, id, true).await
+    }
+
+    /// Newest-first records.
+    pub async fn list(&self, query: ListQuery) -> Result<Vec<CommandRecord>, RunError> {
+        Ok(self.store.list(query).await?)
+    }
+
+    /// Number of commands running now.
+    pub fn running_count(&self) -> usize {
+        self.running_map().len()
+    }
+
+    /// Refuses new commands, lets running ones finish for `grace`, then cancels the rest
+    /// and waits until they are recorded.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.accepting.cancel();
+        self.tasks.close();
+        let running = self.running_count();
+        if running > 0 {
+            tracing::info!(running, grace = %humantime::format_duration(grace), "waiting for running commands to finish");
+        }
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+            let left: Vec<Arc<Running>> = self.running_map().values().cloned().collect();
+            tracing::warn!(
+                canceled = left.len(),
+                "shutdown grace period over; canceling running commands"
+            );
+            for running in left {
+                running.request_cancel(SHUTDOWN_REASON.to_owned());
+            }
+            self.tasks.wait().await;
+        }
+    }
+
+    /// Deletes records past their retention.
+    pub async fn purge_expired(&self) -> Result<usize, RunError> {
+        Ok(self.store.purge_expired(self.config.store.retention).await?)
+    }
+}
+
+impl Running {
+    fn request_cancel(&self, reason: String) {
+        let mut slot = self
+            .cancel_reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // the first reason wins: a later shutdown does not rewrite a user's cancel
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        self.cancel.cancel();
+    }
+}

@@ -1,0 +1,416 @@
+//! Command records and their output, kept in SQLite (bundled) in the state directory.
+//! Records survive restarts; a record a previous process left `Running` is marked
+//! `Failed` when the store opens. SQLite calls are blocking, so they run on the blocking
+//! pool behind one connection.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::command::{CommandId, CommandState, FileInfo};
+
+/// Reason given to records that were running when the gateway stopped abruptly.
+pub const RESTARTED_REASON: &str = "gateway restarted before the command finished";
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("cannot open result store {path}: {source}")]
+    Open {
+        /// Database file.
+        path: PathBuf,
+        /// What SQLite or the OS said.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A query failed.
+    #[error("result store query failed: {0}")]
+    Query(#[from] rusqlite::Error),
+    /// The blocking task running the query died.
+    #[error("result store task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A stored row holds a value this version cannot read.
+    #[error("result store holds an unreadable record: {0}")]
+    Corrupt(String),
+}
+
+/// One command's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandRecord {
+    /// Id.
+    pub id: CommandId,
+    /// Cluster name.
+    pub cluster: String,
+    /// Who ran it.
+    pub principal: String,
+    /// The command line.
+    pub command: String,
+    /// Attached files (names, sizes, digests).
+    pub files: Vec<FileInfo>,
+    /// Timeout it ran with.
+    pub timeout: Duration,
+    /// State.
+    pub state: CommandState,
+    /// Exit code once ended.
+    pub exit_code: Option<i32>,
+    /// Start time.
+    pub started_at: SystemTime,
+    /// End time.
+    pub finished_at: Option<SystemTime>,
+    /// Why it failed, was canceled or timed out.
+    pub reason: String,
+    /// Kept output.
+    pub output: Vec<u8>,
+    /// Total output size.
+    pub output_size: u64,
+}
+
+impl CommandRecord {
+    /// True when output was cut.
+    pub fn output_truncated(&self) -> bool {
+        self.output_size > self.output.len() as u64
+    }
+}
+
+/// Which records to list.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only this cluster.
+    pub cluster: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+    /// Continue after this (started_at millis, id) cursor.
+    pub after: Option<(i64, String)>,
+}
+
+/// The SQLite result store.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS commands (
+    id          TEXT PRIMARY KEY,
+    cluster     TEXT NOT NULL,
+    principal   TEXT NOT NULL,
+    command     TEXT NOT NULL,
+    files       TEXT NOT NULL,
+    timeout_ms  INTEGER NOT NULL,
+    state       TEXT NOT NULL,
+    exit_code   INTEGER,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    reason      TEXT NOT NULL,
+    output      BLOB NOT NULL,
+    output_size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS commands_by_start ON commands (started_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS commands_by_finish ON commands (finished_at);
+";
+
+impl Store {
+    /// Opens (creating if needed) the store and marks records left running as failed.
+    /// Returns the store and how many records were marked.
+    pub fn open(path: &Path) -> Result<(Self, usize), StoreError> {
+        let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| open_err(Box::new(e)))?;
+        }
+        let conn = Connection::open(path).map_err(|e| open_err(Box::new(e)))?;
+        // WAL + NORMAL: a commit is durable against a process crash at once, and against
+        // power loss at the next checkpoint, without an fsync per command
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
+            .and_then(|()| conn.busy_timeout(Duration::from_secs(5)))
+            .and_then(|()| conn.execute_batch(SCHEMA))
+            .map_err(|e| open_err(Box::new(e)))?;
+        let recovered = conn
+            .execute(
+                "UPDATE commands SET state = 'Failed', reason = ?1, finished_at = ?2 WHERE state = 'Running'",
+                params![RESTARTED_REASON, millis(SystemTime::now())],
+            )
+            .map_err(|e| open_err(Box::new(e)))?;
+        Ok((
+            Self {
+                conn: Arc::new(Mutex::new(conn)),
+            },
+            recovered,
+        ))
+    }
+
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            // a panic inside a query cannot leave SQLite half-written (it rolls back), so
+            // a poisoned lock is safe to keep using
+            let conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&conn)
+        })
+        .await?
+    }
+
+    /// Saves a new or updated record.
+    pub async fn put(&self, record: CommandRecord) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            let files = files_to_json(&record.files);
+            conn.execute(
+                "INSERT OR REPLACE INTO commands
+                 (id, cluster, principal, command, files, timeout_ms, state, exit_code,
+                  started_at, finished_at, reason, output, output_size)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    record.id.as_str(),
+                    record.cluster,
+                    record.principal,
+                    record.command,
+                    files,
+                    i64::try_from(record.timeout.as_millis()).unwrap_or(i64::MAX),
+                    record.state.as_str(),
+                    record.exit_code,
+                    millis(record.started_at),
+                    record.finished_at.map(millis),
+                    record.reason,
+                    record.output,
+                    i64::try_from(record.output_size).unwrap_or(i64::MAX),
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The record with this id.
+    pub async fn get(&self, id: &CommandId) -> Result<Option<CommandRecord>, StoreError> {
+        let id = id.as_str().to_owned();
+        self.with_conn(move |conn| {
+            conn.query_row(
+                &format!("SELECT {COLUMNS} FROM commands WHERE id = ?1"),
+                [id],
+                row_to_record,
+            )
+            .optional()?
+            .transpose()
+        })
+        .await
+    }
+
+    /// Records newest first, with their output left empty.
+    pub async fn list(&self, query: ListQuery) -> Result<Vec<CommandRecord>, StoreError> {
+        self.with_conn(move |conn| {
+            let (after_ms, after_id) = query.after.unwrap_or((i64::MAX, String::new()));
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {COLUMNS_NO_OUTPUT} FROM commands
+                 WHERE (?1 IS NULL OR cluster = ?1)
+                   AND (started_at < ?2 OR (started_at = ?2 AND (?3 = '' OR id < ?3)))
+                 ORDER BY started_at DESC, id DESC LIMIT ?4"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    query.cluster,
+                    after_ms,
+                    after_id,
+                    i64::try_from(query.limit).unwrap_or(i64::MAX)
+                ],
+                row_to_record,
+            )?;
+            let mut out = Vec::new();
+            for row in rows {
+                out.push(row??);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Deletes finished records older than `retention`; returns how many.
+    pub async fn purge_expired(&self, retention: Duration) -> Result<usize, StoreError> {
+        let cutoff = millis(SystemTime::now().checked_sub(retention).unwrap_or(UNIX_EPOCH));
+        self.with_conn(move |conn| {
+            Ok(conn.execute(
+                "DELETE FROM commands WHERE state != 'Running' AND finished_at < ?1",
+                [cutoff],
+            )?)
+        })
+        .await
+    }
+}
+
+const COLUMNS: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, output, output_size";
+const COLUMNS_NO_OUTPUT: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, x'' AS output, output_size";
+
+type RowResult = Result<CommandRecord, StoreError>;
+
+fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
+    let id: String = row.get(0)?;
+    let files: String = row.get(4)?;
+    let state: String = row.get(6)?;
+    let timeout_ms: i64 = row.get(5)?;
+    let started: i64 = row.get(8)?;
+    let finished: Option<i64> = row.get(9)?;
+    let output_size: i64 = row.get(12)?;
+    let record = (|| {
+        Ok(CommandRecord {
+            id: CommandId::parse(&id)
+                .ok_or_else(|| StoreError::Corrupt(format!("bad id {id:?}")))?,
+            cluster: row.get(1)?,
+            principal: row.get(2)?,
+            command: row.get(3)?,
+            files: files_from_json(&files)?,
+            timeout: Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)),
+            state: CommandState::from_name(&state)
+                .ok_or_else(|| StoreError::Corrupt(format!("bad state {state:?}")))?,
+            exit_code: row.get(7)?,
+            started_at: from_millis(started),
+            finished_at: finished.map(from_millis),
+            reason: row.get(10)?,
+            output: row.get(11)?,
+            output_size: u64::try_from(output_size).unwrap_or(0),
+        })
+    })();
+    Ok(record)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn millis(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+// files are stored as a small JSON array of [path, size, sha256]
+fn files_to_json(files: &[FileInfo]) -> String {
+    let rows: Vec<(&str, u64, &str)> = files
+        .iter()
+        .map(|f| (f.path.as_str(), f.size, f.sha256.as_str()))
+        .collect();
+    serde_json::to_string(&rows).unwrap_or_else(|_| "[]".to_owned())
+}
+
+fn files_from_json(text: &str) -> Result<Vec<FileInfo>, StoreError> {
+    let rows: Vec<(String, u64, String)> =
+        serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("files: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .map(|(path, size, sha256)| FileInfo { path, size, sha256 })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(state: CommandState, started_ms: i64) -> CommandRecord {
+        CommandRecord {
+            id: CommandId::random().unwrap(),
+            cluster: "c".into(),
+            principal: "alice".into(),
+            command: "kubectl version".into(),
+            files: vec![FileInfo {
+                path: "a.yaml".into(),
+                size: 3,
+                sha256: "ab".into(),
+            }],
+            timeout: Duration::from_secs(600),
+            state,
+            exit_code: (state != CommandState::Running).then_some(0),
+            started_at: from_millis(started_ms),
+            finished_at: (state != CommandState::Running).then(|| from_millis(started_ms + 5)),
+            reason: String::new(),
+            output: b"out".to_vec(),
+            output_size: 3,
+        }
+    }
+
+    #[tokio::test]
+    async fn records_round_trip_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db/kinvoke.db");
+        let (store, recovered) = Store::open(&path).unwrap();
+        assert_eq!(recovered, 0);
+        let done = record(CommandState::Succeeded, 1_000);
+        let running = record(CommandState::Running, 2_000);
+        store.put(done.clone()).await.unwrap();
+        store.put(running.clone()).await.unwrap();
+        assert_eq!(store.get(&done.id).await.unwrap(), Some(done.clone()));
+        drop(store);
+
+        let (store, recovered) = Store::open(&path).unwrap();
+        assert_eq!(recovered, 1);
+        let after = store.get(&running.id).await.unwrap().unwrap();
+        assert_eq!(after.state, CommandState::Failed);
+        assert_eq!(after.reason, RESTARTED_REASON);
+        assert!(after.finished_at.is_some());
+        assert_eq!(store.get(&done.id).await.unwrap(), Some(done));
+    }
+
+    #[tokio::test]
+    async fn list_pages_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("k.db")).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let r = record(CommandState::Succeeded, 1_000 + i);
+            ids.push(r.id.clone());
+            store.put(r).await.unwrap();
+        }
+        let page1 = store
+            .list(ListQuery { cluster: None, limit: 3, after: None })
+            .await
+            .unwrap();
+        assert_eq!(page1.len(), 3);
+        assert_eq!(page1[0].id, ids[4]);
+        assert!(page1[0].output.is_empty());
+        let last = page1.last().unwrap();
+        let page2 = store
+            .list(ListQuery {
+                cluster: None,
+                limit: 3,
+                after: Some((millis(last.started_at), last.id.as_str().to_owned())),
+            })
+            .await
+            .unwrap();
+        assert_eq!(page2.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![ids[1].clone(), ids[0].clone()]);
+        let other = store
+            .list(ListQuery { cluster: Some("other".into()), limit: 3, after: None })
+            .await
+            .unwrap();
+        assert!(other.is_empty());
+    }
+
+    #[tokio::test]
+    async fn expired_records_are_purged_but_running_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("k.db")).unwrap();
+        let old = record(CommandState::Succeeded, 1_000);
+        let now_ms = millis(SystemTime::now());
+        let fresh = record(CommandState::Failed, now_ms);
+        let running = record(CommandState::Running, 1_000);
+        for r in [&old, &fresh, &running] {
+            store.put(r.clone()).await.unwrap();
+        }
+        assert_eq!(store.purge_expired(Duration::from_secs(3600)).await.unwrap(), 1);
+        assert!(store.get(&old.id).await.unwrap().is_none());
+        assert!(store.get(&fresh.id).await.unwrap().is_some());
+        assert!(store.get(&running.id).await.unwrap().is_some());
+    }
+}
