@@ -1,1 +1,379 @@
-fn main(){}
+//! `kinvoke`: run kubectl/helm on a private cluster through a kinvoke gateway, like
+//! `az aks command invoke`. The exit status is the remote command's exit code whenever
+//! the command ran; other outcomes have their own documented codes (see [`exit`]).
+
+mod attach;
+mod conn;
+mod render;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use kinvoke_proto::v1 as pb;
+use kinvoke_proto::v1::CommandState;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use conn::{ConnArgs, LocalError, Unreachable, error_chain};
+use render::Format;
+
+/// Exit codes other than the remote command's own.
+mod exit {
+    /// Bad flags, unreadable files, bad client config.
+    pub const USAGE: u8 = 2;
+    /// The gateway refused the request (invalid, not found, over a limit).
+    pub const REJECTED: u8 = 65;
+    /// The gateway failed internally.
+    pub const GATEWAY_ERROR: u8 = 70;
+    /// The gateway cannot be reached, or is unavailable.
+    pub const UNAVAILABLE: u8 = 69;
+    /// Not authenticated, or not allowed.
+    pub const DENIED: u8 = 77;
+    /// The command ran past its timeout.
+    pub const TIMED_OUT: u8 = 124;
+    /// The command could not run, or was interrupted.
+    pub const FAILED: u8 = 125;
+    /// The command was canceled.
+    pub const CANCELED: u8 = 130;
+}
+
+/// Run kubectl/helm commands on private clusters through a kinvoke gateway.
+#[derive(Debug, Parser)]
+#[command(name = "kinvoke", version, after_help = EXIT_HELP)]
+struct Cli {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Default)]
+    output: Format,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+const EXIT_HELP: &str = "Exit status: the remote command's exit code when it ran; 124 timed out, \
+125 failed to run or interrupted, 130 canceled; 2 usage or local error, 65 request rejected by the \
+gateway, 69 gateway unreachable or unavailable, 70 gateway error, 77 not authenticated or not allowed.";
+
+#[derive(Debug, Args)]
+struct Target {
+    /// Cluster name as configured on the gateway.
+    #[arg(short = 'n', long, visible_alias = "name")]
+    cluster: String,
+    /// Command id, as printed by `invoke`.
+    #[arg(short = 'i', long)]
+    command_id: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a command on a cluster and print its result.
+    Invoke {
+        /// Cluster name as configured on the gateway.
+        #[arg(short = 'n', long, visible_alias = "name")]
+        cluster: String,
+        /// The command, e.g. "kubectl get pods -A".
+        #[arg(short = 'c', long)]
+        command: String,
+        /// File or directory to attach (repeatable); `.` attaches the current directory.
+        #[arg(short = 'f', long = "file")]
+        files: Vec<PathBuf>,
+        /// Return once the command has started; fetch the result with `kinvoke result`.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long the command may run, e.g. 90s, 5m (default: the gateway's).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Print the result of a command.
+    Result {
+        #[command(flatten)]
+        target: Target,
+        /// Wait until the command has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print the output of a command; with --follow, live until it ends.
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// Stream output as it is produced until the command ends.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Cancel a running command.
+    Cancel {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// List commands, newest first.
+    List {
+        /// Only this cluster.
+        #[arg(short = 'n', long, visible_alias = "name")]
+        cluster: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("kinvoke: cannot start the async runtime: {err}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            let (code, message) = describe(&err);
+            eprintln!("kinvoke: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Maps an error to an exit code and one line for a person.
+fn describe(err: &anyhow::Error) -> (u8, String) {
+    if let Some(status) = err.downcast_ref::<tonic::Status>() {
+        let code = match status.code() {
+            Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::ResourceExhausted
+            | Code::OutOfRange
+            | Code::AlreadyExists => exit::REJECTED,
+            Code::Unauthenticated | Code::PermissionDenied => exit::DENIED,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+                exit::UNAVAILABLE
+            }
+            _ => exit::GATEWAY_ERROR,
+        };
+        let mut message = format!("{}: {}", code_name(status.code()), status.message());
+        if let Some(source) = std::error::Error::source(status) {
+            message.push_str(&format!(" ({})", error_chain(source)));
+        }
+        if status.message().contains("message length too large") {
+            message.push_str(
+                "; the request is larger than the gateway accepts: attach fewer or smaller files (limits.max_total_file_bytes)",
+            );
+        }
+        return (code, message);
+    }
+    if err.downcast_ref::<LocalError>().is_some() {
+        return (exit::USAGE, err.to_string());
+    }
+    if err.downcast_ref::<Unreachable>().is_some() {
+        return (exit::UNAVAILABLE, err.to_string());
+    }
+    (exit::GATEWAY_ERROR, format!("{err:#}"))
+}
+
+fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::NotFound => "NOT_FOUND",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::Cancelled => "CANCELLED",
+        Code::Internal => "INTERNAL",
+        _ => "ERROR",
+    }
+}
+
+/// The exit code a finished (or running) result stands for.
+fn exit_code_of(r: &pb::CommandResult) -> u8 {
+    match CommandState::try_from(r.state) {
+        Ok(CommandState::Succeeded) => {
+            // exit codes are 0-255 on Unix; keep the low byte as a shell would
+            (r.exit_code.unwrap_or_default() & 0xff) as u8
+        }
+        Ok(CommandState::TimedOut) => exit::TIMED_OUT,
+        Ok(CommandState::Canceled) => exit::CANCELED,
+        Ok(CommandState::Running) => 0,
+        _ => exit::FAILED,
+    }
+}
+
+/// A spinner with elapsed time on stderr, only when stderr is a terminal.
+fn spinner(message: String) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+        bar.set_style(style);
+    }
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let settings = cli.conn.resolve()?;
+    let format = cli.output;
+    let mut stdout = std::io::stdout().lock();
+    match cli.command {
+        Cmd::Invoke {
+            cluster,
+            command,
+            files,
+            no_wait,
+            timeout,
+        } => {
+            let files = attach::collect(&files)?;
+            let mut client = settings.connect().await?;
+            let request = pb::InvokeCommandRequest {
+                cluster,
+                command,
+                files,
+                timeout: timeout
+                    .map(prost_types::Duration::try_from)
+                    .transpose()
+                    .map_err(|e| LocalError(format!("--timeout: {e}")))?,
+                no_wait,
+            };
+            let bar = (!no_wait)
+                .then(|| spinner("waiting for the command".to_owned()))
+                .flatten();
+            let response = client.invoke_command(request).await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let result = response?
+                .into_inner()
+                .result
+                .ok_or_else(|| anyhow::anyhow!("the gateway sent no result"))?;
+            if no_wait {
+                render::started(&mut stdout, format, &result)?;
+                stdout.flush()?;
+                return Ok(0);
+            }
+            render::result(&mut stdout, format, &result)?;
+            stdout.flush()?;
+            Ok(exit_code_of(&result))
+        }
+        Cmd::Result { target, wait } => {
+            let mut client = settings.connect().await?;
+            let bar = wait
+                .then(|| spinner("waiting for the command".to_owned()))
+                .flatten();
+            let response = client
+                .get_command_result(pb::GetCommandResultRequest {
+                    cluster: target.cluster,
+                    command_id: target.command_id,
+                    wait,
+                })
+                .await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let result = response?.into_inner();
+            render::result(&mut stdout, format, &result)?;
+            stdout.flush()?;
+            Ok(exit_code_of(&result))
+        }
+        Cmd::Logs { target, follow } => {
+            let mut client = settings.connect().await?;
+            if !follow {
+                let result = client
+                    .get_command_result(pb::GetCommandResultRequest {
+                        cluster: target.cluster,
+                        command_id: target.command_id,
+                        wait: false,
+                    })
+                    .await?
+                    .into_inner();
+                stdout.write_all(&result.output)?;
+                stdout.flush()?;
+                return Ok(0);
+            }
+            let mut stream = client
+                .stream_command_output(pb::StreamCommandOutputRequest {
+                    cluster: target.cluster,
+                    command_id: target.command_id,
+                })
+                .await?
+                .into_inner();
+            while let Some(event) = stream.next().await {
+                match event?.event {
+                    Some(pb::output_event::Event::Chunk(chunk)) => {
+                        stdout.write_all(&chunk.data)?;
+                        stdout.flush()?;
+                    }
+                    Some(pb::output_event::Event::Gap(gap)) => {
+                        eprintln!(
+                            "kinvoke: [{} bytes of output not shown: past the gateway's output limit or sent while this reader lagged]",
+                            gap.length
+                        );
+                    }
+                    Some(pb::output_event::Event::Finished(result)) => {
+                        if format != Format::Default {
+                            render::result(&mut stdout, format, &result)?;
+                        }
+                        stdout.flush()?;
+                        return Ok(exit_code_of(&result));
+                    }
+                    None => {}
+                }
+            }
+            Err(Unreachable(
+                "the gateway closed the output stream before the command ended".to_owned(),
+            )
+            .into())
+        }
+        Cmd::Cancel { target } => {
+            let mut client = settings.connect().await?;
+            let result = client
+                .cancel_command(pb::CancelCommandRequest {
+                    cluster: target.cluster,
+                    command_id: target.command_id,
+                })
+                .await?
+                .into_inner();
+            render::result(&mut stdout, format, &result)?;
+            stdout.flush()?;
+            Ok(0)
+        }
+        Cmd::List { cluster, limit } => {
+            let mut client = settings.connect().await?;
+            let mut rows = Vec::new();
+            let mut page_token = String::new();
+            while rows.len() < limit {
+                let page = client
+                    .list_commands(pb::ListCommandsRequest {
+                        cluster: cluster.clone().unwrap_or_default(),
+                        page_size: u32::try_from(limit - rows.len()).unwrap_or(u32::MAX),
+                        page_token: page_token.clone(),
+                    })
+                    .await?
+                    .into_inner();
+                rows.extend(page.commands);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            rows.truncate(limit);
+            render::list(&mut stdout, format, &rows)?;
+            stdout.flush()?;
+            Ok(0)
+        }
+    }
+}

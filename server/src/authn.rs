@@ -119,7 +119,9 @@ mod tests {
     #[test]
     fn uri_san_wins_over_common_name() {
         let ca = CertificateAuthority::new("ca").unwrap();
-        let cert = ca.client_cert("alice", Some("spiffe://corp/alice")).unwrap();
+        let cert = ca
+            .client_cert("alice", Some("spiffe://corp/alice"))
+            .unwrap();
         let (id, subject) = identity_of(&der(&cert.cert_pem)).unwrap();
         assert_eq!(id, "spiffe://corp/alice");
         assert_eq!(subject, "CN=alice");

@@ -54,8 +54,11 @@ impl CommandId {
 
     /// Checks the syntax of an id a caller sent.
     pub fn parse(id: &str) -> Option<Self> {
-        (id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .then(|| Self(id.to_owned()))
+        (id.len() == 32
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Self(id.to_owned()))
     }
 
     /// The id as text.
@@ -73,10 +76,12 @@ impl fmt::Display for CommandId {
 /// Lowercase hex of some bytes.
 pub fn hex(bytes: &[u8]) -> String {
     use fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// Where a command is in its life.
@@ -304,7 +309,11 @@ impl CommandSpec {
                     message: format!("\"{}\" is attached twice", f.path),
                 });
             }
-            let mode = if f.mode == 0 { 0o644 } else { (f.mode & 0o777) | 0o400 };
+            let mode = if f.mode == 0 {
+                0o644
+            } else {
+                (f.mode & 0o777) | 0o400
+            };
             files.push(Attachment {
                 path,
                 content: f.content,
@@ -359,7 +368,9 @@ fn validate_file_path(path: &str, max_bytes: usize) -> Result<PathBuf, InvalidRe
         return Err(bad(format!("\"{shown}\" contains NUL")));
     }
     if path.contains('\\') {
-        return Err(bad(format!("\"{shown}\" contains '\\'; use '/' between directories")));
+        return Err(bad(format!(
+            "\"{shown}\" contains '\\'; use '/' between directories"
+        )));
     }
     let p = Path::new(path);
     let mut clean = PathBuf::new();
@@ -414,7 +425,16 @@ mod tests {
     #[test]
     fn file_paths_that_leave_the_work_dir_are_rejected() {
         let limits = Limits::default();
-        for path in ["../x", "a/../../x", "/etc/passwd", "a/..", "", ".", "a\\b", "a\0b"] {
+        for path in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "a/..",
+            "",
+            ".",
+            "a\\b",
+            "a\0b",
+        ] {
             let err = CommandSpec::from_request(request(vec![(path, b"x")]), &limits).unwrap_err();
             assert!(err.to_string().starts_with("files.path"), "{path:?}: {err}");
         }
@@ -422,9 +442,11 @@ mod tests {
 
     #[test]
     fn relative_paths_are_normalised() {
-        let spec =
-            CommandSpec::from_request(request(vec![("./chart/values.yaml", b"x")]), &Limits::default())
-                .unwrap();
+        let spec = CommandSpec::from_request(
+            request(vec![("./chart/values.yaml", b"x")]),
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!(spec.files[0].path, Path::new("chart/values.yaml"));
         assert_eq!(spec.files[0].mode, 0o644);
     }
@@ -432,9 +454,11 @@ mod tests {
     #[test]
     fn duplicate_and_file_as_directory_are_rejected() {
         let limits = Limits::default();
-        let err = CommandSpec::from_request(request(vec![("a", b""), ("./a", b"")]), &limits).unwrap_err();
+        let err = CommandSpec::from_request(request(vec![("a", b""), ("./a", b"")]), &limits)
+            .unwrap_err();
         assert!(err.to_string().contains("attached twice"), "{err}");
-        let err = CommandSpec::from_request(request(vec![("a", b""), ("a/b", b"")]), &limits).unwrap_err();
+        let err = CommandSpec::from_request(request(vec![("a", b""), ("a/b", b"")]), &limits)
+            .unwrap_err();
         assert!(err.to_string().contains("also the directory"), "{err}");
     }
 
@@ -447,8 +471,14 @@ mod tests {
             ..Limits::default()
         };
         let cases: Vec<(pb::InvokeCommandRequest, &str)> = vec![
-            (request(vec![("a", b"12345")]), "limits.max_total_file_bytes"),
-            (request(vec![("a", b""), ("b", b""), ("c", b"")]), "limits.max_files"),
+            (
+                request(vec![("a", b"12345")]),
+                "limits.max_total_file_bytes",
+            ),
+            (
+                request(vec![("a", b""), ("b", b""), ("c", b"")]),
+                "limits.max_files",
+            ),
             (
                 pb::InvokeCommandRequest {
                     command: "x".repeat(21),
@@ -458,7 +488,10 @@ mod tests {
             ),
             (
                 pb::InvokeCommandRequest {
-                    timeout: Some(prost_types::Duration { seconds: 7201, nanos: 0 }),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 7201,
+                        nanos: 0,
+                    }),
                     ..request(vec![])
                 },
                 "limits.max_timeout",
@@ -474,7 +507,10 @@ mod tests {
     #[test]
     fn missing_fields_are_named() {
         let err = CommandSpec::from_request(
-            pb::InvokeCommandRequest { command: " ".into(), ..request(vec![]) },
+            pb::InvokeCommandRequest {
+                command: " ".into(),
+                ..request(vec![])
+            },
             &Limits::default(),
         )
         .unwrap_err();
@@ -499,7 +535,11 @@ mod tests {
 
     #[test]
     fn attachment_debug_hides_content() {
-        let a = Attachment { path: "s".into(), content: b"hunter2".to_vec(), mode: 0o600 };
+        let a = Attachment {
+            path: "s".into(),
+            content: b"hunter2".to_vec(),
+            mode: 0o600,
+        };
         assert!(!format!("{a:?}").contains("hunter2"));
     }
 }

@@ -543,7 +543,10 @@ name = "prod-eu"
         assert_eq!(cluster.mode, ExecMode::Shell);
         assert!(cluster.allowed_programs.contains("kubectl"));
         assert!(cluster.allowed_programs.contains("helm"));
-        assert_eq!(config.listeners[0].client_ca, Path::new("/etc/kinvoke/ca.crt"));
+        assert_eq!(
+            config.listeners[0].client_ca,
+            Path::new("/etc/kinvoke/ca.crt")
+        );
     }
 
     fn with_limits(limits: &str) -> String {
@@ -567,14 +570,19 @@ name = "prod-eu"
 
     #[test]
     fn unknown_key_is_named() {
-        let err = parse(&MINIMAL.replace("name = \"prod-eu\"", "name = \"prod-eu\"\nmod = \"argv\"")).unwrap_err();
+        let err =
+            parse(&MINIMAL.replace("name = \"prod-eu\"", "name = \"prod-eu\"\nmod = \"argv\""))
+                .unwrap_err();
         assert!(err.to_string().contains("unknown field `mod`"), "{err}");
     }
 
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
-            (MINIMAL.replace("127.0.0.1:0", "localhost"), "listener[0].address"),
+            (
+                MINIMAL.replace("127.0.0.1:0", "localhost"),
+                "listener[0].address",
+            ),
             (MINIMAL.replace("prod-eu", "Prod EU"), "cluster[0].name"),
             (
                 format!("{MINIMAL}\n[[cluster]]\nname = \"prod-eu\"\n"),

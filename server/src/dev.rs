@@ -138,7 +138,10 @@ mod tests {
         let ca = std::fs::read(files.dir.join("ca.crt")).unwrap();
         prepare(tmp.path(), addr).unwrap();
         assert_eq!(std::fs::read(files.dir.join("ca.crt")).unwrap(), ca);
-        let key_mode = std::fs::metadata(files.dir.join("client.key")).unwrap().permissions().mode();
+        let key_mode = std::fs::metadata(files.dir.join("client.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(key_mode & 0o777, 0o600);
     }
 }

@@ -104,11 +104,14 @@ pub fn tls_config(listener: &ListenerConfig) -> Result<Arc<rustls::ServerConfig>
         listener: listener.name.clone(),
         source,
     };
-    let certs = read_certs(&listener.tls_cert).map_err(|m| pem_err("certificate", &listener.tls_cert, m))?;
+    let certs = read_certs(&listener.tls_cert)
+        .map_err(|m| pem_err("certificate", &listener.tls_cert, m))?;
     let key = PrivateKeyDer::from_pem_file(&listener.tls_key)
         .map_err(|e| pem_err("private key", &listener.tls_key, e.to_string()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for ca in read_certs(&listener.client_ca).map_err(|m| pem_err("client CA", &listener.client_ca, m))? {
+    for ca in
+        read_certs(&listener.client_ca).map_err(|m| pem_err("client CA", &listener.client_ca, m))?
+    {
         roots
             .add(ca)
             .map_err(|e| pem_err("client CA", &listener.client_ca, e.to_string()))?;
@@ -198,11 +201,9 @@ async fn accept_loop(
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let peer_certs = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .map(|certs| Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect()));
+                    let peer_certs = stream.get_ref().1.peer_certificates().map(|certs| {
+                        Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())
+                    });
                     let info = ConnInfo {
                         listener: name,
                         remote,

@@ -1,6 +1,6 @@
 //! `kinvoke-gateway`: parse arguments, set up logging, load the config, bind, serve.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +71,7 @@ fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
@@ -129,7 +130,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
     let listeners = ingress::bind(&cfg.listeners).await.with_context(|| {
         if dev.is_some() {
-            "is another gateway running? pick a free address with --listen 127.0.0.1:PORT".to_owned()
+            "is another gateway running? pick a free address with --listen 127.0.0.1:PORT"
+                .to_owned()
         } else {
             "cannot start the listeners".to_owned()
         }
@@ -138,7 +140,11 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
     for l in &listeners {
         let addr = l.local_addr().context("cannot read the bound address")?;
         // one stable line per listener on stdout: scripts and tests wait for it
-        writeln!(stdout, "kinvoke-gateway: listener \"{}\" serving on https://{addr}", l.name())?;
+        writeln!(
+            stdout,
+            "kinvoke-gateway: listener \"{}\" serving on https://{addr}",
+            l.name()
+        )?;
         if let Some(files) = &dev {
             dev::write_client_config(files, addr)?;
         }

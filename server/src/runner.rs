@@ -50,7 +50,9 @@ pub enum RunError {
         limit: usize,
     },
     /// The gateway is shutting down.
-    #[error("the gateway is shutting down and accepts no new commands; retry on another replica or later")]
+    #[error(
+        "the gateway is shutting down and accepts no new commands; retry on another replica or later"
+    )]
     ShuttingDown,
     /// The result store failed.
     #[error(transparent)]
@@ -72,9 +74,9 @@ struct Running {
 /// Where a follower reads a command's output from.
 pub enum Follow {
     /// Still running: follow its live output.
-    Live(Arc<OutputLog>, watch::Receiver<bool>),
+    Live(Arc<OutputLog>),
     /// Already finished: the stored record.
-    Finished(CommandRecord),
+    Finished(Box<CommandRecord>),
 }
 
 /// Runs and tracks commands.
@@ -168,6 +170,7 @@ impl Runner {
             command_id = %id,
             cluster = %cluster.name,
             principal = %principal.id,
+            subject = %principal.subject,
             source = %principal.source,
             files = record.files.len(),
             "command started"
@@ -274,9 +277,11 @@ impl Runner {
             if running.record.cluster != cluster {
                 return Err(not_found());
             }
-            return Ok(Follow::Live(running.output.clone(), running.done.clone()));
+            return Ok(Follow::Live(running.output.clone()));
         }
-        self.result(cluster, id, false).await.map(Follow::Finished)
+        self.result(cluster, id, false)
+            .await
+            .map(|r| Follow::Finished(Box::new(r)))
     }
 
     /// Stops a running command and returns its final record; a finished command's
@@ -315,7 +320,10 @@ impl Runner {
         if running > 0 {
             tracing::info!(running, grace = %humantime::format_duration(grace), "waiting for running commands to finish");
         }
-        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
             let left: Vec<Arc<Running>> = self.running_map().values().cloned().collect();
             tracing::warn!(
                 canceled = left.len(),
@@ -330,7 +338,10 @@ impl Runner {
 
     /// Deletes records past their retention.
     pub async fn purge_expired(&self) -> Result<usize, RunError> {
-        Ok(self.store.purge_expired(self.config.store.retention).await?)
+        Ok(self
+            .store
+            .purge_expired(self.config.store.retention)
+            .await?)
     }
 }
 

@@ -60,7 +60,11 @@ pub fn to_proto(record: CommandRecord, with_output: bool) -> pb::CommandResult {
         started_at: Some(timestamp(record.started_at)),
         finished_at: record.finished_at.map(timestamp),
         reason: record.reason,
-        output: if with_output { record.output } else { Vec::new() },
+        output: if with_output {
+            record.output
+        } else {
+            Vec::new()
+        },
         output_truncated: truncated,
         output_size: record.output_size,
         command: record.command,
@@ -85,59 +89,79 @@ fn event(e: pb::output_event::Event) -> Result<pb::OutputEvent, Status> {
 }
 
 fn chunk(offset: u64, data: Vec<u8>) -> Result<pb::OutputEvent, Status> {
-    event(pb::output_event::Event::Chunk(pb::OutputChunk { offset, data }))
+    event(pb::output_event::Event::Chunk(pb::OutputChunk {
+        offset,
+        data,
+    }))
 }
 
 fn gap(offset: u64, length: u64) -> Result<pb::OutputEvent, Status> {
-    event(pb::output_event::Event::Gap(pb::OutputGap { offset, length }))
+    event(pb::output_event::Event::Gap(pb::OutputGap {
+        offset,
+        length,
+    }))
 }
 
 /// Sends a command's output to one follower, then its final result. Returns early when
 /// the follower goes away (a send fails).
-async fn stream_output(runner: Arc<Runner>, cluster: String, id: String, follow: Follow, tx: EventSender) {
+async fn stream_output(
+    runner: Arc<Runner>,
+    cluster: String,
+    id: String,
+    follow: Follow,
+    tx: EventSender,
+) {
     let mut sent: u64 = 0;
-    if let Follow::Live(log, _done) = follow {
-        let mut sub = log.subscribe();
-        if !sub.retained.is_empty() {
-            sent = sub.retained.len() as u64;
-            if tx.send(chunk(0, std::mem::take(&mut sub.retained))).await.is_err() {
-                return;
-            }
-        }
-        if sub.total > sent {
-            if tx.send(gap(sent, sub.total - sent)).await.is_err() {
-                return;
-            }
-            sent = sub.total;
-        }
-        loop {
-            match sub.live.recv().await {
-                Ok(c) => {
-                    let end = c.offset + c.data.len() as u64;
-                    if end <= sent {
-                        continue;
-                    }
-                    if c.offset > sent && tx.send(gap(sent, c.offset - sent)).await.is_err() {
-                        return;
-                    }
-                    let skip = usize::try_from(sent.saturating_sub(c.offset)).unwrap_or(0);
-                    let from = c.offset.max(sent);
-                    if tx.send(chunk(from, c.data[skip..].to_vec())).await.is_err() {
-                        return;
-                    }
-                    sent = end;
+    let record = match follow {
+        Follow::Finished(record) => *record,
+        Follow::Live(log) => {
+            let mut sub = log.subscribe();
+            if !sub.retained.is_empty() {
+                sent = sub.retained.len() as u64;
+                if tx
+                    .send(chunk(0, std::mem::take(&mut sub.retained)))
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
-                // the gap shows up in the next chunk's offset
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => break,
             }
-        }
-    }
-    let record = match runner.result(&cluster, &id, true).await {
-        Ok(record) => record,
-        Err(err) => {
-            let _ = tx.send(Err(err.into())).await;
-            return;
+            if sub.total > sent {
+                if tx.send(gap(sent, sub.total - sent)).await.is_err() {
+                    return;
+                }
+                sent = sub.total;
+            }
+            loop {
+                match sub.live.recv().await {
+                    Ok(c) => {
+                        let end = c.offset + c.data.len() as u64;
+                        if end <= sent {
+                            continue;
+                        }
+                        if c.offset > sent && tx.send(gap(sent, c.offset - sent)).await.is_err() {
+                            return;
+                        }
+                        let skip = usize::try_from(sent.saturating_sub(c.offset)).unwrap_or(0);
+                        let from = c.offset.max(sent);
+                        if tx.send(chunk(from, c.data[skip..].to_vec())).await.is_err() {
+                            return;
+                        }
+                        sent = end;
+                    }
+                    // the gap shows up in the next chunk's offset
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+            // the live feed closes once the result is stored
+            match runner.result(&cluster, &id, true).await {
+                Ok(record) => record,
+                Err(err) => {
+                    let _ = tx.send(Err(err.into())).await;
+                    return;
+                }
+            }
         }
     };
     if sent == 0 && !record.output.is_empty() {
@@ -150,7 +174,9 @@ async fn stream_output(runner: Arc<Runner>, cluster: String, id: String, follow:
         return;
     }
     let _ = tx
-        .send(event(pb::output_event::Event::Finished(to_proto(record, false))))
+        .send(event(pb::output_event::Event::Finished(to_proto(
+            record, false,
+        ))))
         .await;
 }
 

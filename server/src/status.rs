@@ -50,8 +50,16 @@ mod tests {
                 }),
                 Code::ResourceExhausted,
             ),
-            (RunError::ClusterNotFound { cluster: "c".into() }, Code::NotFound),
-            (RunError::TooManyCommands { limit: 1 }, Code::ResourceExhausted),
+            (
+                RunError::ClusterNotFound {
+                    cluster: "c".into(),
+                },
+                Code::NotFound,
+            ),
+            (
+                RunError::TooManyCommands { limit: 1 },
+                Code::ResourceExhausted,
+            ),
             (RunError::ShuttingDown, Code::Unavailable),
         ];
         for (err, code) in cases {

@@ -159,7 +159,9 @@ impl Store {
         tokio::task::spawn_blocking(move || {
             // a panic inside a query cannot leave SQLite half-written (it rolls back), so
             // a poisoned lock is safe to keep using
-            let conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let conn = conn
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             f(&conn)
         })
         .await?
@@ -240,7 +242,11 @@ impl Store {
 
     /// Deletes finished records older than `retention`; returns how many.
     pub async fn purge_expired(&self, retention: Duration) -> Result<usize, StoreError> {
-        let cutoff = millis(SystemTime::now().checked_sub(retention).unwrap_or(UNIX_EPOCH));
+        let cutoff = millis(
+            SystemTime::now()
+                .checked_sub(retention)
+                .unwrap_or(UNIX_EPOCH),
+        );
         self.with_conn(move |conn| {
             Ok(conn.execute(
                 "DELETE FROM commands WHERE state != 'Running' AND finished_at < ?1",
@@ -374,7 +380,11 @@ mod tests {
             store.put(r).await.unwrap();
         }
         let page1 = store
-            .list(ListQuery { cluster: None, limit: 3, after: None })
+            .list(ListQuery {
+                cluster: None,
+                limit: 3,
+                after: None,
+            })
             .await
             .unwrap();
         assert_eq!(page1.len(), 3);
@@ -389,9 +399,16 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(page2.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), vec![ids[1].clone(), ids[0].clone()]);
+        assert_eq!(
+            page2.iter().map(|r| r.id.clone()).collect::<Vec<_>>(),
+            vec![ids[1].clone(), ids[0].clone()]
+        );
         let other = store
-            .list(ListQuery { cluster: Some("other".into()), limit: 3, after: None })
+            .list(ListQuery {
+                cluster: Some("other".into()),
+                limit: 3,
+                after: None,
+            })
             .await
             .unwrap();
         assert!(other.is_empty());
@@ -408,7 +425,13 @@ mod tests {
         for r in [&old, &fresh, &running] {
             store.put(r.clone()).await.unwrap();
         }
-        assert_eq!(store.purge_expired(Duration::from_secs(3600)).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .purge_expired(Duration::from_secs(3600))
+                .await
+                .unwrap(),
+            1
+        );
         assert!(store.get(&old.id).await.unwrap().is_none());
         assert!(store.get(&fresh.id).await.unwrap().is_some());
         assert!(store.get(&running.id).await.unwrap().is_some());

@@ -133,7 +133,10 @@ impl LocalExecutor {
             Ok(child) => child,
             Err(err) => return failed(format!("could not start \"{program}\": {err}")),
         };
-        let Some(pgid) = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw)
+        let Some(pgid) = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw)
         else {
             return failed("the command exited before it could be tracked".to_owned());
         };
@@ -311,12 +314,20 @@ mod tests {
     async fn run(job: Job) -> (Outcome, String) {
         let output = job.output.clone();
         let outcome = executor().run(job).await;
-        (outcome, String::from_utf8_lossy(&output.close().data).into_owned())
+        (
+            outcome,
+            String::from_utf8_lossy(&output.close().data).into_owned(),
+        )
     }
 
     #[tokio::test]
     async fn exit_code_and_merged_output_are_reported() {
-        let (outcome, out) = run(job("echo out; echo err >&2; exit 3", vec![], Duration::from_secs(30))).await;
+        let (outcome, out) = run(job(
+            "echo out; echo err >&2; exit 3",
+            vec![],
+            Duration::from_secs(30),
+        ))
+        .await;
         assert_eq!(outcome.state, CommandState::Succeeded);
         assert_eq!(outcome.exit_code, Some(3));
         assert_eq!(out, "out\nerr\n");
@@ -342,15 +353,28 @@ mod tests {
 
     #[tokio::test]
     async fn timeout_stops_the_whole_process_group() {
-        let (outcome, _) = run(job("sleep 30 & sleep 30; wait", vec![], Duration::from_millis(200))).await;
+        let (outcome, _) = run(job(
+            "sleep 30 & sleep 30; wait",
+            vec![],
+            Duration::from_millis(200),
+        ))
+        .await;
         assert_eq!(outcome.state, CommandState::TimedOut);
         assert_eq!(outcome.exit_code, Some(128 + 15));
-        assert!(outcome.reason.contains("timed out after 200ms"), "{}", outcome.reason);
+        assert!(
+            outcome.reason.contains("timed out after 200ms"),
+            "{}",
+            outcome.reason
+        );
     }
 
     #[tokio::test]
     async fn term_ignoring_commands_are_killed_after_the_grace() {
-        let mut j = job("trap '' TERM; echo ready; sleep 30", vec![], Duration::from_secs(60));
+        let mut j = job(
+            "trap '' TERM; echo ready; sleep 30",
+            vec![],
+            Duration::from_secs(60),
+        );
         let cancel = j.cancel.clone();
         let output = j.output.clone();
         let mut sub = output.subscribe();
@@ -371,6 +395,10 @@ mod tests {
         j.argv = vec!["/nonexistent/kubectl".into()];
         let (outcome, _) = run(j).await;
         assert_eq!(outcome.state, CommandState::Failed);
-        assert!(outcome.reason.contains("could not start"), "{}", outcome.reason);
+        assert!(
+            outcome.reason.contains("could not start"),
+            "{}",
+            outcome.reason
+        );
     }
 }

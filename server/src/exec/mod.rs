@@ -61,7 +61,9 @@ pub fn plan_argv(cluster: &ClusterConfig, command: &str) -> Result<Vec<String>, 
                 field: "command",
                 message: format!("cannot split into words: {err}"),
             })?;
-            let program = argv.first().ok_or(InvalidRequest::Missing { field: "command" })?;
+            let program = argv
+                .first()
+                .ok_or(InvalidRequest::Missing { field: "command" })?;
             if !cluster.allowed_programs.contains(program.as_str()) {
                 return Err(InvalidRequest::Malformed {
                     field: "command",

@@ -138,7 +138,8 @@ impl OutputLog {
         let mut inner = self.lock();
         inner.live = None;
         FinalOutput {
-            data: std::mem::take(&mut inner.retained),
+            // kept (not taken): a follower that subscribes after close still gets it
+            data: inner.retained.clone(),
             total: inner.total,
         }
     }

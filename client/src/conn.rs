@@ -1,0 +1,307 @@
+//! Where the gateway is and how to prove who we are: from flags, then environment
+//! (clap fills both), then a profile of the client config file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use kinvoke_proto::v1::command_service_client::CommandServiceClient;
+use serde::Deserialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// Largest response the client accepts (results carry output).
+const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Connection flags; clap fills each from its flag or environment variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConnArgs {
+    /// Client config file with named profiles.
+    #[arg(long, global = true, env = "KINVOKE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Profile of the config file to use (default: its `default_profile`).
+    #[arg(long, global = true, env = "KINVOKE_PROFILE")]
+    pub profile: Option<String>,
+    /// Gateway address, e.g. https://kinvoke.example.com:8443.
+    #[arg(long, global = true, env = "KINVOKE_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// CA certificate (PEM) that signed the gateway's certificate.
+    #[arg(long, global = true, env = "KINVOKE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, global = true, env = "KINVOKE_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, env = "KINVOKE_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    default_profile: Option<String>,
+    #[serde(default)]
+    profiles: BTreeMap<String, Profile>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Profile {
+    endpoint: Option<String>,
+    ca_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+/// Resolved connection settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Gateway URL.
+    pub endpoint: String,
+    ca_cert: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+/// A local problem (usage, files, config): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LocalError(pub String);
+
+impl ConnArgs {
+    /// Merges flags/env over the config file profile.
+    pub fn resolve(&self) -> anyhow::Result<Settings> {
+        let profile = match &self.config {
+            Some(path) => load_profile(path, self.profile.as_deref())?,
+            None => {
+                if let Some(name) = &self.profile {
+                    bail!(LocalError(format!(
+                        "--profile {name} given but no config file; pass --config FILE or set KINVOKE_CONFIG"
+                    )));
+                }
+                Profile::default()
+            }
+        };
+        let missing = |what: &str, flag: &str, env: &str| {
+            LocalError(format!(
+                "no {what}: pass {flag}, set {env}, or use a config file (--config) whose profile sets it"
+            ))
+        };
+        let endpoint = self
+            .endpoint
+            .clone()
+            .or(profile.endpoint)
+            .ok_or_else(|| missing("gateway endpoint", "--endpoint", "KINVOKE_ENDPOINT"))?;
+        let endpoint = if endpoint.contains("://") {
+            endpoint
+        } else {
+            format!("https://{endpoint}")
+        };
+        if !endpoint.starts_with("https://") {
+            bail!(LocalError(format!(
+                "endpoint {endpoint} is not https://; the gateway only speaks TLS"
+            )));
+        }
+        Ok(Settings {
+            endpoint,
+            ca_cert: self
+                .ca_cert
+                .clone()
+                .or(profile.ca_cert)
+                .ok_or_else(|| missing("CA certificate", "--ca-cert", "KINVOKE_CA_CERT"))?,
+            client_cert: self
+                .client_cert
+                .clone()
+                .or(profile.client_cert)
+                .ok_or_else(|| {
+                    missing("client certificate", "--client-cert", "KINVOKE_CLIENT_CERT")
+                })?,
+            client_key: self
+                .client_key
+                .clone()
+                .or(profile.client_key)
+                .ok_or_else(|| missing("client key", "--client-key", "KINVOKE_CLIENT_KEY"))?,
+        })
+    }
+}
+
+fn load_profile(path: &Path, wanted: Option<&str>) -> anyhow::Result<Profile> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LocalError(format!("cannot read client config {}: {e}", path.display())))?;
+    let file: ConfigFile = toml::from_str(&text).map_err(|e| {
+        LocalError(format!(
+            "client config {}: {}",
+            path.display(),
+            e.to_string().trim_end()
+        ))
+    })?;
+    let name = wanted
+        .map(str::to_owned)
+        .or(file.default_profile.clone())
+        .or_else(|| (file.profiles.len() == 1).then(|| file.profiles.keys().next().cloned()).flatten())
+        .ok_or_else(|| {
+            LocalError(format!(
+                "client config {} has several profiles and no default_profile; pick one with --profile",
+                path.display()
+            ))
+        })?;
+    let mut profile = file.profiles.get(&name).cloned().ok_or_else(|| {
+        LocalError(format!(
+            "profile \"{name}\" is not in {} (profiles: {})",
+            path.display(),
+            file.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    // relative paths in the file are relative to the file
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [
+        &mut profile.ca_cert,
+        &mut profile.client_cert,
+        &mut profile.client_key,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(profile)
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| LocalError(format!("cannot read {what} {}: {e}", path.display())).into())
+}
+
+/// Unreachable gateway: exit code 69.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
+
+impl Settings {
+    /// Connects to the gateway.
+    pub async fn connect(&self) -> anyhow::Result<CommandServiceClient<Channel>> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(
+                &self.ca_cert,
+                "CA certificate",
+            )?))
+            .identity(Identity::from_pem(
+                read(&self.client_cert, "client certificate")?,
+                read(&self.client_key, "client key")?,
+            ));
+        let endpoint = Channel::from_shared(self.endpoint.clone())
+            .map_err(|e| LocalError(format!("endpoint {}: {e}", self.endpoint)))?
+            .tls_config(tls)
+            .with_context(|| format!("TLS settings for {}", self.endpoint))?
+            .connect_timeout(Duration::from_secs(15))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect().await.map_err(|e| {
+            Unreachable(format!(
+                "cannot connect to the gateway at {}: {}",
+                self.endpoint,
+                error_chain(&e)
+            ))
+        })?;
+        Ok(CommandServiceClient::new(channel)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .max_encoding_message_size(usize::MAX))
+    }
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("client.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file_and_paths_are_relative_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            dir.path(),
+            "default_profile = \"a\"\n[profiles.a]\nendpoint = \"https://file:1\"\nca_cert = \"ca.crt\"\nclient_cert = \"c.crt\"\nclient_key = \"c.key\"\n",
+        );
+        let args = ConnArgs {
+            config: Some(path),
+            endpoint: Some("gw.example:8443".into()),
+            ..ConnArgs::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.endpoint, "https://gw.example:8443");
+        assert_eq!(s.ca_cert, dir.path().join("ca.crt"));
+    }
+
+    #[test]
+    fn profiles_are_chosen_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(
+            dir.path(),
+            "[profiles.a]\nendpoint = \"https://a:1\"\n[profiles.b]\nendpoint = \"https://b:1\"\n",
+        );
+        let args = ConnArgs {
+            config: Some(path.clone()),
+            profile: Some("b".into()),
+            ca_cert: Some("x".into()),
+            client_cert: Some("x".into()),
+            client_key: Some("x".into()),
+            ..ConnArgs::default()
+        };
+        assert_eq!(args.resolve().unwrap().endpoint, "https://b:1");
+        let err = ConnArgs {
+            profile: None,
+            ..args.clone()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("--profile"), "{err}");
+        let err = ConnArgs {
+            profile: Some("zz".into()),
+            ..args
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("profiles: a, b"), "{err}");
+    }
+
+    #[test]
+    fn missing_settings_say_where_to_set_them() {
+        let err = ConnArgs::default().resolve().unwrap_err();
+        assert!(err.to_string().contains("KINVOKE_ENDPOINT"), "{err}");
+    }
+
+    #[test]
+    fn unknown_config_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_config(dir.path(), "[profiles.a]\nendpiont = \"x\"\n");
+        let err = ConnArgs {
+            config: Some(path),
+            ..ConnArgs::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(err.to_string().contains("endpiont"), "{err}");
+    }
+}

@@ -1,0 +1,339 @@
+//! How results are printed: az's default text, or the result object as JSON, YAML, a
+//! table, TSV, or nothing.
+
+use std::io::{self, Write};
+
+use kinvoke_proto::v1::{CommandResult, CommandState};
+use serde::Serialize;
+
+/// `-o/--output` formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Like az: a status line, then the command's output.
+    Default,
+    /// The result object as JSON.
+    Json,
+    /// The result object as YAML.
+    Yaml,
+    /// Aligned columns with a header.
+    Table,
+    /// Tab-separated values: id, state, exit code, started, finished, reason.
+    Tsv,
+    /// Nothing (the exit code still tells).
+    None,
+}
+
+/// The result object printed by -o json/yaml, named like az's.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultView {
+    id: String,
+    cluster: String,
+    provisioning_state: &'static str,
+    exit_code: Option<i32>,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logs: Option<String>,
+    reason: String,
+    output_truncated: bool,
+    output_size: u64,
+    command: String,
+    principal: String,
+    files: Vec<FileView>,
+}
+
+#[derive(Debug, Serialize)]
+struct FileView {
+    path: String,
+    size: u64,
+    sha256: String,
+}
+
+/// The state's name as shown to people.
+pub fn state_name(state: i32) -> &'static str {
+    match CommandState::try_from(state) {
+        Ok(CommandState::Running) => "Running",
+        Ok(CommandState::Succeeded) => "Succeeded",
+        Ok(CommandState::Failed) => "Failed",
+        Ok(CommandState::Canceled) => "Canceled",
+        Ok(CommandState::TimedOut) => "TimedOut",
+        _ => "Unknown",
+    }
+}
+
+fn rfc3339(ts: &Option<prost_types::Timestamp>) -> Option<String> {
+    let ts = ts.as_ref()?;
+    let t = jiff::Timestamp::new(ts.seconds, ts.nanos).ok()?;
+    Some(t.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string())
+}
+
+/// az's time format: `2023-10-04 12:54:50+00:00`.
+fn az_time(ts: &Option<prost_types::Timestamp>) -> String {
+    ts.as_ref()
+        .and_then(|ts| jiff::Timestamp::new(ts.seconds, ts.nanos).ok())
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S+00:00").to_string())
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+impl ResultView {
+    /// The view of a result; `with_logs` includes the output.
+    pub fn of(r: &CommandResult, with_logs: bool) -> Self {
+        Self {
+            id: r.id.clone(),
+            cluster: r.cluster.clone(),
+            provisioning_state: state_name(r.state),
+            exit_code: r.exit_code,
+            started_at: rfc3339(&r.started_at),
+            finished_at: rfc3339(&r.finished_at),
+            logs: with_logs.then(|| String::from_utf8_lossy(&r.output).into_owned()),
+            reason: r.reason.clone(),
+            output_truncated: r.output_truncated,
+            output_size: r.output_size,
+            command: r.command.clone(),
+            principal: r.principal.clone(),
+            files: r
+                .files
+                .iter()
+                .map(|f| FileView {
+                    path: f.path.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn tsv_row(r: &CommandResult) -> String {
+    let clean = |s: &str| s.replace(['\t', '\n'], " ");
+    [
+        r.id.clone(),
+        state_name(r.state).to_owned(),
+        r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+        rfc3339(&r.started_at).unwrap_or_default(),
+        rfc3339(&r.finished_at).unwrap_or_default(),
+        clean(&r.reason),
+    ]
+    .join("\t")
+}
+
+fn table(rows: &[&CommandResult]) -> String {
+    let header = [
+        "ID",
+        "CLUSTER",
+        "STATE",
+        "EXIT",
+        "STARTED",
+        "PRINCIPAL",
+        "COMMAND",
+    ];
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in rows {
+        let mut command = r.command.replace(['\t', '\n'], " ");
+        if command.chars().count() > 48 {
+            command = command.chars().take(47).collect::<String>() + "…";
+        }
+        cells.push(vec![
+            r.id.clone(),
+            r.cluster.clone(),
+            state_name(r.state).to_owned(),
+            r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
+            az_time(&r.started_at),
+            r.principal.clone(),
+            command,
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            cells
+                .iter()
+                .map(|row| row[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in cells {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn serialize<T: Serialize>(format: Format, value: &T) -> io::Result<String> {
+    match format {
+        Format::Yaml => serde_saphyr::to_string(value).map_err(io::Error::other),
+        _ => serde_json::to_string_pretty(value)
+            .map(|s| s + "\n")
+            .map_err(io::Error::other),
+    }
+}
+
+/// Prints one result in the chosen format.
+pub fn result(out: &mut impl Write, format: Format, r: &CommandResult) -> io::Result<()> {
+    match format {
+        Format::Default => {
+            match CommandState::try_from(r.state) {
+                Ok(CommandState::Running) => writeln!(out, "command is in Running state")?,
+                Ok(CommandState::Succeeded) => writeln!(
+                    out,
+                    "command started at {}, finished at {} with exitcode={}",
+                    az_time(&r.started_at),
+                    az_time(&r.finished_at),
+                    r.exit_code.unwrap_or_default()
+                )?,
+                Ok(CommandState::TimedOut) => {
+                    writeln!(out, "command timed out with reason: {}", r.reason)?
+                }
+                Ok(CommandState::Canceled) => {
+                    writeln!(out, "command canceled with reason: {}", r.reason)?
+                }
+                _ => writeln!(out, "command failed with reason: {}", r.reason)?,
+            }
+            out.write_all(&r.output)?;
+            if r.output_truncated {
+                out.flush()?;
+                eprintln!(
+                    "kinvoke: output was cut at {} of {} bytes (the gateway's limits.max_output_bytes); \
+                     follow it live with `kinvoke logs --follow` to see all of it",
+                    r.output.len(),
+                    r.output_size
+                );
+            }
+            Ok(())
+        }
+        Format::Json | Format::Yaml => {
+            out.write_all(serialize(format, &ResultView::of(r, true))?.as_bytes())
+        }
+        Format::Table => out.write_all(table(&[r]).as_bytes()),
+        Format::Tsv => writeln!(out, "{}", tsv_row(r)),
+        Format::None => Ok(()),
+    }
+}
+
+/// Prints a list of results (without output).
+pub fn list(out: &mut impl Write, format: Format, rows: &[CommandResult]) -> io::Result<()> {
+    match format {
+        Format::Default | Format::Table => {
+            out.write_all(table(&rows.iter().collect::<Vec<_>>()).as_bytes())
+        }
+        Format::Json | Format::Yaml => {
+            let views: Vec<ResultView> = rows.iter().map(|r| ResultView::of(r, false)).collect();
+            out.write_all(serialize(format, &views)?.as_bytes())
+        }
+        Format::Tsv => {
+            for r in rows {
+                writeln!(out, "{}", tsv_row(r))?;
+            }
+            Ok(())
+        }
+        Format::None => Ok(()),
+    }
+}
+
+/// What `--no-wait` prints by default: the id and how to fetch the result.
+pub fn started(out: &mut impl Write, format: Format, r: &CommandResult) -> io::Result<()> {
+    if format != Format::Default {
+        return result(out, format, r);
+    }
+    writeln!(
+        out,
+        "command id: {}\nstarted at {}, state {}\nfetch the result with:\n  kinvoke result --cluster {} --command-id {}",
+        r.id,
+        az_time(&r.started_at),
+        state_name(r.state),
+        r.cluster,
+        r.id
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CommandResult {
+        CommandResult {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            cluster: "prod".into(),
+            state: CommandState::Succeeded.into(),
+            exit_code: Some(1),
+            started_at: Some(prost_types::Timestamp {
+                seconds: 1_696_424_090,
+                nanos: 0,
+            }),
+            finished_at: Some(prost_types::Timestamp {
+                seconds: 1_696_424_091,
+                nanos: 5,
+            }),
+            output: b"hello\n".to_vec(),
+            command: "kubectl get pods".into(),
+            ..CommandResult::default()
+        }
+    }
+
+    #[test]
+    fn default_output_matches_az() {
+        let mut out = Vec::new();
+        result(&mut out, Format::Default, &sample()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "command started at 2023-10-04 12:54:50+00:00, finished at 2023-10-04 12:54:51+00:00 with exitcode=1\nhello\n"
+        );
+    }
+
+    #[test]
+    fn failed_commands_show_the_reason() {
+        let r = CommandResult {
+            state: CommandState::Failed.into(),
+            reason: "gateway restarted before the command finished".into(),
+            output: Vec::new(),
+            ..sample()
+        };
+        let mut out = Vec::new();
+        result(&mut out, Format::Default, &r).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "command failed with reason: gateway restarted before the command finished\n"
+        );
+    }
+
+    #[test]
+    fn json_uses_az_names() {
+        let mut out = Vec::new();
+        result(&mut out, Format::Json, &sample()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["provisioningState"], "Succeeded");
+        assert_eq!(v["exitCode"], 1);
+        assert_eq!(v["logs"], "hello\n");
+        assert_eq!(v["startedAt"], "2023-10-04T12:54:50+00:00");
+    }
+
+    #[test]
+    fn yaml_and_tsv_carry_the_same_fields() {
+        let mut out = Vec::new();
+        result(&mut out, Format::Yaml, &sample()).unwrap();
+        let yaml = String::from_utf8(out).unwrap();
+        assert!(yaml.contains("provisioningState: Succeeded"), "{yaml}");
+        let mut out = Vec::new();
+        result(&mut out, Format::Tsv, &sample()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "0123456789abcdef0123456789abcdef\tSucceeded\t1\t2023-10-04T12:54:50+00:00\t2023-10-04T12:54:51+00:00\t\n"
+        );
+    }
+
+    #[test]
+    fn table_has_a_header_and_one_row_per_result() {
+        let mut out = Vec::new();
+        list(&mut out, Format::Table, &[sample(), sample()]).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.starts_with("ID "), "{text}");
+    }
+}

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# kinvoke quickstart: builds kinvoke, starts a development gateway on its embedded
+# defaults (generated CA and certificates, one cluster "local" running commands in a
+# shell next to the gateway), runs one command through it with the real client, then
+# keeps the gateway serving until Ctrl-C.
+#
+#   KINVOKE_DEV_DIR     state directory (default .kinvoke-dev)
+#   KINVOKE_DEV_LISTEN  listen address  (default 127.0.0.1:8443)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+state=${KINVOKE_DEV_DIR:-.kinvoke-dev}
+listen=${KINVOKE_DEV_LISTEN:-127.0.0.1:8443}
+
+echo "==> building kinvoke-gateway and kinvoke (first build takes a few minutes)"
+cargo build --locked --quiet -p kinvoke-gateway -p kinvoke
+bin=$PWD/target/debug
+mkdir -p "$state"
+out=$state/gateway.stdout
+
+echo "==> starting the development gateway on $listen (state in $state)"
+"$bin/kinvoke-gateway" dev --state-dir "$state" --listen "$listen" >"$out" &
+gateway=$!
+trap 'kill -TERM "$gateway" 2>/dev/null || true; wait "$gateway" 2>/dev/null || true' EXIT
+trap 'exit 130' INT TERM
+
+# wait for the ready line (the gateway prints it once its listener is bound)
+for _ in $(seq 1 300); do
+    grep -q 'serving on https://' "$out" 2>/dev/null && break
+    kill -0 "$gateway" 2>/dev/null || { echo "the gateway exited; see the messages above" >&2; exit 1; }
+    sleep 0.1
+done
+grep -q 'serving on https://' "$out" || { echo "the gateway did not become ready" >&2; exit 1; }
+cat "$out"
+
+client="$bin/kinvoke --config $state/client.toml"
+demo='kubectl version --client 2>/dev/null || echo "(no kubectl on PATH)"; echo "hello from $(hostname)" | tr a-z A-Z; ls -l'
+echo
+echo "==> running a command through the gateway:"
+echo "    kinvoke --config $state/client.toml invoke --cluster local --command '$demo' --file README.md"
+echo
+status=0
+$client invoke --cluster local --command "$demo" --file README.md || status=$?
+echo
+echo "==> the client exited with $status (the remote command's exit code)"
+echo "==> the gateway keeps serving; try the commands above from another terminal. Ctrl-C stops it."
+wait "$gateway"
