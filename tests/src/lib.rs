@@ -1,1 +1,1039 @@
-//! placeholder
+//! Support for kinvoke's end-to-end tests: real binaries, real TLS, real processes.
+//!
+//! Layout: [`binary`] finds the built `kinvoke-gateway` and `kinvoke` executables;
+//! [`Pki`] writes a throw-away CA with a server certificate and client certificates;
+//! [`Gateway`] runs the real gateway binary on `127.0.0.1:0` in its own temporary
+//! directory and waits for its readiness line; [`Client`] runs the real `kinvoke` CLI to
+//! completion ([`Client::run`]) or in the background ([`Client::spawn`]); [`Proc`] is the
+//! child-process wrapper under both. Every wait ends on an event (a line, an exit, a
+//! closed pipe) and is bounded only as a guard against hangs; nothing here sleeps.
+//!
+//! Dropping a [`Gateway`] stops its process and deletes its directory; dropping a
+//! [`Proc`] or [`Background`] kills and reaps the process.
+
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use kinvoke_gateway::pki::CertificateAuthority;
+use kinvoke_proto::v1::command_service_client::CommandServiceClient;
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{Id, WaitPidFlag, waitid};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// Cluster name of the `local` shell-mode cluster every test gateway has.
+pub const CLUSTER: &str = "local";
+
+/// Common name (and so principal id) of the default client certificate.
+pub const USER: &str = "test-user";
+
+/// Guard against a gateway that never becomes ready (it may be waiting on a slow disk).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Guard against a client or gateway process that never ends.
+pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a gateway stopped by [`Drop`] may take to shut down before it is killed.
+const DROP_TERMINATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Readiness line prefix the gateway prints on stdout for each listener.
+const SERVING_ON: &str = "serving on https://";
+
+// ---------------------------------------------------------------------------------------
+// binaries
+
+/// Path of a workspace binary (`kinvoke-gateway`, `kinvoke`) built next to this test.
+///
+/// Test executables live in `target/<profile>/deps`; the binaries one level up.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the test executable")?;
+    let deps = exe
+        .parent()
+        .with_context(|| format!("test executable {} has no directory", exe.display()))?;
+    let profile_dir = if deps.ends_with("deps") {
+        deps.parent().unwrap_or(deps)
+    } else {
+        deps
+    };
+    let path = profile_dir.join(name);
+    if !path.is_file() {
+        bail!(
+            "binary `{name}` not found at {}: run `cargo build --workspace` or `cargo test --workspace` \
+             (`cargo test -p kinvoke-tests` alone does not build it)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+// ---------------------------------------------------------------------------------------
+// certificates
+
+/// Paths of a client certificate and its key.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    /// Certificate (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM), mode 0600.
+    pub key: PathBuf,
+}
+
+/// A test CA whose certificate, server certificate and client certificates are files in
+/// one directory: `ca.crt`, `server.crt`/`server.key` (for `localhost` and `127.0.0.1`),
+/// and `<cn>.crt`/`<cn>.key` per client.
+pub struct Pki {
+    dir: PathBuf,
+    ca: CertificateAuthority,
+    /// The CA certificate.
+    pub ca_cert: PathBuf,
+    /// The server certificate.
+    pub server_cert: PathBuf,
+    /// The server key.
+    pub server_key: PathBuf,
+}
+
+impl fmt::Debug for Pki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pki")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn write_file(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    fs::write(path, content).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))
+}
+
+impl Pki {
+    /// A fresh CA named `ca_name`, with its files written into `dir` (created if missing).
+    pub fn new(dir: &Path, ca_name: &str) -> Result<Self> {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let ca = CertificateAuthority::new(ca_name).context("cannot create the test CA")?;
+        let server = ca
+            .server_cert(&["localhost", "127.0.0.1"])
+            .context("cannot create the server certificate")?;
+        let pki = Self {
+            dir: dir.to_owned(),
+            ca_cert: dir.join("ca.crt"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            ca,
+        };
+        write_file(&pki.ca_cert, pki.ca.cert_pem().as_bytes(), 0o644)?;
+        write_file(&pki.server_cert, server.cert_pem.as_bytes(), 0o644)?;
+        write_file(&pki.server_key, server.key_pem.as_bytes(), 0o600)?;
+        Ok(pki)
+    }
+
+    /// The directory holding the files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Issues a client certificate with this common name and writes `<cn>.crt`/`<cn>.key`.
+    pub fn client_cert(&self, common_name: &str) -> Result<ClientCert> {
+        let issued = self
+            .ca
+            .client_cert(common_name, None)
+            .with_context(|| format!("cannot issue a client certificate for {common_name}"))?;
+        let cert = self.dir.join(format!("{common_name}.crt"));
+        let key = self.dir.join(format!("{common_name}.key"));
+        write_file(&cert, issued.cert_pem.as_bytes(), 0o644)?;
+        write_file(&key, issued.key_pem.as_bytes(), 0o600)?;
+        Ok(ClientCert { cert, key })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// processes
+
+/// A child process that can be waited for with a bound, signalled, and is killed and
+/// reaped on drop.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Child,
+    exited: Receiver<()>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    /// Spawns `command`; `name` labels it in error messages.
+    pub fn spawn(name: &str, command: &mut Command) -> Result<Self> {
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({command:?})"))?;
+        let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
+        let (tx, exited) = mpsc::channel();
+        thread::Builder::new()
+            .name(format!("wait-{name}"))
+            .spawn(move || {
+                // WNOWAIT leaves the exited child a zombie: its pid stays ours until
+                // `Child::wait` reaps it, so `signal` can never hit a recycled pid
+                let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+                while let Err(Errno::EINTR) = waitid(Id::Pid(pid), flags) {}
+                let _ = tx.send(());
+            })
+            .context("cannot start a waiter thread")?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            exited,
+            status: None,
+        })
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Takes the child's piped stdout, if any.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// Takes the child's piped stderr, if any.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
+    /// The exit status if the process has already been reaped.
+    pub fn status(&self) -> Option<ExitStatus> {
+        self.status
+    }
+
+    /// Waits for the process to exit, at most `timeout` (a guard, not an expectation).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        if let Some(status) = self.status {
+            return Ok(status);
+        }
+        match self.exited.recv_timeout(timeout) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                bail!(
+                    "{} (pid {}) still runs after {timeout:?}",
+                    self.name,
+                    self.id()
+                )
+            }
+        }
+        let status = self
+            .child
+            .wait()
+            .with_context(|| format!("cannot reap {}", self.name))?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
+    /// Sends `signal` unless the process has already exited.
+    pub fn signal(&mut self, signal: Signal) -> Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        if let Some(status) = self.child.try_wait()? {
+            self.status = Some(status);
+            return Ok(());
+        }
+        let pid = Pid::from_raw(i32::try_from(self.id()).context("pid out of range")?);
+        match kill(pid, signal) {
+            // exited (a zombie) between try_wait and kill
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(err) => Err(err).with_context(|| format!("cannot signal {}", self.name)),
+        }
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.signal(Signal::SIGKILL)?;
+        self.wait_timeout(PROCESS_TIMEOUT)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// What a finished client run printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Exit code; `None` when killed by a signal.
+    pub code: Option<i32>,
+    /// Standard output (lossy UTF-8).
+    pub stdout: String,
+    /// Standard error (lossy UTF-8).
+    pub stderr: String,
+}
+
+impl Output {
+    /// Parses stdout as one JSON document.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("stdout is not one JSON document:\n{self}"))
+    }
+
+    /// The stdout lines.
+    pub fn lines(&self) -> Vec<&str> {
+        self.stdout.lines().collect()
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => writeln!(f, "exit code {code}")?,
+            None => writeln!(f, "killed by a signal")?,
+        }
+        writeln!(f, "--- stdout ---\n{}", self.stdout)?;
+        write!(f, "--- stderr ---\n{}", self.stderr)
+    }
+}
+
+fn read_all(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+/// Sends each line of `pipe` (with its `\n`, if any) until end of file.
+fn read_lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        loop {
+            let mut line = Vec::new();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    // a gone receiver only means nobody listens any more: keep draining so
+                    // the writer never blocks on a full pipe
+                    let _ = tx.send(String::from_utf8_lossy(&line).into_owned());
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// A `kinvoke` invocation being built: program, arguments, environment, directory.
+#[derive(Debug, Clone)]
+pub struct Client {
+    program: PathBuf,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    current_dir: Option<PathBuf>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A bare `kinvoke` with no connection flags. The caller's `KINVOKE_*` variables are
+    /// not passed on, so the developer's own settings cannot leak into a test.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            program: binary("kinvoke")?,
+            args: Vec::new(),
+            envs: Vec::new(),
+            current_dir: None,
+            timeout: PROCESS_TIMEOUT,
+        })
+    }
+
+    /// Appends one argument.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Appends arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets an environment variable for the client.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.envs
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Runs the client in this directory.
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.current_dir = Some(dir.as_ref().to_owned());
+        self
+    }
+
+    /// Changes the guard on how long [`Client::run`] waits (default [`PROCESS_TIMEOUT`]).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("KINVOKE_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env_remove("XDG_CONFIG_HOME");
+        cmd.args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(dir) = &self.current_dir {
+            cmd.current_dir(dir);
+        }
+        cmd
+    }
+
+    fn label(&self) -> String {
+        let args: Vec<_> = self.args.iter().map(|a| a.to_string_lossy()).collect();
+        format!("kinvoke {}", args.join(" "))
+    }
+
+    /// Runs the client to completion and captures its exit code and output. A client
+    /// still running after the timeout is killed and reported as an error.
+    pub fn run(self) -> Result<Output> {
+        let mut proc = Proc::spawn("kinvoke", &mut self.command())?;
+        let stdout = read_all(proc.take_stdout().context("stdout not piped")?);
+        let stderr = read_all(proc.take_stderr().context("stderr not piped")?);
+        let waited = proc.wait_timeout(self.timeout);
+        if waited.is_err() {
+            let _ = proc.kill();
+        }
+        let output = Output {
+            code: proc.status().and_then(|s| s.code()),
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
+        match waited {
+            Ok(_) => Ok(output),
+            Err(err) => Err(err.context(format!("`{}` was killed:\n{output}", self.label()))),
+        }
+    }
+
+    /// Starts the client in the background; its stdout can be read line by line.
+    pub fn spawn(self) -> Result<Background> {
+        let mut proc = Proc::spawn("kinvoke", &mut self.command())?;
+        let lines = read_lines(proc.take_stdout().context("stdout not piped")?);
+        let stderr = read_all(proc.take_stderr().context("stderr not piped")?);
+        Ok(Background {
+            label: self.label(),
+            proc,
+            lines,
+            stdout: String::new(),
+            stderr: Some(stderr),
+        })
+    }
+}
+
+/// A client running in the background. Dropping it kills it.
+#[derive(Debug)]
+pub struct Background {
+    label: String,
+    proc: Proc,
+    lines: Receiver<String>,
+    stdout: String,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Background {
+    /// The client's process id.
+    pub fn id(&self) -> u32 {
+        self.proc.id()
+    }
+
+    /// Stdout read so far.
+    pub fn stdout_so_far(&self) -> &str {
+        &self.stdout
+    }
+
+    /// Reads stdout until a line equal to `line` (without its newline) has arrived.
+    /// Fails if stdout closes first, or after [`PROCESS_TIMEOUT`] as a guard.
+    pub fn wait_for_line(&mut self, line: &str) -> Result<()> {
+        let deadline = Instant::now() + PROCESS_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(got) => {
+                    self.stdout.push_str(&got);
+                    if got.strip_suffix('\n').unwrap_or(&got) == line {
+                        return Ok(());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!(
+                    "`{}` closed stdout before printing {line:?}; stdout so far:\n{}",
+                    self.label,
+                    self.stdout
+                ),
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "`{}` did not print {line:?} within {PROCESS_TIMEOUT:?}; stdout so far:\n{}",
+                    self.label,
+                    self.stdout
+                ),
+            }
+        }
+    }
+
+    /// SIGKILLs the client and reaps it.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.proc.kill()
+    }
+
+    /// Waits for the client to exit (at most [`PROCESS_TIMEOUT`]) and returns all it printed.
+    pub fn wait(mut self) -> Result<Output> {
+        let waited = self.proc.wait_timeout(PROCESS_TIMEOUT);
+        if waited.is_err() {
+            let _ = self.proc.kill();
+        }
+        // the pipe closes when the client exits, which ends the reader thread
+        while let Ok(line) = self.lines.recv() {
+            self.stdout.push_str(&line);
+        }
+        let output = Output {
+            code: self.proc.status().and_then(|s| s.code()),
+            stdout: std::mem::take(&mut self.stdout),
+            stderr: self
+                .stderr
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default(),
+        };
+        match waited {
+            Ok(_) => Ok(output),
+            Err(err) => Err(err.context(format!("`{}` was killed:\n{output}", self.label))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// gateway
+
+/// How to configure a test gateway. Values are written into its TOML config.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    limits: BTreeMap<String, String>,
+    shutdown_grace: String,
+    extra_toml: String,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> Self {
+        let mut limits = BTreeMap::new();
+        // commands stopped by a test (cancel, timeout, shutdown) should not linger
+        limits.insert("kill_grace".to_owned(), toml_value("1s"));
+        Self {
+            limits,
+            shutdown_grace: "2s".to_owned(),
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// A TOML value: integers as they are, anything else as a quoted string.
+fn toml_value(value: &str) -> String {
+    if value.parse::<i64>().is_ok() {
+        value.to_owned()
+    } else {
+        format!("{value:?}")
+    }
+}
+
+impl GatewayOptions {
+    /// Sets a `[limits]` key, e.g. `limit("max_output_bytes", "1KiB")`.
+    pub fn limit(mut self, key: &str, value: &str) -> Self {
+        self.limits.insert(key.to_owned(), toml_value(value));
+        self
+    }
+
+    /// Sets `shutdown_grace` (default `2s`).
+    pub fn shutdown_grace(mut self, grace: &str) -> Self {
+        self.shutdown_grace = grace.to_owned();
+        self
+    }
+
+    /// Appends TOML after the `local` cluster, e.g. more `[[cluster]]` tables.
+    pub fn extra_toml(mut self, toml: &str) -> Self {
+        self.extra_toml.push_str(toml);
+        self.extra_toml.push('\n');
+        self
+    }
+
+    fn render(&self) -> String {
+        let mut text = format!(
+            "# written by kinvoke-tests\nstate_dir = \"state\"\nshutdown_grace = {}\n\n[limits]\n",
+            toml_value(&self.shutdown_grace)
+        );
+        for (key, value) in &self.limits {
+            text.push_str(&format!("{key} = {value}\n"));
+        }
+        text.push_str(
+            "\n[[listener]]\n\
+             name = \"main\"\n\
+             address = \"127.0.0.1:0\"\n\
+             tls = { cert = \"pki/server.crt\", key = \"pki/server.key\", client_ca = \"pki/ca.crt\" }\n\
+             \n[[cluster]]\n\
+             name = \"local\"\n\
+             executor = \"local\"\n\
+             mode = \"shell\"\n\n",
+        );
+        text.push_str(&self.extra_toml);
+        text
+    }
+}
+
+/// A real `kinvoke-gateway serve` process with its own temporary directory:
+///
+/// ```text
+/// gateway.toml  client.toml  gateway.stderr.log
+/// pki/      CA, server and client certificates
+/// state/    the gateway's state_dir (result store)
+/// work/     TMPDIR of the gateway, so the commands' work directories land here
+/// scratch/  free for the test: go-files, pid files, attachments
+/// home/     HOME of the clients
+/// ```
+#[derive(Debug)]
+pub struct Gateway {
+    dir: TempDir,
+    pki: Pki,
+    user: ClientCert,
+    config: PathBuf,
+    client_config: PathBuf,
+    addr: SocketAddr,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Gateway {
+    /// Starts a gateway with the default options.
+    pub fn start() -> Result<Self> {
+        Self::start_with(GatewayOptions::default())
+    }
+
+    /// Starts a gateway with these options and waits until it serves.
+    pub fn start_with(options: GatewayOptions) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("kinvoke-e2e-")
+            .tempdir()
+            .context("cannot create the gateway's temporary directory")?;
+        for sub in ["state", "work", "scratch", "home"] {
+            let path = dir.path().join(sub);
+            fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        }
+        let pki = Pki::new(&dir.path().join("pki"), "kinvoke test CA")?;
+        let user = pki.client_cert(USER)?;
+        let config = dir.path().join("gateway.toml");
+        write_file(&config, options.render().as_bytes(), 0o644)?;
+        let mut gateway = Self {
+            client_config: dir.path().join("client.toml"),
+            dir,
+            pki,
+            user,
+            config,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            proc: None,
+            starts: 0,
+        };
+        gateway.launch()?;
+        Ok(gateway)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log_path = self.stderr_log_path();
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        std::io::Write::write_all(
+            &mut log,
+            format!("===== kinvoke-e2e: gateway start #{} =====\n", self.starts).as_bytes(),
+        )?;
+        let mut cmd = Command::new(binary("kinvoke-gateway")?);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("KINVOKE_GATEWAY_CONFIG")
+            .env_remove("KINVOKE_LOG_FORMAT")
+            .env("TMPDIR", self.dir.path().join("work"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut proc = Proc::spawn("kinvoke-gateway", &mut cmd)?;
+        let lines = read_lines(proc.take_stdout().context("stdout not piped")?);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some((_, addr)) = line.trim_end().split_once(SERVING_ON) {
+                        break addr
+                            .parse::<SocketAddr>()
+                            .with_context(|| format!("bad readiness line {line:?}"))?;
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = proc.wait_timeout(PROCESS_TIMEOUT)?;
+                    bail!(
+                        "the gateway exited ({status}) before serving; its stderr:\n{}",
+                        self.stderr_log()
+                    );
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = proc.kill();
+                    bail!(
+                        "the gateway printed no readiness line within {READY_TIMEOUT:?}; its stderr:\n{}",
+                        self.stderr_log()
+                    );
+                }
+            }
+        };
+        self.addr = addr;
+        self.proc = Some(proc);
+        self.write_client_config()
+    }
+
+    fn write_client_config(&self) -> Result<()> {
+        let text = format!(
+            "# written by kinvoke-tests for gateway start #{}\n\
+             default_profile = \"test\"\n\n\
+             [profiles.test]\n\
+             endpoint = \"{}\"\n\
+             ca_cert = \"pki/ca.crt\"\n\
+             client_cert = \"pki/{USER}.crt\"\n\
+             client_key = \"pki/{USER}.key\"\n",
+            self.starts,
+            self.endpoint()
+        );
+        write_file(&self.client_config, text.as_bytes(), 0o644)
+    }
+
+    /// The address the gateway listens on (changes on restart).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The gateway's temporary directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A path in the test's scratch directory.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join("scratch").join(name)
+    }
+
+    /// Where the commands' work directories are created (the gateway's TMPDIR).
+    pub fn work_root(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    /// The certificates the gateway trusts and serves.
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    /// The default client certificate (common name [`USER`]).
+    pub fn user_cert(&self) -> &ClientCert {
+        &self.user
+    }
+
+    /// A client config file (`default_profile = "test"`) for the current endpoint.
+    pub fn client_config(&self) -> &Path {
+        &self.client_config
+    }
+
+    /// Path of the file collecting the gateway's stderr over all its starts.
+    pub fn stderr_log_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.stderr.log")
+    }
+
+    /// The gateway's stderr so far.
+    pub fn stderr_log(&self) -> String {
+        fs::read_to_string(self.stderr_log_path())
+            .unwrap_or_else(|err| format!("(cannot read the gateway's stderr log: {err})"))
+    }
+
+    /// A client with no connection settings but an isolated HOME.
+    pub fn bare_client(&self) -> Result<Client> {
+        Ok(Client::new()?.env("HOME", self.dir.path().join("home")))
+    }
+
+    /// A client that reaches this gateway with `--endpoint`, `--ca-cert`, `--client-cert`
+    /// and `--client-key` (placed before the subcommand) as [`USER`].
+    pub fn client(&self) -> Result<Client> {
+        self.client_as(&self.user)
+    }
+
+    /// Like [`Gateway::client`], with another client certificate.
+    pub fn client_as(&self, cert: &ClientCert) -> Result<Client> {
+        Ok(self
+            .bare_client()?
+            .arg("--endpoint")
+            .arg(self.endpoint())
+            .arg("--ca-cert")
+            .arg(&self.pki.ca_cert)
+            .arg("--client-cert")
+            .arg(&cert.cert)
+            .arg("--client-key")
+            .arg(&cert.key))
+    }
+
+    /// A client that reaches this gateway through `--config client.toml`.
+    pub fn client_with_config(&self) -> Result<Client> {
+        Ok(self.bare_client()?.arg("--config").arg(&self.client_config))
+    }
+
+    /// Starts `command` on the `local` cluster with `--no-wait` and returns its id
+    /// (the first field of the `-o tsv` line).
+    pub fn start_command(&self, command: &str) -> Result<String> {
+        let out = self
+            .client()?
+            .args([
+                "-o",
+                "tsv",
+                "invoke",
+                "--cluster",
+                CLUSTER,
+                "--no-wait",
+                "--command",
+            ])
+            .arg(command)
+            .run()?;
+        if out.code != Some(0) {
+            bail!("invoke --no-wait failed:\n{out}");
+        }
+        command_id_from_tsv(&out.stdout)
+            .with_context(|| format!("no command id in the tsv output:\n{out}"))
+    }
+
+    /// A gRPC client for `CommandService`, authenticated as [`USER`].
+    pub async fn grpc_client(&self) -> Result<CommandServiceClient<Channel>> {
+        self.grpc_client_as(Some(&self.user)).await
+    }
+
+    /// A gRPC client for `CommandService` presenting `cert`, or no client certificate.
+    pub async fn grpc_client_as(
+        &self,
+        cert: Option<&ClientCert>,
+    ) -> Result<CommandServiceClient<Channel>> {
+        // several tests may race to install it; whoever wins, ring is the provider
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = fs::read_to_string(&self.pki.ca_cert)?;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("localhost");
+        if let Some(cert) = cert {
+            let pem = fs::read_to_string(&cert.cert)?;
+            let key = fs::read_to_string(&cert.key)?;
+            tls = tls.identity(Identity::from_pem(pem, key));
+        }
+        let channel = Channel::from_shared(self.endpoint())?
+            .tls_config(tls)?
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.endpoint()))?;
+        Ok(CommandServiceClient::new(channel))
+    }
+
+    /// Whether the gateway process is running (started and not yet seen to exit).
+    pub fn is_running(&self) -> bool {
+        self.proc.as_ref().is_some_and(|p| p.status().is_none())
+    }
+
+    /// SIGKILLs the gateway, as a crash would: running commands are orphaned, not stopped.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        let mut proc = self.proc.take().context("the gateway is not running")?;
+        proc.kill()
+    }
+
+    /// SIGTERMs the gateway and waits until it has shut down.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut proc = self.proc.take().context("the gateway is not running")?;
+        proc.signal(Signal::SIGTERM)?;
+        proc.wait_timeout(PROCESS_TIMEOUT)
+            .map_err(|err| anyhow!("{err:#}; gateway stderr:\n{}", self.stderr_log()))
+    }
+
+    /// Starts the gateway again on the same config and state (a running one is
+    /// terminated first). The port changes; the client config is rewritten.
+    pub fn restart(&mut self) -> Result<()> {
+        if self.proc.is_some() {
+            self.terminate()?;
+        }
+        self.launch()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            // graceful, so the gateway stops the commands it still runs instead of
+            // orphaning them; killed if it does not manage
+            let stopped = proc
+                .signal(Signal::SIGTERM)
+                .and_then(|()| proc.wait_timeout(DROP_TERMINATE_TIMEOUT));
+            if stopped.is_err() {
+                let _ = proc.kill();
+            }
+        }
+        if thread::panicking() {
+            eprintln!(
+                "----- gateway stderr ({}) -----\n{}",
+                self.stderr_log_path().display(),
+                self.stderr_log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// output parsing
+
+/// The first line `kinvoke` prints for a command that ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// `YYYY-MM-DD HH:MM:SS+00:00`.
+    pub started_at: String,
+    /// `YYYY-MM-DD HH:MM:SS+00:00`.
+    pub finished_at: String,
+    /// The remote exit code.
+    pub exit_code: i32,
+}
+
+/// Parses `command started at T1, finished at T2 with exitcode=N`; `None` if the line
+/// has another shape or a time is not `YYYY-MM-DD HH:MM:SS+00:00`.
+pub fn parse_header(line: &str) -> Option<Header> {
+    let rest = line.strip_prefix("command started at ")?;
+    let (started_at, rest) = rest.split_once(", finished at ")?;
+    let (finished_at, code) = rest.split_once(" with exitcode=")?;
+    if !is_utc_time(started_at) || !is_utc_time(finished_at) {
+        return None;
+    }
+    Some(Header {
+        started_at: started_at.to_owned(),
+        finished_at: finished_at.to_owned(),
+        exit_code: code.parse().ok()?,
+    })
+}
+
+/// Whether `s` is `YYYY-MM-DD HH:MM:SS+00:00`.
+pub fn is_utc_time(s: &str) -> bool {
+    const SHAPE: &[u8] = b"dddd-dd-dd dd:dd:dd+00:00";
+    s.len() == SHAPE.len()
+        && s.bytes().zip(SHAPE).all(|(c, &want)| match want {
+            b'd' => c.is_ascii_digit(),
+            other => c == other,
+        })
+}
+
+/// The command id: first field of the only non-empty line of `-o tsv` output.
+pub fn command_id_from_tsv(stdout: &str) -> Option<String> {
+    let mut lines = stdout.lines().filter(|l| !l.trim().is_empty());
+    let line = lines.next()?;
+    if lines.next().is_some() {
+        return None;
+    }
+    let id = line.split('\t').next()?.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_line_is_parsed() {
+        let h = parse_header(
+            "command started at 2025-01-02 03:04:05+00:00, finished at 2025-01-02 03:04:06+00:00 with exitcode=3",
+        )
+        .unwrap();
+        assert_eq!(h.started_at, "2025-01-02 03:04:05+00:00");
+        assert_eq!(h.finished_at, "2025-01-02 03:04:06+00:00");
+        assert_eq!(h.exit_code, 3);
+    }
+
+    #[test]
+    fn a_header_with_another_time_format_is_rejected() {
+        for line in [
+            "command started at 2025-01-02T03:04:05Z, finished at 2025-01-02 03:04:06+00:00 with exitcode=0",
+            "command started at 2025-01-02 03:04:05+00:00, finished at 2025-01-02 03:04:06+02:00 with exitcode=0",
+            "command started at 2025-01-02 03:04:05+00:00, finished at 2025-01-02 03:04:06+00:00 with exitcode=x",
+            "started at 2025-01-02 03:04:05+00:00",
+        ] {
+            assert_eq!(parse_header(line), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn the_id_is_the_first_tsv_field() {
+        assert_eq!(
+            command_id_from_tsv("abc\tlocal\tRunning\n").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(command_id_from_tsv("a\tb\nc\td\n"), None);
+        assert_eq!(command_id_from_tsv(""), None);
+    }
+
+    #[test]
+    fn options_render_limits_before_the_tables() {
+        let text = GatewayOptions::default()
+            .limit("max_output_bytes", "1KiB")
+            .limit("max_files", "3")
+            .render();
+        let limits = text.find("[limits]").unwrap();
+        let listener = text.find("[[listener]]").unwrap();
+        let output = text.find("max_output_bytes = \"1KiB\"").unwrap();
+        assert!(limits < output && output < listener, "{text}");
+        assert!(text.contains("max_files = 3\n"), "{text}");
+        assert!(text.contains("kill_grace = \"1s\"\n"), "{text}");
+    }
+
+    #[test]
+    fn rendered_options_are_a_config_the_gateway_accepts() {
+        let text = GatewayOptions::default()
+            .limit("max_output_bytes", "1KiB")
+            .shutdown_grace("1s")
+            .render();
+        let config = kinvoke_gateway::config::Config::parse(&text, Path::new("/tmp/gw")).unwrap();
+        assert_eq!(config.limits.max_output_bytes, 1024);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(1));
+        assert_eq!(config.state_dir, Path::new("/tmp/gw/state"));
+        assert_eq!(config.clusters[0].name.as_str(), CLUSTER);
+    }
+}

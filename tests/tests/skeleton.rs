@@ -1,0 +1,681 @@
+//! End-to-end tests of the skeleton: the real `kinvoke` CLI against the real
+//! `kinvoke-gateway` binary over mTLS on 127.0.0.1, one gateway per test.
+//!
+//! Commands that must stay running until the test says so wait for a "go" file the test
+//! creates; the tests themselves never sleep, they wait for lines, exits and results.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic with the captured output is the failure report, helpers included"
+)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kinvoke_proto::v1::{AttachedFile, InvokeCommandRequest, ListCommandsRequest};
+use kinvoke_tests::{
+    CLUSTER, Gateway, GatewayOptions, Output, Pki, USER, command_id_from_tsv, parse_header,
+};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Exit status of `kinvoke` when the command failed to run or was interrupted.
+const EXIT_FAILED: i32 = 125;
+/// Exit status of `kinvoke` when the command timed out.
+const EXIT_TIMED_OUT: i32 = 124;
+/// Exit status of `kinvoke` when the command was canceled.
+const EXIT_CANCELED: i32 = 130;
+/// Exit status of `kinvoke` when the gateway cannot be reached (TLS failures included).
+const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit status of `kinvoke` when the gateway rejected the request.
+const EXIT_REJECTED: i32 = 65;
+/// Exit status of `kinvoke` for a usage or local error.
+const EXIT_USAGE: i32 = 2;
+
+fn gateway() -> Gateway {
+    Gateway::start().expect("the gateway starts")
+}
+
+/// `kinvoke invoke --cluster local --command COMMAND EXTRA...` as the test user.
+fn invoke(gw: &Gateway, command: &str, extra: &[&str]) -> Output {
+    gw.client()
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command", command])
+        .args(extra)
+        .run()
+        .unwrap()
+}
+
+/// `kinvoke -o json result --cluster local --command-id ID [--wait]`, parsed.
+fn result_json(gw: &Gateway, id: &str, wait: bool) -> (Output, Value) {
+    let mut client = gw.client().unwrap().args([
+        "-o",
+        "json",
+        "result",
+        "--cluster",
+        CLUSTER,
+        "--command-id",
+        id,
+    ]);
+    if wait {
+        client = client.arg("--wait");
+    }
+    let out = client.run().unwrap();
+    let json = out.json().unwrap();
+    (out, json)
+}
+
+fn state(json: &Value) -> &str {
+    json["provisioningState"].as_str().unwrap_or("(missing)")
+}
+
+fn reason(json: &Value) -> &str {
+    json["reason"].as_str().unwrap_or("(missing)")
+}
+
+/// A shell command that prints `first`, waits until `go` exists, then prints `last`.
+fn wait_for_go(first: &str, go: &Path, last: &str) -> String {
+    format!(
+        "echo {first}; while [ ! -e '{go}' ]; do sleep 0.05; done; echo {last}",
+        go = go.display()
+    )
+}
+
+fn all_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(dir) = todo.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// Kills a process group on drop, for commands a crashed gateway left behind.
+struct KillGroupOnDrop(Option<Pid>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn a_command_that_exits_zero_prints_the_header_and_its_output() {
+    let gw = gateway();
+    let out = invoke(&gw, "echo hello; echo world", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let lines = out.lines();
+    let header = parse_header(lines[0])
+        .unwrap_or_else(|| panic!("first line is not the result header:\n{out}"));
+    assert_eq!(header.exit_code, 0, "{out}");
+    assert!(header.started_at <= header.finished_at, "{out}");
+    assert_eq!(&lines[1..], ["hello", "world"], "{out}");
+}
+
+#[test]
+fn the_cli_exits_with_the_commands_exit_code() {
+    let gw = gateway();
+    let out = invoke(&gw, "echo about to fail; exit 3", &[]);
+    assert_eq!(out.code, Some(3), "{out}");
+    let header = parse_header(out.lines()[0])
+        .unwrap_or_else(|| panic!("first line is not the result header:\n{out}"));
+    assert_eq!(header.exit_code, 3, "{out}");
+    assert_eq!(&out.lines()[1..], ["about to fail"], "{out}");
+}
+
+#[test]
+fn stdout_and_stderr_are_combined_in_the_order_written() {
+    let gw = gateway();
+    let out = invoke(&gw, "echo out; echo err >&2; echo out2", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["out", "err", "out2"], "{out}");
+}
+
+#[test]
+fn an_attached_directory_is_available_to_the_command_under_its_name() {
+    let gw = gateway();
+    let bundle = gw.scratch("bundle");
+    fs::create_dir_all(bundle.join("sub")).unwrap();
+    fs::write(bundle.join("sub/x.txt"), "nested content\n").unwrap();
+    fs::write(bundle.join("top.txt"), "top\n").unwrap();
+
+    let out = invoke(
+        &gw,
+        "cat bundle/sub/x.txt bundle/top.txt",
+        &["--file", bundle.to_str().unwrap()],
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["nested content", "top"], "{out}");
+}
+
+#[test]
+fn attaching_the_current_directory_sends_its_contents_without_a_prefix() {
+    let gw = gateway();
+    let bundle = gw.scratch("bundle");
+    fs::create_dir_all(bundle.join("sub")).unwrap();
+    fs::write(bundle.join("sub/x.txt"), "from dot\n").unwrap();
+
+    let out = gw
+        .client()
+        .unwrap()
+        .current_dir(&bundle)
+        .args(["-o", "json", "invoke", "--cluster", CLUSTER, "--file", "."])
+        .args(["--command", "cat sub/x.txt && test ! -e bundle"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let json = out.json().unwrap();
+    assert_eq!(json["logs"], "from dot\n", "{out}");
+    let files = json["files"].as_array().expect("files is an array");
+    let paths: Vec<_> = files.iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["sub/x.txt"], "{out}");
+    assert_eq!(files[0]["size"], 9, "{out}");
+}
+
+#[test]
+fn a_no_wait_command_is_collected_later_with_result_wait() {
+    let gw = gateway();
+    let started = gw
+        .client()
+        .unwrap()
+        .args(["-o", "tsv", "invoke", "--cluster", CLUSTER, "--no-wait"])
+        .args(["--command", "echo later"])
+        .run()
+        .unwrap();
+    assert_eq!(started.code, Some(0), "{started}");
+    let id = command_id_from_tsv(&started.stdout)
+        .unwrap_or_else(|| panic!("no id in the tsv output:\n{started}"));
+
+    let out = gw
+        .client()
+        .unwrap()
+        .args([
+            "result",
+            "--cluster",
+            CLUSTER,
+            "--command-id",
+            &id,
+            "--wait",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let header = parse_header(out.lines()[0])
+        .unwrap_or_else(|| panic!("first line is not the result header:\n{out}"));
+    assert_eq!(header.exit_code, 0, "{out}");
+    assert_eq!(&out.lines()[1..], ["later"], "{out}");
+}
+
+#[test]
+fn logs_follow_streams_output_while_the_command_runs() {
+    let gw = gateway();
+    let go = gw.scratch("go");
+    let id = gw
+        .start_command(&wait_for_go("first", &go, "second"))
+        .unwrap();
+
+    let mut follower = gw
+        .client()
+        .unwrap()
+        .args([
+            "logs",
+            "--cluster",
+            CLUSTER,
+            "--command-id",
+            &id,
+            "--follow",
+        ])
+        .spawn()
+        .unwrap();
+    follower.wait_for_line("first").unwrap();
+    // the command cannot end before `go` exists, so `first` arrived live
+    let (_, running) = result_json(&gw, &id, false);
+    assert_eq!(state(&running), "Running", "{running}");
+
+    fs::write(&go, "").unwrap();
+    let out = follower.wait().unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stdout, "first\nsecond\n", "{out}");
+}
+
+#[test]
+fn cancel_stops_a_running_command_and_records_who_canceled_it() {
+    let gw = gateway();
+    let started = gw
+        .client()
+        .unwrap()
+        .args(["-o", "json", "invoke", "--cluster", CLUSTER, "--no-wait"])
+        .args(["--command", "sleep 60"])
+        .run()
+        .unwrap();
+    assert_eq!(started.code, Some(0), "{started}");
+    let id = started.json().unwrap()["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in the json output:\n{started}"))
+        .to_owned();
+
+    let canceled = gw
+        .client()
+        .unwrap()
+        .args(["cancel", "--cluster", CLUSTER, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(canceled.code, Some(0), "{canceled}");
+
+    let (out, json) = result_json(&gw, &id, false);
+    assert_eq!(state(&json), "Canceled", "{out}");
+    assert!(reason(&json).contains(USER), "{out}");
+    assert_eq!(out.code, Some(EXIT_CANCELED), "{out}");
+
+    let plain = gw
+        .client()
+        .unwrap()
+        .args(["result", "--cluster", CLUSTER, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(plain.code, Some(EXIT_CANCELED), "{plain}");
+    assert!(
+        plain.lines()[0].starts_with("command canceled with reason: "),
+        "{plain}"
+    );
+}
+
+#[test]
+fn a_command_that_outlives_its_timeout_is_stopped() {
+    let gw = gateway();
+    let out = invoke(&gw, "sleep 60", &["--timeout", "1s"]);
+    assert_eq!(out.code, Some(EXIT_TIMED_OUT), "{out}");
+    let first = out.lines().first().copied().unwrap_or_default();
+    let reason_text = first
+        .strip_prefix("command timed out with reason: ")
+        .unwrap_or_else(|| panic!("first line is not the timeout line:\n{out}"));
+    assert!(reason_text.contains("timed out"), "{out}");
+
+    let listed = gw
+        .client()
+        .unwrap()
+        .args(["-o", "json", "list"])
+        .run()
+        .unwrap();
+    assert_eq!(listed.code, Some(0), "{listed}");
+    let list = listed.json().unwrap();
+    let records = list.as_array().expect("list -o json prints an array");
+    assert_eq!(records.len(), 1, "{listed}");
+    assert_eq!(state(&records[0]), "TimedOut", "{listed}");
+    assert!(reason(&records[0]).contains("timed out"), "{listed}");
+}
+
+#[test]
+fn output_beyond_the_limit_is_cut_and_flagged() {
+    let gw = Gateway::start_with(GatewayOptions::default().limit("max_output_bytes", "1KiB"))
+        .expect("the gateway starts");
+    let out = invoke(&gw, "head -c 5000 /dev/zero | tr '\\0' a", &["-o", "json"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let json = out.json().unwrap();
+    assert_eq!(state(&json), "Succeeded", "{out}");
+    assert_eq!(json["outputTruncated"], true, "{out}");
+    assert_eq!(json["outputSize"], 5000, "{out}");
+    let logs = json["logs"].as_str().expect("logs is a string");
+    assert_eq!(logs.len(), 1024, "{out}");
+    assert!(logs.bytes().all(|b| b == b'a'), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_path_that_leaves_the_work_directory_is_rejected() {
+    let gw = gateway();
+    let outside = gw.scratch("escape.txt");
+    let mut client = gw.grpc_client().await.unwrap();
+    let bad_paths = [
+        "../escape.txt".to_owned(),
+        "sub/../../escape.txt".to_owned(),
+        outside.to_str().unwrap().to_owned(),
+    ];
+    for path in bad_paths {
+        let request = InvokeCommandRequest {
+            cluster: CLUSTER.to_owned(),
+            command: "echo ran > ran.txt".to_owned(),
+            files: vec![AttachedFile {
+                path: path.clone(),
+                content: b"escaped\n".to_vec(),
+                mode: 0,
+            }],
+            timeout: None,
+            no_wait: false,
+        };
+        let status = match client.invoke_command(request).await {
+            Ok(response) => panic!("{path:?} was accepted: {response:?}"),
+            Err(status) => status,
+        };
+        assert_eq!(
+            status.code(),
+            tonic::Code::InvalidArgument,
+            "{path:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains("files.path"),
+            "{path:?}: {status:?}"
+        );
+    }
+
+    let escaped: Vec<_> = all_files(gw.dir())
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n == "escape.txt" || n == "ran.txt")
+        })
+        .collect();
+    assert_eq!(escaped, Vec::<PathBuf>::new());
+    assert!(!outside.exists());
+    let listed = client
+        .list_commands(ListCommandsRequest {
+            cluster: String::new(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.commands.is_empty(), "{:?}", listed.commands);
+}
+
+#[test]
+fn a_command_interrupted_by_a_gateway_crash_is_marked_failed_after_restart() {
+    let mut gw = gateway();
+    let pid_file = gw.scratch("pid");
+    let id = gw
+        .start_command(&format!(
+            "echo $$ > '{}'; echo started; sleep 60",
+            pid_file.display()
+        ))
+        .unwrap();
+    let mut follower = gw
+        .client()
+        .unwrap()
+        .args([
+            "logs",
+            "--cluster",
+            CLUSTER,
+            "--command-id",
+            &id,
+            "--follow",
+        ])
+        .spawn()
+        .unwrap();
+    follower.wait_for_line("started").unwrap();
+    follower.kill().unwrap();
+    // the command is its own process group, led by the shell
+    let pgid: i32 = fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let orphans = KillGroupOnDrop(Some(Pid::from_raw(pgid)));
+
+    gw.kill().unwrap();
+    drop(orphans);
+    gw.restart().unwrap();
+
+    let out = gw
+        .client()
+        .unwrap()
+        .args(["result", "--cluster", CLUSTER, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(EXIT_FAILED), "{out}");
+    assert_eq!(
+        out.lines()[0],
+        "command failed with reason: gateway restarted before the command finished",
+        "{out}"
+    );
+    let (out, json) = result_json(&gw, &id, false);
+    assert_eq!(state(&json), "Failed", "{out}");
+    assert_eq!(
+        reason(&json),
+        "gateway restarted before the command finished",
+        "{out}"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_does_not_stop_its_command() {
+    let gw = gateway();
+    let go = gw.scratch("go");
+    let mut waiting = gw
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command"])
+        .arg(wait_for_go("waiting", &go, "done"))
+        .spawn()
+        .unwrap();
+
+    // each attempt is a full round trip to the gateway; the bound only stops a runaway loop
+    let mut id = None;
+    for _ in 0..1000 {
+        let listed = gw
+            .client()
+            .unwrap()
+            .args(["-o", "json", "list"])
+            .run()
+            .unwrap();
+        assert_eq!(listed.code, Some(0), "{listed}");
+        if let Some(record) = listed.json().unwrap().as_array().and_then(|a| a.first()) {
+            id = record["id"].as_str().map(str::to_owned);
+            break;
+        }
+    }
+    let id = id.expect("the invoked command shows up in the list");
+
+    waiting.kill().unwrap();
+    fs::write(&go, "").unwrap();
+
+    let out = gw
+        .client()
+        .unwrap()
+        .args([
+            "result",
+            "--cluster",
+            CLUSTER,
+            "--command-id",
+            &id,
+            "--wait",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["waiting", "done"], "{out}");
+    let (out, json) = result_json(&gw, &id, false);
+    assert_eq!(state(&json), "Succeeded", "{out}");
+    assert_eq!(json["exitCode"], 0, "{out}");
+}
+
+#[test]
+fn a_client_certificate_from_another_ca_is_refused() {
+    let gw = gateway();
+    let rogue = Pki::new(&gw.scratch("rogue-pki"), "rogue CA").unwrap();
+    let impostor = rogue.client_cert(USER).unwrap();
+    let marker = gw.scratch("ran");
+
+    let out = gw
+        .client_as(&impostor)
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command"])
+        .arg(format!("touch '{}'", marker.display()))
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(EXIT_UNAVAILABLE), "{out}");
+    assert!(out.stderr.starts_with("kinvoke: "), "{out}");
+    assert!(!marker.exists(), "the command ran:\n{out}");
+    let listed = gw
+        .client()
+        .unwrap()
+        .args(["-o", "json", "list"])
+        .run()
+        .unwrap();
+    assert_eq!(listed.json().unwrap(), Value::Array(Vec::new()), "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_certificate_is_refused() {
+    let gw = gateway();
+    let marker = gw.scratch("ran");
+    let out = gw
+        .bare_client()
+        .unwrap()
+        .args(["--endpoint", &gw.endpoint()])
+        .arg("--ca-cert")
+        .arg(&gw.pki().ca_cert)
+        .args(["invoke", "--cluster", CLUSTER, "--command"])
+        .arg(format!("touch '{}'", marker.display()))
+        .run()
+        .unwrap();
+    assert!(
+        [EXIT_USAGE, EXIT_UNAVAILABLE, 77].contains(&out.code.unwrap_or(-1)),
+        "expected a refusal (2, 69 or 77):\n{out}"
+    );
+    assert!(out.stderr.starts_with("kinvoke: "), "{out}");
+
+    // the CLI may refuse before dialling, so ask the gateway itself too
+    let request = InvokeCommandRequest {
+        cluster: CLUSTER.to_owned(),
+        command: format!("touch '{}'", marker.display()),
+        files: Vec::new(),
+        timeout: None,
+        no_wait: false,
+    };
+    if let Ok(mut anonymous) = gw.grpc_client_as(None).await {
+        let status = match anonymous.invoke_command(request).await {
+            Ok(response) => panic!("a caller without a certificate was served: {response:?}"),
+            Err(status) => status,
+        };
+        assert!(
+            matches!(
+                status.code(),
+                // the refused handshake surfaces as a closed connection
+                tonic::Code::Unavailable
+                    | tonic::Code::Cancelled
+                    | tonic::Code::Unknown
+                    | tonic::Code::Unauthenticated
+            ),
+            "{status:?}"
+        );
+    }
+    assert!(!marker.exists(), "the command ran:\n{out}");
+    let listed = gw
+        .client()
+        .unwrap()
+        .args(["-o", "json", "list"])
+        .run()
+        .unwrap();
+    assert_eq!(listed.json().unwrap(), Value::Array(Vec::new()), "{listed}");
+}
+
+#[test]
+fn sigterm_cancels_running_commands_after_the_shutdown_grace() {
+    let mut gw = Gateway::start_with(GatewayOptions::default().shutdown_grace("1s"))
+        .expect("the gateway starts");
+    let id = gw.start_command("sleep 60").unwrap();
+
+    let status = gw.terminate().unwrap();
+    assert!(
+        status.success(),
+        "gateway exit: {status}\n{}",
+        gw.stderr_log()
+    );
+    gw.restart().unwrap();
+
+    let (out, json) = result_json(&gw, &id, false);
+    assert_eq!(state(&json), "Canceled", "{out}");
+    assert_eq!(
+        reason(&json),
+        "gateway shut down before the command finished",
+        "{out}"
+    );
+    assert_eq!(out.code, Some(EXIT_CANCELED), "{out}");
+}
+
+#[test]
+fn a_client_config_file_and_flags_after_the_subcommand_reach_the_gateway() {
+    let gw = gateway();
+    // global flag before the subcommand
+    let out = gw
+        .client_with_config()
+        .unwrap()
+        .args(["invoke", "-n", CLUSTER, "-c", "echo via config"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["via config"], "{out}");
+
+    // global flags after the subcommand, and the profile named explicitly
+    let out = gw
+        .bare_client()
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command", "echo after"])
+        .arg("--config")
+        .arg(gw.client_config())
+        .args(["--profile", "test", "-o", "json"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let json = out.json().unwrap();
+    assert_eq!(json["logs"], "after\n", "{out}");
+    assert_eq!(json["principal"], USER, "{out}");
+    assert_eq!(json["cluster"], CLUSTER, "{out}");
+    assert_eq!(json["command"], "echo after", "{out}");
+}
+
+#[test]
+fn connection_settings_can_come_from_the_environment() {
+    let gw = gateway();
+    let out = gw
+        .bare_client()
+        .unwrap()
+        .env("KINVOKE_ENDPOINT", gw.endpoint())
+        .env("KINVOKE_CA_CERT", &gw.pki().ca_cert)
+        .env("KINVOKE_CLIENT_CERT", &gw.user_cert().cert)
+        .env("KINVOKE_CLIENT_KEY", &gw.user_cert().key)
+        .args(["invoke", "--cluster", CLUSTER, "--command", "echo from env"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["from env"], "{out}");
+}
+
+#[test]
+fn an_unknown_cluster_is_a_rejected_request() {
+    let gw = gateway();
+    let out = gw
+        .client()
+        .unwrap()
+        .args([
+            "invoke",
+            "--cluster",
+            "no-such-cluster",
+            "--command",
+            "true",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(EXIT_REJECTED), "{out}");
+    assert!(out.stderr.starts_with("kinvoke: "), "{out}");
+    assert_eq!(out.stderr.trim_end().lines().count(), 1, "{out}");
+}
+
+#[test]
+fn a_missing_attachment_is_a_usage_error() {
+    let gw = gateway();
+    let missing = gw.scratch("does-not-exist.yaml");
+    let out = invoke(&gw, "true", &["--file", missing.to_str().unwrap()]);
+    assert_eq!(out.code, Some(EXIT_USAGE), "{out}");
+    assert!(out.stderr.starts_with("kinvoke: "), "{out}");
+}
