@@ -139,15 +139,16 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     for l in &listeners {
         let addr = l.local_addr().context("cannot read the bound address")?;
+        // the client config first: whoever reads the ready line may use it at once
+        if let Some(files) = &dev {
+            dev::write_client_config(files, addr)?;
+        }
         // one stable line per listener on stdout: scripts and tests wait for it
         writeln!(
             stdout,
             "kinvoke-gateway: listener \"{}\" serving on https://{addr}",
             l.name()
         )?;
-        if let Some(files) = &dev {
-            dev::write_client_config(files, addr)?;
-        }
     }
     if let Some(files) = &dev {
         let client = files.client_config.display();

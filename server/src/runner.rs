@@ -189,8 +189,10 @@ impl Runner {
             let outcome = this.executor.run(job).await;
             this.finish(&running, outcome).await;
             this.running_map().remove(&running.record.id);
-            let _ = done_tx.send(true);
+            // free the slot before waking waiters, so a caller that saw this command end
+            // can start the next one at once
             drop(permit);
+            let _ = done_tx.send(true);
         });
         Ok(record)
     }

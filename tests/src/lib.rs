@@ -4,12 +4,14 @@
 //! [`Pki`] writes a throw-away CA with a server certificate and client certificates;
 //! [`Gateway`] runs the real gateway binary on `127.0.0.1:0` in its own temporary
 //! directory and waits for its readiness line; [`Client`] runs the real `kinvoke` CLI to
-//! completion ([`Client::run`]) or in the background ([`Client::spawn`]); [`Proc`] is the
-//! child-process wrapper under both. Every wait ends on an event (a line, an exit, a
-//! closed pipe) and is bounded only as a guard against hangs; nothing here sleeps.
+//! completion ([`Client::run`]) or in the background ([`Client::spawn`]); [`gateway_cli`]
+//! runs a short-lived gateway subcommand such as `check-config`; [`DevGateway`] runs
+//! `kinvoke-gateway dev` and waits until its client config is written; [`Proc`] is the
+//! child-process wrapper under all of them. Every wait ends on an event (a line, an exit,
+//! a closed pipe) and is bounded only as a guard against hangs; nothing here sleeps.
 //!
 //! Dropping a [`Gateway`] stops its process and deletes its directory; dropping a
-//! [`Proc`] or [`Background`] kills and reaps the process.
+//! [`DevGateway`], [`Proc`] or [`Background`] stops (or kills) and reaps the process.
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
@@ -337,6 +339,102 @@ fn read_lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
     rx
 }
 
+/// Runs `command` (stdin closed, stdout and stderr piped) to completion and captures its
+/// exit code and output; one still running after `timeout` is killed and reported as an
+/// error labelled `label`.
+fn run_to_end(name: &str, command: &mut Command, timeout: Duration, label: &str) -> Result<Output> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut proc = Proc::spawn(name, command)?;
+    let stdout = read_all(proc.take_stdout().context("stdout not piped")?);
+    let stderr = read_all(proc.take_stderr().context("stderr not piped")?);
+    let waited = proc.wait_timeout(timeout);
+    if waited.is_err() {
+        let _ = proc.kill();
+    }
+    let output = Output {
+        code: proc.status().and_then(|s| s.code()),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    match waited {
+        Ok(_) => Ok(output),
+        Err(err) => Err(err.context(format!("`{label}` was killed:\n{output}"))),
+    }
+}
+
+/// Removes the `KINVOKE_*` variables (and `XDG_CONFIG_HOME`) of the caller from
+/// `command`, so the developer's own settings cannot leak into a test.
+fn isolate_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("KINVOKE_") {
+            command.env_remove(key);
+        }
+    }
+    command.env_remove("XDG_CONFIG_HOME");
+}
+
+/// Runs `kinvoke-gateway ARGS` to completion, e.g. `check-config --config FILE`, with the
+/// caller's `KINVOKE_*` variables removed. For subcommands that end on their own; a
+/// gateway that serves is a [`Gateway`] or a [`DevGateway`].
+pub fn gateway_cli<I, S>(args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let mut cmd = Command::new(binary("kinvoke-gateway")?);
+    isolate_env(&mut cmd);
+    cmd.args(&args);
+    let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+    let label = format!("kinvoke-gateway {}", shown.join(" "));
+    run_to_end("kinvoke-gateway", &mut cmd, PROCESS_TIMEOUT, &label)
+}
+
+/// Why [`next_line_until`] stopped without finding its line.
+#[derive(Debug)]
+enum LineWait {
+    /// The writer closed its end (usually: the process exited).
+    Closed,
+    /// The guard expired.
+    TimedOut,
+}
+
+/// Receives lines until one (without its newline) satisfies `found`, and returns it.
+/// Every line received, the found one included, is appended to `seen`.
+fn next_line_until(
+    lines: &Receiver<String>,
+    deadline: Instant,
+    seen: &mut String,
+    mut found: impl FnMut(&str) -> bool,
+) -> Result<String, LineWait> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                let line = line.strip_suffix('\n').unwrap_or(&line);
+                if found(line) {
+                    return Ok(line.to_owned());
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return Err(LineWait::Closed),
+            Err(RecvTimeoutError::Timeout) => return Err(LineWait::TimedOut),
+        }
+    }
+}
+
+/// The address of a readiness line `... serving on https://ADDR`, if `line` is one.
+fn serving_addr(line: &str) -> Option<Result<SocketAddr>> {
+    let (_, addr) = line.trim_end().split_once(SERVING_ON)?;
+    Some(
+        addr.parse::<SocketAddr>()
+            .with_context(|| format!("bad readiness line {line:?}")),
+    )
+}
+
 /// A `kinvoke` invocation being built: program, arguments, environment, directory.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -398,12 +496,7 @@ impl Client {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(&self.program);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("KINVOKE_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env_remove("XDG_CONFIG_HOME");
+        isolate_env(&mut cmd);
         cmd.args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -423,22 +516,7 @@ impl Client {
     /// Runs the client to completion and captures its exit code and output. A client
     /// still running after the timeout is killed and reported as an error.
     pub fn run(self) -> Result<Output> {
-        let mut proc = Proc::spawn("kinvoke", &mut self.command())?;
-        let stdout = read_all(proc.take_stdout().context("stdout not piped")?);
-        let stderr = read_all(proc.take_stderr().context("stderr not piped")?);
-        let waited = proc.wait_timeout(self.timeout);
-        if waited.is_err() {
-            let _ = proc.kill();
-        }
-        let output = Output {
-            code: proc.status().and_then(|s| s.code()),
-            stdout: stdout.join().unwrap_or_default(),
-            stderr: stderr.join().unwrap_or_default(),
-        };
-        match waited {
-            Ok(_) => Ok(output),
-            Err(err) => Err(err.context(format!("`{}` was killed:\n{output}", self.label()))),
-        }
+        run_to_end("kinvoke", &mut self.command(), self.timeout, &self.label())
     }
 
     /// Starts the client in the background; its stdout can be read line by line.
@@ -588,7 +666,12 @@ impl GatewayOptions {
         self
     }
 
-    fn render(&self) -> String {
+    /// The gateway config these options stand for. Paths in it are relative to the
+    /// config file's directory: `state/` for the state and `pki/` for the certificates a
+    /// [`Pki`] writes there (`server.crt`, `server.key`, `ca.crt`). The tables come in
+    /// this order: `[limits]`, `[[listener]]` `main` on `127.0.0.1:0`, `[[cluster]]`
+    /// `local`, then the extra TOML.
+    pub fn render(&self) -> String {
         let mut text = format!(
             "# written by kinvoke-tests\nstate_dir = \"state\"\nshutdown_grace = {}\n\n[limits]\n",
             toml_value(&self.shutdown_grace)
@@ -692,33 +775,27 @@ impl Gateway {
         let mut proc = Proc::spawn("kinvoke-gateway", &mut cmd)?;
         let lines = read_lines(proc.take_stdout().context("stdout not piped")?);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some((_, addr)) = line.trim_end().split_once(SERVING_ON) {
-                        break addr
-                            .parse::<SocketAddr>()
-                            .with_context(|| format!("bad readiness line {line:?}"))?;
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = proc.wait_timeout(PROCESS_TIMEOUT)?;
-                    bail!(
-                        "the gateway exited ({status}) before serving; its stderr:\n{}",
-                        self.stderr_log()
-                    );
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = proc.kill();
-                    bail!(
-                        "the gateway printed no readiness line within {READY_TIMEOUT:?}; its stderr:\n{}",
-                        self.stderr_log()
-                    );
-                }
+        let ready = next_line_until(&lines, deadline, &mut String::new(), |line| {
+            serving_addr(line).is_some()
+        });
+        let line = match ready {
+            Ok(line) => line,
+            Err(LineWait::Closed) => {
+                let status = proc.wait_timeout(PROCESS_TIMEOUT)?;
+                bail!(
+                    "the gateway exited ({status}) before serving; its stderr:\n{}",
+                    self.stderr_log()
+                );
+            }
+            Err(LineWait::TimedOut) => {
+                let _ = proc.kill();
+                bail!(
+                    "the gateway printed no readiness line within {READY_TIMEOUT:?}; its stderr:\n{}",
+                    self.stderr_log()
+                );
             }
         };
-        self.addr = addr;
+        self.addr = serving_addr(&line).context("the readiness line went missing")??;
         self.proc = Some(proc);
         self.write_client_config()
     }
@@ -751,6 +828,11 @@ impl Gateway {
     /// The gateway's temporary directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The gateway's config file (`gateway.toml`, rendered from its [`GatewayOptions`]).
+    pub fn config(&self) -> &Path {
+        &self.config
     }
 
     /// A path in the test's scratch directory.
@@ -852,6 +934,17 @@ impl Gateway {
         &self,
         cert: Option<&ClientCert>,
     ) -> Result<CommandServiceClient<Channel>> {
+        Ok(CommandServiceClient::new(self.channel_as(cert).await?))
+    }
+
+    /// An mTLS channel to the gateway, authenticated as [`USER`], for any of its gRPC
+    /// services (health, reflection, `CommandService`).
+    pub async fn channel(&self) -> Result<Channel> {
+        self.channel_as(Some(&self.user)).await
+    }
+
+    /// An mTLS channel to the gateway presenting `cert`, or no client certificate.
+    pub async fn channel_as(&self, cert: Option<&ClientCert>) -> Result<Channel> {
         // several tests may race to install it; whoever wins, ring is the provider
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = fs::read_to_string(&self.pki.ca_cert)?;
@@ -863,12 +956,11 @@ impl Gateway {
             let key = fs::read_to_string(&cert.key)?;
             tls = tls.identity(Identity::from_pem(pem, key));
         }
-        let channel = Channel::from_shared(self.endpoint())?
+        Channel::from_shared(self.endpoint())?
             .tls_config(tls)?
             .connect()
             .await
-            .with_context(|| format!("cannot connect to {}", self.endpoint()))?;
-        Ok(CommandServiceClient::new(channel))
+            .with_context(|| format!("cannot connect to {}", self.endpoint()))
     }
 
     /// Whether the gateway process is running (started and not yet seen to exit).
@@ -915,6 +1007,181 @@ impl Drop for Gateway {
         if thread::panicking() {
             eprintln!(
                 "----- gateway stderr ({}) -----\n{}",
+                self.stderr_log_path().display(),
+                self.stderr_log()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// dev gateway
+
+/// Start of the line `kinvoke-gateway dev` prints to show how to reach it; printed after
+/// the client config is written for the bound port.
+const DEV_TRY_COMMAND: &str = "kinvoke --config ";
+
+/// A real `kinvoke-gateway dev --state-dir ROOT/dev --listen 127.0.0.1:0` process. The
+/// caller owns `ROOT`, so a second start on the same directory finds what the first left:
+///
+/// ```text
+/// dev/              the dev state dir: certificates, gateway.toml, client.toml, results
+/// dev.stderr.log    the gateway's stderr over all starts
+/// work/             TMPDIR of the gateway, so the commands' work directories land here
+/// home/             HOME of the clients
+/// ```
+///
+/// Ready once the try-command line is printed, which comes after `client.toml` is written
+/// for the bound port; the earlier "serving on" line alone does not promise that.
+#[derive(Debug)]
+pub struct DevGateway {
+    root: PathBuf,
+    proc: Option<Proc>,
+    addr: SocketAddr,
+    banner: String,
+    try_command: String,
+}
+
+impl DevGateway {
+    /// Starts `kinvoke-gateway dev` in `root` (created if missing) and waits until it
+    /// serves and has written its client config.
+    pub fn start(root: &Path) -> Result<Self> {
+        for sub in ["work", "home"] {
+            let path = root.join(sub);
+            fs::create_dir_all(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+        }
+        let mut dev = Self {
+            root: root.to_owned(),
+            proc: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            banner: String::new(),
+            try_command: String::new(),
+        };
+        let log_path = dev.stderr_log_path();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let mut cmd = Command::new(binary("kinvoke-gateway")?);
+        isolate_env(&mut cmd);
+        cmd.arg("dev")
+            .arg("--state-dir")
+            .arg(dev.state_dir())
+            .args(["--listen", "127.0.0.1:0"])
+            .env("TMPDIR", root.join("work"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut proc = Proc::spawn("kinvoke-gateway dev", &mut cmd)?;
+        let lines = read_lines(proc.take_stdout().context("stdout not piped")?);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut banner = String::new();
+        let serving = next_line_until(&lines, deadline, &mut banner, |line| {
+            serving_addr(line).is_some()
+        })
+        .and_then(|serving| {
+            let try_command = next_line_until(&lines, deadline, &mut banner, |line| {
+                line.trim_start().starts_with(DEV_TRY_COMMAND)
+            })?;
+            Ok((serving, try_command))
+        });
+        let (serving, try_command) = match serving {
+            Ok(found) => found,
+            Err(LineWait::Closed) => {
+                let status = proc.wait_timeout(PROCESS_TIMEOUT)?;
+                bail!(
+                    "the dev gateway exited ({status}) before it was ready; stdout:\n{banner}\nstderr:\n{}",
+                    dev.stderr_log()
+                );
+            }
+            Err(LineWait::TimedOut) => {
+                let _ = proc.kill();
+                bail!(
+                    "the dev gateway was not ready within {READY_TIMEOUT:?}; stdout:\n{banner}\nstderr:\n{}",
+                    dev.stderr_log()
+                );
+            }
+        };
+        dev.addr = serving_addr(&serving).context("the readiness line went missing")??;
+        dev.banner = banner;
+        dev.try_command = try_command.trim().to_owned();
+        dev.proc = Some(proc);
+        Ok(dev)
+    }
+
+    /// The address the gateway listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// The state directory passed as `--state-dir` (`ROOT/dev`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("dev")
+    }
+
+    /// The client config the gateway writes into its state directory.
+    pub fn client_config(&self) -> PathBuf {
+        self.state_dir().join("client.toml")
+    }
+
+    /// Everything printed on stdout up to and including the try-command line.
+    pub fn banner(&self) -> &str {
+        &self.banner
+    }
+
+    /// The first command the gateway suggests to try, trimmed.
+    pub fn try_command(&self) -> &str {
+        &self.try_command
+    }
+
+    /// A client reaching this gateway with `--config ROOT/dev/client.toml`, isolated HOME.
+    pub fn client(&self) -> Result<Client> {
+        Ok(Client::new()?
+            .env("HOME", self.root.join("home"))
+            .arg("--config")
+            .arg(self.client_config()))
+    }
+
+    /// Path of the file collecting the gateway's stderr over all starts in this root.
+    pub fn stderr_log_path(&self) -> PathBuf {
+        self.root.join("dev.stderr.log")
+    }
+
+    /// The gateway's stderr so far.
+    pub fn stderr_log(&self) -> String {
+        fs::read_to_string(self.stderr_log_path())
+            .unwrap_or_else(|err| format!("(cannot read the gateway's stderr log: {err})"))
+    }
+
+    /// SIGTERMs the gateway and waits until it has shut down.
+    pub fn terminate(&mut self) -> Result<ExitStatus> {
+        let mut proc = self.proc.take().context("the dev gateway is not running")?;
+        proc.signal(Signal::SIGTERM)?;
+        proc.wait_timeout(PROCESS_TIMEOUT)
+            .map_err(|err| anyhow!("{err:#}; dev gateway stderr:\n{}", self.stderr_log()))
+    }
+}
+
+impl Drop for DevGateway {
+    fn drop(&mut self) {
+        if let Some(mut proc) = self.proc.take() {
+            let stopped = proc
+                .signal(Signal::SIGTERM)
+                .and_then(|()| proc.wait_timeout(DROP_TERMINATE_TIMEOUT));
+            if stopped.is_err() {
+                let _ = proc.kill();
+            }
+        }
+        if thread::panicking() {
+            eprintln!(
+                "----- dev gateway stderr ({}) -----\n{}",
                 self.stderr_log_path().display(),
                 self.stderr_log()
             );
@@ -1022,6 +1289,37 @@ mod tests {
         assert!(limits < output && output < listener, "{text}");
         assert!(text.contains("max_files = 3\n"), "{text}");
         assert!(text.contains("kill_grace = \"1s\"\n"), "{text}");
+    }
+
+    #[test]
+    fn extra_toml_is_rendered_after_the_local_cluster_and_parses() {
+        let text = GatewayOptions::default()
+            .extra_toml(
+                "[[cluster]]\nname = \"strict\"\nmode = \"argv\"\nallowed_programs = [\"echo\"]\n",
+            )
+            .render();
+        let local = text.find("name = \"local\"").unwrap();
+        let strict = text.find("name = \"strict\"").unwrap();
+        assert!(local < strict, "{text}");
+        let config = kinvoke_gateway::config::Config::parse(&text, Path::new("/tmp/gw")).unwrap();
+        let strict = config.cluster("strict").unwrap();
+        assert_eq!(strict.mode, kinvoke_gateway::config::ExecMode::Argv);
+        assert!(strict.allowed_programs.contains("echo"));
+    }
+
+    #[test]
+    fn a_readiness_line_yields_its_address() {
+        let addr =
+            serving_addr("kinvoke-gateway: listener \"main\" serving on https://127.0.0.1:4443\n")
+                .unwrap()
+                .unwrap();
+        assert_eq!(addr, SocketAddr::from(([127, 0, 0, 1], 4443)));
+        assert!(serving_addr("Development gateway ready").is_none());
+        assert!(
+            serving_addr("serving on https://localhost:1")
+                .unwrap()
+                .is_err()
+        );
     }
 
     #[test]

@@ -10,16 +10,23 @@
     reason = "test code: a panic with the captured output is the failure report, helpers included"
 )]
 
+use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kinvoke_proto::v1::{AttachedFile, InvokeCommandRequest, ListCommandsRequest};
 use kinvoke_tests::{
-    CLUSTER, Gateway, GatewayOptions, Output, Pki, USER, command_id_from_tsv, parse_header,
+    CLUSTER, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, command_id_from_tsv,
+    gateway_cli, parse_header,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Exit status of `kinvoke` when the command failed to run or was interrupted.
 const EXIT_FAILED: i32 = 125;
@@ -34,8 +41,18 @@ const EXIT_REJECTED: i32 = 65;
 /// Exit status of `kinvoke` for a usage or local error.
 const EXIT_USAGE: i32 = 2;
 
+/// Fully qualified name of the command service, as health and reflection know it.
+const COMMAND_SERVICE: &str = "kinvoke.v1.CommandService";
+
+/// Fully qualified name of the standard health service.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
 fn gateway() -> Gateway {
     Gateway::start().expect("the gateway starts")
+}
+
+fn gateway_with(options: GatewayOptions) -> Gateway {
+    Gateway::start_with(options).expect("the gateway starts")
 }
 
 /// `kinvoke invoke --cluster local --command COMMAND EXTRA...` as the test user.
@@ -678,4 +695,285 @@ fn a_missing_attachment_is_a_usage_error() {
     let out = invoke(&gw, "true", &["--file", missing.to_str().unwrap()]);
     assert_eq!(out.code, Some(EXIT_USAGE), "{out}");
     assert!(out.stderr.starts_with("kinvoke: "), "{out}");
+}
+
+/// The services a gateway lists through server reflection v1 (`ListServices`).
+async fn reflected_services_v1(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1 answers")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("reflection v1 streams a response")
+        .expect("reflection v1 sends one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("reflection v1 did not list services: {other:?}"),
+    }
+}
+
+/// The services a gateway lists through server reflection v1alpha (`ListServices`).
+async fn reflected_services_v1alpha(channel: Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1alpha answers")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("reflection v1alpha streams a response")
+        .expect("reflection v1alpha sends one response");
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("reflection v1alpha did not list services: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_grpc_health_and_reflection() {
+    let gw = gateway();
+    let channel = gw.channel().await.unwrap();
+
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", COMMAND_SERVICE] {
+        let response = health
+            .check(HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("health check of {service:?}: {status:?}"))
+            .into_inner();
+        assert_eq!(
+            response.status(),
+            ServingStatus::Serving,
+            "health of {service:?}"
+        );
+    }
+
+    let v1 = reflected_services_v1(channel.clone()).await;
+    for service in [COMMAND_SERVICE, HEALTH_SERVICE] {
+        assert!(v1.iter().any(|s| s == service), "{service} missing: {v1:?}");
+    }
+    let v1alpha = reflected_services_v1alpha(channel).await;
+    for service in [COMMAND_SERVICE, HEALTH_SERVICE] {
+        assert!(
+            v1alpha.iter().any(|s| s == service),
+            "{service} missing: {v1alpha:?}"
+        );
+    }
+}
+
+/// Writes `text` as a gateway config in `dir` and runs `check-config` on it.
+fn check_config(dir: &Path, name: &str, text: &str) -> Output {
+    let path = dir.join(name);
+    fs::write(&path, text).unwrap();
+    gateway_cli([
+        OsStr::new("check-config"),
+        OsStr::new("--config"),
+        path.as_os_str(),
+    ])
+    .unwrap()
+}
+
+#[test]
+fn check_config_accepts_a_valid_file_and_names_the_key_of_an_invalid_one() {
+    // check-config reads the certificates but binds nothing, so no gateway runs here
+    let dir = tempfile::tempdir().unwrap();
+    Pki::new(&dir.path().join("pki"), "kinvoke test CA").unwrap();
+    let valid = GatewayOptions::default().render();
+
+    let out = check_config(dir.path(), "valid.toml", &valid);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("config OK"), "{out}");
+    assert!(
+        out.stdout.contains(&format!("cluster \"{CLUSTER}\"")),
+        "{out}"
+    );
+
+    let unknown_key = GatewayOptions::default()
+        .extra_toml("[[cluster]]\nname = \"typo\"\nmod = \"argv\"")
+        .render();
+    let out = check_config(dir.path(), "unknown-key.toml", &unknown_key);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("`mod`"), "{out}");
+    assert!(!out.stdout.contains("config OK"), "{out}");
+
+    let hostname = valid.replacen("address = \"127.0.0.1:0\"", "address = \"localhost\"", 1);
+    assert_ne!(
+        hostname, valid,
+        "the rendered config has no listener address"
+    );
+    let out = check_config(dir.path(), "hostname.toml", &hostname);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("listener[0].address"), "{out}");
+    assert!(!out.stdout.contains("config OK"), "{out}");
+
+    let missing_cert = valid.replacen("pki/server.crt", "pki/missing.crt", 1);
+    assert_ne!(
+        missing_cert, valid,
+        "the rendered config has no server certificate"
+    );
+    let out = check_config(dir.path(), "missing-cert.toml", &missing_cert);
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stderr.contains("missing.crt"), "{out}");
+    assert!(!out.stdout.contains("config OK"), "{out}");
+}
+
+fn mode_of(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn dev_mode_creates_its_certificates_once_and_serves_the_local_cluster() {
+    let root = tempfile::tempdir().unwrap();
+    let mut dev = DevGateway::start(root.path()).unwrap();
+    let state_dir = dev.state_dir();
+    let client_config = state_dir.join("client.toml").canonicalize().unwrap();
+    assert!(
+        dev.try_command().starts_with(&format!(
+            "kinvoke --config {} invoke --cluster {CLUSTER} ",
+            client_config.display()
+        )),
+        "{}",
+        dev.banner()
+    );
+    for key in ["server.key", "client.key"] {
+        assert_eq!(mode_of(&state_dir.join(key)), 0o600, "{key}");
+    }
+
+    let shout = "echo hi | tr a-z A-Z";
+    let out = dev
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command", shout])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["HI"], "{out}");
+
+    let status = dev.terminate().unwrap();
+    assert!(status.success(), "dev exit: {status}\n{}", dev.stderr_log());
+    let ca = fs::read(state_dir.join("ca.crt")).unwrap();
+    drop(dev);
+
+    let dev = DevGateway::start(root.path()).unwrap();
+    assert_eq!(fs::read(state_dir.join("ca.crt")).unwrap(), ca);
+    let rewritten = fs::read_to_string(dev.client_config()).unwrap();
+    assert!(
+        rewritten.contains(&format!("endpoint = \"{}\"", dev.endpoint())),
+        "{rewritten}"
+    );
+    for key in ["server.key", "client.key"] {
+        assert_eq!(mode_of(&state_dir.join(key)), 0o600, "{key}");
+    }
+    let out = dev
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command", shout])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["HI"], "{out}");
+}
+
+#[test]
+fn too_many_concurrent_commands_are_refused_naming_the_limit() {
+    let gw = gateway_with(GatewayOptions::default().limit("max_concurrent_commands", "1"));
+    let go = gw.scratch("go");
+    let id = gw
+        .start_command(&wait_for_go("first", &go, "done"))
+        .unwrap();
+
+    let refused = invoke(&gw, "echo second", &[]);
+    assert_eq!(refused.code, Some(EXIT_REJECTED), "{refused}");
+    assert!(
+        refused.stderr.contains("limits.max_concurrent_commands"),
+        "{refused}"
+    );
+
+    fs::write(&go, "").unwrap();
+    let (out, json) = result_json(&gw, &id, true);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(state(&json), "Succeeded", "{out}");
+
+    let again = invoke(&gw, "echo third", &[]);
+    assert_eq!(again.code, Some(0), "{again}");
+    assert_eq!(&again.lines()[1..], ["third"], "{again}");
+}
+
+#[test]
+fn argv_mode_runs_only_allowed_programs() {
+    let gw = gateway_with(GatewayOptions::default().extra_toml(
+        "[[cluster]]\nname = \"strict\"\nmode = \"argv\"\nallowed_programs = [\"echo\"]\n",
+    ));
+    let strict = |command: &str| {
+        gw.client()
+            .unwrap()
+            .args(["invoke", "--cluster", "strict", "--command", command])
+            .run()
+            .unwrap()
+    };
+
+    // no shell: the quotes group words, the pipe is an argument of echo
+    let out = strict("echo 'a  b' | x");
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["a  b | x"], "{out}");
+
+    let out = strict("bash -c id");
+    assert_eq!(out.code, Some(EXIT_REJECTED), "{out}");
+    assert!(out.stderr.contains("not allowed"), "{out}");
+}
+
+#[test]
+fn oversized_attachments_are_refused_naming_the_limit() {
+    let gw = gateway_with(GatewayOptions::default().limit("max_total_file_bytes", "1KiB"));
+    let big = gw.scratch("big.txt");
+    fs::write(&big, vec![b'x'; 2000]).unwrap();
+    let marker = gw.scratch("ran");
+
+    let out = invoke(
+        &gw,
+        &format!("touch '{}'", marker.display()),
+        &["--file", big.to_str().unwrap()],
+    );
+    assert_eq!(out.code, Some(EXIT_REJECTED), "{out}");
+    assert!(out.stderr.contains("limits.max_total_file_bytes"), "{out}");
+    assert!(!marker.exists(), "the command ran:\n{out}");
+}
+
+#[test]
+fn a_command_line_longer_than_the_limit_is_refused() {
+    let gw = gateway_with(GatewayOptions::default().limit("max_command_bytes", "64B"));
+    let long = format!("echo {}", "a".repeat(95));
+    assert_eq!(long.len(), 100);
+
+    let out = invoke(&gw, &long, &[]);
+    assert_eq!(out.code, Some(EXIT_REJECTED), "{out}");
+    assert!(out.stderr.contains("limits.max_command_bytes"), "{out}");
 }
