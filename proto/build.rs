@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => protoc_bin_vendored::protoc_bin_path()?,
     };
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["kinvoke/v1/command.proto"];
+    let protos = ["kinvoke/v1/command.proto", "kinvoke/v1/access.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kinvoke_proto::v1::access_service_client::AccessServiceClient;
 use kinvoke_proto::v1::command_service_client::CommandServiceClient;
 use serde::Deserialize;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Largest response the client accepts (results carry output).
@@ -34,6 +38,16 @@ pub struct ConnArgs {
     /// Client private key (PEM).
     #[arg(long, global = true, env = "KINVOKE_CLIENT_KEY")]
     pub client_key: Option<PathBuf>,
+    /// Bearer token (OIDC/JWT or static). Prefer KINVOKE_TOKEN or --token-file: a flag
+    /// value is visible to other local users in the process list.
+    #[arg(long, global = true, env = "KINVOKE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token (e.g. a CI job's OIDC token file).
+    #[arg(long, global = true, env = "KINVOKE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Local address to connect from, on hosts with several addresses.
+    #[arg(long, global = true, env = "KINVOKE_SOURCE_ADDRESS")]
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,6 +65,54 @@ struct Profile {
     ca_cert: Option<PathBuf>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+}
+
+/// A bearer token; never printed.
+#[derive(Clone)]
+pub struct Token(MetadataValue<Ascii>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token([redacted])")
+    }
+}
+
+impl Token {
+    fn new(token: &str, from: &str) -> Result<Self, LocalError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(LocalError(format!("the token from {from} is empty")));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
+            LocalError(format!(
+                "the token from {from} has characters that cannot be sent in a header"
+            ))
+        })?;
+        value.set_sensitive(true);
+        Ok(Self(value))
+    }
+}
+
+/// Adds the bearer token, if any, to every call.
+#[derive(Debug, Clone)]
+pub struct Auth(Option<Token>);
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            req.metadata_mut().insert("authorization", token.0.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Clients of the gateway's services over one connection.
+pub struct Clients {
+    /// `kinvoke.v1.CommandService`.
+    pub commands: CommandServiceClient<InterceptedService<Channel, Auth>>,
+    /// `kinvoke.v1.AccessService`.
+    pub access: AccessServiceClient<InterceptedService<Channel, Auth>>,
 }
 
 /// Resolved connection settings.
@@ -59,8 +121,9 @@ pub struct Settings {
     /// Gateway URL.
     pub endpoint: String,
     ca_cert: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
+    identity: Option<(PathBuf, PathBuf)>,
+    token: Option<Token>,
+    source_address: Option<std::net::IpAddr>,
 }
 
 /// A local problem (usage, files, config): exit code 2.
@@ -102,6 +165,44 @@ impl ConnArgs {
                 "endpoint {endpoint} is not https://; the gateway only speaks TLS"
             )));
         }
+        let token = match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => {
+                bail!(LocalError(
+                    "both a token (--token/KINVOKE_TOKEN) and a token file (--token-file) are set; use one"
+                        .to_owned()
+                ))
+            }
+            (Some(t), None) => Some(Token::new(t, "--token/KINVOKE_TOKEN")?),
+            (None, file) => match file.clone().or(profile.token_file) {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        LocalError(format!("cannot read token file {}: {e}", path.display()))
+                    })?;
+                    Some(Token::new(
+                        &text,
+                        &format!("token file {}", path.display()),
+                    )?)
+                }
+                None => None,
+            },
+        };
+        let cert = self.client_cert.clone().or(profile.client_cert);
+        let key = self.client_key.clone().or(profile.client_key);
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) if token.is_some() => None,
+            (Some(_), None) => {
+                return Err(missing("client key", "--client-key", "KINVOKE_CLIENT_KEY").into());
+            }
+            _ => {
+                return Err(LocalError(
+                    "no credentials: pass a client certificate (--client-cert and --client-key) \
+                     or a bearer token (KINVOKE_TOKEN, --token-file or --token), or use a config file (--config)"
+                        .to_owned(),
+                )
+                .into());
+            }
+        };
         Ok(Settings {
             endpoint,
             ca_cert: self
@@ -109,18 +210,9 @@ impl ConnArgs {
                 .clone()
                 .or(profile.ca_cert)
                 .ok_or_else(|| missing("CA certificate", "--ca-cert", "KINVOKE_CA_CERT"))?,
-            client_cert: self
-                .client_cert
-                .clone()
-                .or(profile.client_cert)
-                .ok_or_else(|| {
-                    missing("client certificate", "--client-cert", "KINVOKE_CLIENT_CERT")
-                })?,
-            client_key: self
-                .client_key
-                .clone()
-                .or(profile.client_key)
-                .ok_or_else(|| missing("client key", "--client-key", "KINVOKE_CLIENT_KEY"))?,
+            identity,
+            token,
+            source_address: self.source_address,
         })
     }
 }
@@ -158,6 +250,7 @@ fn load_profile(path: &Path, wanted: Option<&str>) -> anyhow::Result<Profile> {
         &mut profile.ca_cert,
         &mut profile.client_cert,
         &mut profile.client_key,
+        &mut profile.token_file,
     ]
     .into_iter()
     .flatten()
@@ -181,16 +274,17 @@ pub struct Unreachable(pub String);
 
 impl Settings {
     /// Connects to the gateway.
-    pub async fn connect(&self) -> anyhow::Result<CommandServiceClient<Channel>> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(
-                &self.ca_cert,
-                "CA certificate",
-            )?))
-            .identity(Identity::from_pem(
-                read(&self.client_cert, "client certificate")?,
-                read(&self.client_key, "client key")?,
+    pub async fn connect(&self) -> anyhow::Result<Clients> {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
+            &self.ca_cert,
+            "CA certificate",
+        )?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "client certificate")?,
+                read(key, "client key")?,
             ));
+        }
         let endpoint = Channel::from_shared(self.endpoint.clone())
             .map_err(|e| LocalError(format!("endpoint {}: {e}", self.endpoint)))?
             .tls_config(tls)
@@ -198,7 +292,8 @@ impl Settings {
             .connect_timeout(Duration::from_secs(15))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .local_address(self.source_address);
         let channel = endpoint.connect().await.map_err(|e| {
             Unreachable(format!(
                 "cannot connect to the gateway at {}: {}",
@@ -206,9 +301,13 @@ impl Settings {
                 error_chain(&e)
             ))
         })?;
-        Ok(CommandServiceClient::new(channel)
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .max_encoding_message_size(usize::MAX))
+        let auth = Auth(self.token.clone());
+        Ok(Clients {
+            commands: CommandServiceClient::with_interceptor(channel.clone(), auth.clone())
+                .max_decoding_message_size(MAX_RESPONSE_BYTES)
+                .max_encoding_message_size(usize::MAX),
+            access: AccessServiceClient::with_interceptor(channel, auth),
+        })
     }
 }
 
@@ -284,6 +383,37 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(err.to_string().contains("profiles: a, b"), "{err}");
+    }
+
+    #[test]
+    fn a_token_replaces_the_client_certificate_and_is_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "abc.def.ghi\n").unwrap();
+        let args = ConnArgs {
+            endpoint: Some("https://gw:1".into()),
+            ca_cert: Some("ca.crt".into()),
+            token_file: Some(file),
+            ..ConnArgs::default()
+        };
+        let s = args.resolve().unwrap();
+        assert!(s.identity.is_none());
+        assert!(!format!("{s:?}").contains("abc.def"));
+        let both = ConnArgs {
+            token: Some("x".into()),
+            ..args.clone()
+        };
+        assert!(both.resolve().unwrap_err().to_string().contains("use one"));
+        let none = ConnArgs {
+            token_file: None,
+            ..args
+        };
+        assert!(
+            none.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("no credentials")
+        );
     }
 
     #[test]

@@ -108,6 +108,10 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Show who the gateway thinks you are and what you may do on each cluster.
+    Whoami,
+    /// List the clusters you hold any permission on.
+    Clusters,
     /// List commands, newest first.
     List {
         /// Only this cluster.
@@ -238,7 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             timeout,
         } => {
             let files = attach::collect(&files)?;
-            let mut client = settings.connect().await?;
+            let mut client = settings.connect().await?.commands;
             let request = pb::InvokeCommandRequest {
                 cluster,
                 command,
@@ -270,7 +274,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit_code_of(&result))
         }
         Cmd::Result { target, wait } => {
-            let mut client = settings.connect().await?;
+            let mut client = settings.connect().await?.commands;
             let bar = wait
                 .then(|| spinner("waiting for the command".to_owned()))
                 .flatten();
@@ -290,7 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit_code_of(&result))
         }
         Cmd::Logs { target, follow } => {
-            let mut client = settings.connect().await?;
+            let mut client = settings.connect().await?.commands;
             if !follow {
                 let result = client
                     .get_command_result(pb::GetCommandResultRequest {
@@ -339,7 +343,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             .into())
         }
         Cmd::Cancel { target } => {
-            let mut client = settings.connect().await?;
+            let mut client = settings.connect().await?.commands;
             let result = client
                 .cancel_command(pb::CancelCommandRequest {
                     cluster: target.cluster,
@@ -351,8 +355,26 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             stdout.flush()?;
             Ok(0)
         }
+        Cmd::Whoami => {
+            let mut access = settings.connect().await?.access;
+            let me = access.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
+            render::whoami(&mut stdout, format, &me)?;
+            stdout.flush()?;
+            Ok(0)
+        }
+        Cmd::Clusters => {
+            let mut access = settings.connect().await?.access;
+            let clusters = access
+                .list_clusters(pb::ListClustersRequest {})
+                .await?
+                .into_inner()
+                .clusters;
+            render::clusters(&mut stdout, format, &clusters)?;
+            stdout.flush()?;
+            Ok(0)
+        }
         Cmd::List { cluster, limit } => {
-            let mut client = settings.connect().await?;
+            let mut client = settings.connect().await?.commands;
             let mut rows = Vec::new();
             let mut page_token = String::new();
             while rows.len() < limit {

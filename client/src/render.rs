@@ -3,7 +3,7 @@
 
 use std::io::{self, Write};
 
-use kinvoke_proto::v1::{CommandResult, CommandState};
+use kinvoke_proto::v1::{ClusterAccess, CommandResult, CommandState, WhoAmIResponse};
 use serde::Serialize;
 
 /// `-o/--output` formats.
@@ -128,7 +128,7 @@ fn table(rows: &[&CommandResult]) -> String {
         "PRINCIPAL",
         "COMMAND",
     ];
-    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    let mut cells: Vec<Vec<String>> = Vec::new();
     for r in rows {
         let mut command = r.command.replace(['\t', '\n'], " ");
         if command.chars().count() > 48 {
@@ -144,6 +144,13 @@ fn table(rows: &[&CommandResult]) -> String {
             command,
         ]);
     }
+    columns(&header, cells)
+}
+
+/// Left-aligned columns under a header.
+fn columns(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut cells: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    cells.extend(rows);
     let widths: Vec<usize> = (0..header.len())
         .map(|i| {
             cells
@@ -234,6 +241,144 @@ pub fn list(out: &mut impl Write, format: Format, rows: &[CommandResult]) -> io:
             Ok(())
         }
         Format::None => Ok(()),
+    }
+}
+
+/// The whoami object printed by -o json/yaml.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WhoAmIView<'a> {
+    principal: &'a str,
+    groups: &'a [String],
+    auth_method: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    issuer: &'a str,
+    source_address: &'a str,
+    listener: &'a str,
+    clusters: Vec<ClusterView<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterView<'a> {
+    cluster: &'a str,
+    actions: &'a [String],
+    run_command_enabled: bool,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    restriction: &'a str,
+}
+
+fn cluster_views(clusters: &[ClusterAccess]) -> Vec<ClusterView<'_>> {
+    clusters
+        .iter()
+        .map(|c| ClusterView {
+            cluster: &c.cluster,
+            actions: &c.actions,
+            run_command_enabled: c.run_command_enabled,
+            restriction: &c.restriction,
+        })
+        .collect()
+}
+
+fn cluster_rows(clusters: &[ClusterAccess]) -> String {
+    let rows = clusters
+        .iter()
+        .map(|c| {
+            vec![
+                c.cluster.clone(),
+                if c.run_command_enabled {
+                    "enabled"
+                } else {
+                    "disabled"
+                }
+                .to_owned(),
+                if c.actions.is_empty() {
+                    "-".to_owned()
+                } else {
+                    c.actions.join(", ")
+                },
+                c.restriction.clone(),
+            ]
+        })
+        .collect();
+    columns(&["CLUSTER", "RUN COMMAND", "ACTIONS", "NOTE"], rows)
+}
+
+/// Prints the caller's identity and permissions.
+pub fn whoami(out: &mut impl Write, format: Format, me: &WhoAmIResponse) -> io::Result<()> {
+    let view = WhoAmIView {
+        principal: &me.principal,
+        groups: &me.groups,
+        auth_method: &me.auth_method,
+        issuer: &me.issuer,
+        source_address: &me.source_address,
+        listener: &me.listener,
+        clusters: cluster_views(&me.clusters),
+    };
+    match format {
+        Format::Json | Format::Yaml => out.write_all(serialize(format, &view)?.as_bytes()),
+        Format::Tsv => writeln!(
+            out,
+            "{}\t{}\t{}\t{}",
+            me.principal,
+            me.auth_method,
+            me.source_address,
+            me.groups.join(",")
+        ),
+        Format::None => Ok(()),
+        Format::Default | Format::Table => {
+            let method = if me.issuer.is_empty() {
+                me.auth_method.clone()
+            } else {
+                format!("{} (issuer {})", me.auth_method, me.issuer)
+            };
+            let groups = if me.groups.is_empty() {
+                "-".to_owned()
+            } else {
+                me.groups.join(", ")
+            };
+            writeln!(out, "principal:  {}", me.principal)?;
+            writeln!(out, "groups:     {groups}")?;
+            writeln!(out, "auth:       {method}")?;
+            writeln!(
+                out,
+                "source:     {} (listener {})",
+                me.source_address, me.listener
+            )?;
+            if me.clusters.is_empty() {
+                writeln!(out, "clusters:   none (no assignment gives you access)")
+            } else {
+                writeln!(out)?;
+                out.write_all(cluster_rows(&me.clusters).as_bytes())
+            }
+        }
+    }
+}
+
+/// Prints the clusters the caller may use.
+pub fn clusters(
+    out: &mut impl Write,
+    format: Format,
+    clusters: &[ClusterAccess],
+) -> io::Result<()> {
+    match format {
+        Format::Json | Format::Yaml => {
+            out.write_all(serialize(format, &cluster_views(clusters))?.as_bytes())
+        }
+        Format::Tsv => {
+            for c in clusters {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}",
+                    c.cluster,
+                    c.run_command_enabled,
+                    c.actions.join(",")
+                )?;
+            }
+            Ok(())
+        }
+        Format::None => Ok(()),
+        Format::Default | Format::Table => out.write_all(cluster_rows(clusters).as_bytes()),
     }
 }
 

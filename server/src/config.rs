@@ -9,7 +9,14 @@ use std::time::Duration;
 use bytesize::ByteSize;
 use serde::Deserialize;
 
+use crate::access::authz::{ClusterGate, Policy};
+use crate::access::cidr::CidrSet;
+use crate::authn::ListenerAuth;
 use crate::command::ClusterName;
+
+mod access;
+
+pub use access::AuthnConfig;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +69,12 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The clusters this gateway fronts; at least one.
     pub clusters: Vec<ClusterConfig>,
+    /// How callers authenticate.
+    pub authn: AuthnConfig,
+    /// Roles, assignments and cluster gates.
+    pub policy: Policy,
+    /// Legal but risky settings, printed by `check-config` and logged at start.
+    pub warnings: Vec<String>,
 }
 
 /// Where results are kept and for how long.
@@ -123,8 +136,27 @@ pub struct ListenerConfig {
     pub tls_cert: PathBuf,
     /// Server private key (PEM).
     pub tls_key: PathBuf,
-    /// CA bundle (PEM) that client certificates must chain to.
-    pub client_ca: PathBuf,
+    /// CA bundle (PEM) that client certificates must chain to; set when certificates are accepted.
+    pub client_ca: Option<PathBuf>,
+    /// Inside the private network, or reachable from outside.
+    pub exposure: Exposure,
+    /// Peers allowed to connect; empty = not restricted.
+    pub authorized_ip_ranges: CidrSet,
+    /// Peers whose PROXY protocol header is believed.
+    pub trusted_proxies: CidrSet,
+    /// Credentials accepted.
+    pub auth: ListenerAuth,
+}
+
+/// Where a listener can be reached from (like EKS endpoint access modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposure {
+    /// Inside the VNet/VPC only.
+    #[default]
+    Private,
+    /// Reachable from outside; should carry `authorized_ip_ranges`.
+    Public,
 }
 
 /// How a cluster's commands run.
@@ -152,6 +184,10 @@ pub struct ClusterConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Shell used in `shell` mode.
     pub shell: PathBuf,
+    /// Refuse every command (like AKS `disableRunCommand`).
+    pub disable_run_command: bool,
+    /// Caller addresses allowed for this cluster, besides the listener's; empty = no extra limit.
+    pub authorized_ip_ranges: CidrSet,
 }
 
 /// Default `PATH` handed to commands.
@@ -173,6 +209,12 @@ struct RawConfig {
     listeners: Vec<RawListener>,
     #[serde(default, rename = "cluster")]
     clusters: Vec<RawCluster>,
+    #[serde(default)]
+    authn: access::RawAuthn,
+    #[serde(default, rename = "role")]
+    roles: Vec<access::RawRole>,
+    #[serde(default, rename = "assignment")]
+    assignments: Vec<access::RawAssignment>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +248,14 @@ struct RawListener {
     name: Option<String>,
     address: String,
     tls: RawTls,
+    #[serde(default)]
+    exposure: Exposure,
+    #[serde(default)]
+    authorized_ip_ranges: Vec<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    authentication: Option<Vec<String>>,
+    require_client_cert: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,7 +263,7 @@ struct RawListener {
 struct RawTls {
     cert: PathBuf,
     key: PathBuf,
-    client_ca: PathBuf,
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,6 +278,10 @@ struct RawCluster {
     path: Option<String>,
     kubeconfig: Option<PathBuf>,
     shell: Option<PathBuf>,
+    #[serde(default)]
+    disable_run_command: bool,
+    #[serde(default)]
+    authorized_ip_ranges: Vec<String>,
 }
 
 fn default_executor() -> String {
@@ -287,6 +341,8 @@ impl Config {
         }
 
         let limits = parse_limits(raw.limits)?;
+        let authn = access::parse_authn(raw.authn, &resolve)?;
+        let mut warnings = Vec::new();
 
         if raw.listeners.is_empty() {
             return Err(invalid(
@@ -298,7 +354,7 @@ impl Config {
         let mut names = BTreeSet::new();
         for (i, l) in raw.listeners.into_iter().enumerate() {
             let key = format!("listener[{i}]");
-            let name = l.name.unwrap_or_else(|| format!("listener-{i}"));
+            let name = l.name.clone().unwrap_or_else(|| format!("listener-{i}"));
             if !names.insert(name.clone()) {
                 return Err(invalid(
                     format!("{key}.name"),
@@ -314,13 +370,9 @@ impl Config {
                     ),
                 )
             })?;
-            listeners.push(ListenerConfig {
-                name,
-                address,
-                tls_cert: resolve(&l.tls.cert),
-                tls_key: resolve(&l.tls.key),
-                client_ca: resolve(&l.tls.client_ca),
-            });
+            let listener =
+                parse_listener_access(&key, name, address, l, &resolve, &authn, &mut warnings)?;
+            listeners.push(listener);
         }
 
         if raw.clusters.is_empty() {
@@ -364,6 +416,8 @@ impl Config {
             if path.contains('\0') {
                 return Err(invalid(format!("{key}.path"), "must not contain NUL"));
             }
+            let authorized_ip_ranges = CidrSet::parse(&c.authorized_ip_ranges)
+                .map_err(|e| invalid(format!("{key}.authorized_ip_ranges"), e.to_string()))?;
             clusters.push(ClusterConfig {
                 name,
                 mode: c.mode,
@@ -371,8 +425,43 @@ impl Config {
                 path,
                 kubeconfig: c.kubeconfig.as_deref().map(resolve),
                 shell: c.shell.unwrap_or_else(|| PathBuf::from("bash")),
+                disable_run_command: c.disable_run_command,
+                authorized_ip_ranges,
             });
         }
+
+        let roles = access::parse_roles(raw.roles)?;
+        let assignments = access::parse_assignments(raw.assignments)?;
+        for (i, a) in assignments.iter().enumerate() {
+            if let crate::access::authz::Scope::Cluster(c) = &a.scope
+                && !clusters.iter().any(|k| k.name.as_str() == c)
+            {
+                return Err(invalid(
+                    format!("assignment[{i}].scope"),
+                    format!("cluster \"{c}\" is not configured"),
+                ));
+            }
+        }
+        if assignments.is_empty() {
+            warnings.push(
+                "no [[assignment]] is configured: every call will be denied (deny by default)"
+                    .to_owned(),
+            );
+        }
+        let gates = clusters
+            .iter()
+            .map(|c| {
+                (
+                    c.name.to_string(),
+                    ClusterGate {
+                        disable_run_command: c.disable_run_command,
+                        authorized_ip_ranges: c.authorized_ip_ranges.clone(),
+                    },
+                )
+            })
+            .collect();
+        let policy = Policy::new(roles, assignments, gates)
+            .map_err(|e| invalid("assignment", e.to_string()))?;
 
         Ok(Self {
             state_dir,
@@ -381,6 +470,9 @@ impl Config {
             shutdown_grace: raw.shutdown_grace.unwrap_or(Duration::from_secs(30)),
             listeners,
             clusters,
+            authn,
+            policy,
+            warnings,
         })
     }
 
@@ -399,14 +491,41 @@ impl Config {
             self.store.path.display(),
             humantime::format_duration(self.store.retention)
         ));
-        for listener in &self.listeners {
+        for l in &self.listeners {
+            let mut auth = Vec::new();
+            if l.auth.mtls {
+                auth.push("client certificates");
+            }
+            if l.auth.tokens {
+                auth.push("bearer tokens");
+            }
+            let ranges = if l.authorized_ip_ranges.is_empty() {
+                "any address".to_owned()
+            } else {
+                format!("{} range(s)", l.authorized_ip_ranges.ranges().len())
+            };
+            let proxies = if l.trusted_proxies.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", PROXY protocol from {} range(s)",
+                    l.trusted_proxies.ranges().len()
+                )
+            };
             out.push_str(&format!(
-                "listener \"{}\": {} (TLS, client certificates from {})\n",
-                listener.name,
-                listener.address,
-                listener.client_ca.display()
+                "listener \"{}\": {} ({:?}, {ranges}{proxies}; accepts {})\n",
+                l.name,
+                l.address,
+                l.exposure,
+                auth.join(" or ")
             ));
         }
+        out.push_str(&format!(
+            "authentication: {} certificate rule(s), {} static token(s), {} OIDC issuer(s)\n",
+            self.authn.mtls_rules.len(),
+            self.authn.static_tokens.len(),
+            self.authn.issuers.len()
+        ));
         for c in &self.clusters {
             let mode = match c.mode {
                 ExecMode::Shell => "shell".to_owned(),
@@ -419,7 +538,15 @@ impl Config {
                         .join(", ")
                 ),
             };
-            out.push_str(&format!("cluster \"{}\": local executor, {mode}\n", c.name));
+            let gate = if c.disable_run_command {
+                ", run command disabled"
+            } else {
+                ""
+            };
+            out.push_str(&format!(
+                "cluster \"{}\": local executor, {mode}{gate}\n",
+                c.name
+            ));
         }
         out.push_str(&format!(
             "limits: command {} B, {} files / {} B, output {} B, timeout {} (max {}), {} concurrent\n",
@@ -433,6 +560,115 @@ impl Config {
         ));
         out
     }
+}
+
+/// Ranges that only ever hold addresses inside a private network.
+const PRIVATE_RANGES: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "fc00::/7",
+    "fe80::/10",
+    "::1/128",
+];
+
+fn is_private_range(range: &ipnet::IpNet) -> bool {
+    PRIVATE_RANGES
+        .iter()
+        .any(|p| p.parse::<ipnet::IpNet>().is_ok_and(|p| p.contains(range)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn parse_listener_access(
+    key: &str,
+    name: String,
+    address: SocketAddr,
+    l: RawListener,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    authn: &AuthnConfig,
+    warnings: &mut Vec<String>,
+) -> Result<ListenerConfig, ConfigError> {
+    let authorized_ip_ranges = CidrSet::parse(&l.authorized_ip_ranges)
+        .map_err(|e| invalid(format!("{key}.authorized_ip_ranges"), e.to_string()))?;
+    let trusted_proxies = CidrSet::parse(&l.trusted_proxies)
+        .map_err(|e| invalid(format!("{key}.trusted_proxies"), e.to_string()))?;
+    let methods = l.authentication.unwrap_or_else(|| vec!["mtls".to_owned()]);
+    let mut mtls = false;
+    let mut tokens = false;
+    for m in &methods {
+        match m.as_str() {
+            "mtls" => mtls = true,
+            "token" => tokens = true,
+            other => {
+                return Err(invalid(
+                    format!("{key}.authentication"),
+                    format!("unknown method \"{other}\"; use \"mtls\" and/or \"token\""),
+                ));
+            }
+        }
+    }
+    if !mtls && !tokens {
+        return Err(invalid(
+            format!("{key}.authentication"),
+            "list at least one of \"mtls\", \"token\"",
+        ));
+    }
+    let require_client_cert = l.require_client_cert.unwrap_or(!tokens);
+    if (mtls || require_client_cert) && l.tls.client_ca.is_none() {
+        return Err(invalid(
+            format!("{key}.tls.client_ca"),
+            "is required when the listener accepts or requires client certificates",
+        ));
+    }
+    if tokens && !authn.accepts_tokens() {
+        return Err(invalid(
+            format!("{key}.authentication"),
+            "accepts \"token\" but no [[authn.oidc]] issuer or [[authn.static_token]] is configured",
+        ));
+    }
+    match l.exposure {
+        Exposure::Private => {
+            if let Some(public) = authorized_ip_ranges
+                .ranges()
+                .iter()
+                .find(|r| !is_private_range(r))
+            {
+                return Err(invalid(
+                    format!("{key}.authorized_ip_ranges"),
+                    format!(
+                        "listener \"{name}\" is exposure = \"private\" but admits the public range {public}; \
+                         mark it exposure = \"public\" or list private ranges only"
+                    ),
+                ));
+            }
+        }
+        Exposure::Public => {
+            if authorized_ip_ranges.is_empty() {
+                warnings.push(format!(
+                    "listener \"{name}\" is public and has no authorized_ip_ranges: it is open to every address \
+                     (like EKS's default 0.0.0.0/0); list your office and CI ranges"
+                ));
+            }
+        }
+    }
+    Ok(ListenerConfig {
+        name,
+        address,
+        tls_cert: resolve(&l.tls.cert),
+        tls_key: resolve(&l.tls.key),
+        client_ca: l.tls.client_ca.as_deref().map(resolve),
+        exposure: l.exposure,
+        authorized_ip_ranges,
+        trusted_proxies,
+        auth: ListenerAuth {
+            mtls,
+            tokens,
+            require_client_cert,
+        },
+    })
 }
 
 fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
@@ -545,7 +781,7 @@ name = "prod-eu"
         assert!(cluster.allowed_programs.contains("helm"));
         assert_eq!(
             config.listeners[0].client_ca,
-            Path::new("/etc/kinvoke/ca.crt")
+            Some(PathBuf::from("/etc/kinvoke/ca.crt"))
         );
     }
 

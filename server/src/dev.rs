@@ -119,7 +119,13 @@ fn gateway_toml(listen: SocketAddr) -> String {
          [[cluster]]\n\
          name = \"local\"\n\
          executor = \"local\"\n\
-         mode = \"shell\"\n"
+         mode = \"shell\"\n\n\
+         # the developer certificate's identity may do everything on every cluster\n\
+         [[assignment]]\n\
+         name = \"dev-admin\"\n\
+         principal = \"{DEV_PRINCIPAL}\"\n\
+         role = \"Cluster Admin\"\n\
+         scope = \"clusters/*\"\n"
     )
 }
 

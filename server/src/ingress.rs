@@ -1,6 +1,7 @@
-//! Listeners: bind, accept, and complete a rustls handshake (client certificate
-//! required) off the accept loop, then hand tonic a connection that carries who and
-//! where the peer is.
+//! Listeners: bind, accept, then per connection and off the accept loop: believe a
+//! PROXY header only from trusted proxies, refuse addresses outside the listener's
+//! allowlist before any TLS work, complete the rustls handshake, and hand tonic a
+//! connection that carries who and where the peer is.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +23,10 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::cidr::CidrSet;
+use crate::access::proxy;
+use crate::audit::{self, AuditEvent};
+use crate::authn::ListenerAuth;
 use crate::config::ListenerConfig;
 
 /// How long a peer may take to complete the TLS handshake.
@@ -67,10 +72,14 @@ pub enum IngressError {
 pub struct ConnInfo {
     /// Listener name.
     pub listener: Arc<str>,
-    /// Peer address.
-    pub remote: SocketAddr,
+    /// The TCP peer (a load balancer, when PROXY protocol is in use).
+    pub peer: SocketAddr,
+    /// The caller's address: the PROXY header's from a trusted proxy, else the peer.
+    pub source: SocketAddr,
     /// Verified client certificate chain, leaf first.
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// Credentials this listener accepts.
+    pub auth: ListenerAuth,
 }
 
 /// A bound listener with its TLS settings.
@@ -78,6 +87,62 @@ pub struct BoundListener {
     name: Arc<str>,
     tcp: TcpListener,
     tls: TlsAcceptor,
+    gate: Arc<Gate>,
+    auth: ListenerAuth,
+}
+
+/// The pre-TLS checks of a listener.
+#[derive(Debug)]
+struct Gate {
+    ranges: CidrSet,
+    trusted_proxies: CidrSet,
+}
+
+impl Gate {
+    fn permits(&self, ip: std::net::IpAddr) -> bool {
+        self.ranges.is_empty() || self.ranges.contains(ip)
+    }
+
+    /// The caller's address, or why the connection is refused.
+    async fn admit(&self, tcp: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, String> {
+        // refuse before TLS so unlisted peers cost no crypto
+        if self.trusted_proxies.contains(peer.ip()) {
+            let header = proxy::starts_with_header(tcp)
+                .await
+                .map_err(|e| format!("read failed: {e}"))?;
+            let source = if header {
+                proxy::read_header(tcp)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or(peer)
+            } else {
+                peer
+            };
+            if !self.permits(source.ip()) {
+                return Err(format!(
+                    "source {} (via trusted proxy {peer}) is not in authorized_ip_ranges",
+                    source.ip()
+                ));
+            }
+            return Ok(source);
+        }
+        if !self.permits(peer.ip()) {
+            return Err(format!(
+                "source {} is not in authorized_ip_ranges",
+                peer.ip()
+            ));
+        }
+        let header = proxy::starts_with_header(tcp)
+            .await
+            .map_err(|e| format!("read failed: {e}"))?;
+        if header {
+            return Err(format!(
+                "PROXY protocol header from {}, which is not in trusted_proxies",
+                peer.ip()
+            ));
+        }
+        Ok(peer)
+    }
 }
 
 impl BoundListener {
@@ -108,22 +173,32 @@ pub fn tls_config(listener: &ListenerConfig) -> Result<Arc<rustls::ServerConfig>
         .map_err(|m| pem_err("certificate", &listener.tls_cert, m))?;
     let key = PrivateKeyDer::from_pem_file(&listener.tls_key)
         .map_err(|e| pem_err("private key", &listener.tls_key, e.to_string()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in
-        read_certs(&listener.client_ca).map_err(|m| pem_err("client CA", &listener.client_ca, m))?
-    {
-        roots
-            .add(ca)
-            .map_err(|e| pem_err("client CA", &listener.client_ca, e.to_string()))?;
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| tls_err(Box::new(e)))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| tls_err(Box::new(e)))?
-        .with_client_cert_verifier(verifier)
+        .map_err(|e| tls_err(Box::new(e)))?;
+    let builder = match &listener.client_ca {
+        Some(client_ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in read_certs(client_ca).map_err(|m| pem_err("client CA", client_ca, m))? {
+                roots
+                    .add(ca)
+                    .map_err(|e| pem_err("client CA", client_ca, e.to_string()))?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+            // token listeners ask for a certificate but let callers without one through
+            // to the token check
+            let verifier = if listener.auth.require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| tls_err(Box::new(e)))?)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
         .with_single_cert(certs, key)
         .map_err(|e| tls_err(Box::new(e)))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -157,6 +232,11 @@ pub async fn bind(listeners: &[ListenerConfig]) -> Result<Vec<BoundListener>, In
             name: l.name.as_str().into(),
             tcp,
             tls,
+            gate: Arc::new(Gate {
+                ranges: l.authorized_ip_ranges.clone(),
+                trusted_proxies: l.trusted_proxies.clone(),
+            }),
+            auth: l.auth,
         });
     }
     Ok(bound)
@@ -185,7 +265,7 @@ async fn accept_loop(
             () = stop.cancelled() => return,
             accepted = listener.tcp.accept() => accepted,
         };
-        let (tcp, remote) = match accepted {
+        let (mut tcp, peer) = match accepted {
             Ok(pair) => pair,
             Err(err) => {
                 // e.g. EMFILE: back off briefly instead of spinning
@@ -197,25 +277,48 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let tls = listener.tls.clone();
         let name = listener.name.clone();
+        let gate = listener.gate.clone();
+        let auth = listener.auth;
         let tx = tx.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
-                Ok(Ok(stream)) => {
+            let handshake = async {
+                let source = match gate.admit(&mut tcp, peer).await {
+                    Ok(source) => source,
+                    Err(reason) => {
+                        audit::record(&AuditEvent::ConnectionRefused {
+                            listener: &name,
+                            peer,
+                            reason: &reason,
+                        });
+                        return None;
+                    }
+                };
+                Some((source, tls.accept(tcp).await))
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(None) => {}
+                Ok(Some((source, Ok(stream)))) => {
                     let peer_certs = stream.get_ref().1.peer_certificates().map(|certs| {
                         Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect())
                     });
                     let info = ConnInfo {
                         listener: name,
-                        remote,
+                        peer,
+                        source,
                         peer_certs,
+                        auth,
                     };
                     let _ = tx.send(Ok(Conn { stream, info })).await;
                 }
-                Ok(Err(err)) => {
-                    tracing::warn!(listener = %name, peer = %remote, %err, "TLS handshake refused");
+                Ok(Some((source, Err(err)))) => {
+                    audit::record(&AuditEvent::AuthenticationFailed {
+                        listener: &name,
+                        source,
+                        reason: &format!("TLS handshake refused: {err}"),
+                    });
                 }
                 Err(_) => {
-                    tracing::warn!(listener = %name, peer = %remote, "TLS handshake timed out");
+                    tracing::warn!(listener = %name, %peer, "TLS handshake timed out");
                 }
             }
         });

@@ -1,17 +1,21 @@
 //! kinvoke-gateway: runs kubectl/helm commands next to a private cluster on behalf of
 //! authenticated callers, and keeps their results.
 //!
-//! A call flows: accept → TLS with a client certificate (`ingress`) → identify the caller
-//! (`authn`) → validate the request (`command`) → run it (`runner`, `exec`) → keep the
-//! result (`store`). `service` holds the thin tonic services and `status` maps errors to
-//! gRPC codes. `config` parses the TOML file once; `dev` and `pki` set up a local
+//! A call flows: accept → CIDR allowlist and PROXY protocol (`ingress`, `access::cidr`,
+//! `access::proxy`) → TLS → identify the caller (`authn`) → authorize (`access::authz`)
+//! → validate the request (`command`) → run it (`runner`, `exec`) → keep the result
+//! (`store`); every decision is recorded (`audit`). `service` holds the thin tonic
+//! services and `status` maps errors to gRPC codes. `config` parses the TOML file once; `dev` and `pki` set up a local
 //! development gateway with its own certificates.
 
+pub mod access;
+pub mod audit;
 pub mod authn;
 pub mod command;
 pub mod config;
 pub mod dev;
 pub mod exec;
+pub mod guard;
 pub mod ingress;
 pub mod pki;
 pub mod runner;
@@ -23,14 +27,18 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kinvoke_proto::v1::access_service_server::AccessServiceServer;
 use kinvoke_proto::v1::command_service_server::CommandServiceServer;
 use tokio_util::sync::CancellationToken;
 
+use crate::authn::Authenticator;
+use crate::authn::jwt::Issuers;
 use crate::config::Config;
 use crate::exec::local::LocalExecutor;
+use crate::guard::Guard;
 use crate::ingress::BoundListener;
 use crate::runner::Runner;
-use crate::service::CommandApi;
+use crate::service::{AccessApi, CommandApi};
 use crate::store::Store;
 
 /// Why the gateway could not run.
@@ -45,6 +53,9 @@ pub enum GatewayError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A token issuer could not be set up (e.g. its JWKS file).
+    #[error(transparent)]
+    Issuer(#[from] authn::jwt::TokenError),
     /// Server reflection could not be built.
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -71,6 +82,15 @@ pub async fn run(
             "marked commands left running by a previous gateway process as failed"
         );
     }
+    for warning in &config.warnings {
+        tracing::warn!("config: {warning}");
+    }
+    let authenticator = Authenticator::new(
+        config.authn.mtls_rules.clone(),
+        config.authn.static_tokens.clone(),
+        Issuers::new(config.authn.issuers.clone())?,
+    );
+    let guard = Arc::new(Guard::new(config.clone(), authenticator));
     let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
     let runner = Runner::new(config.clone(), store, executor);
     let purge = tokio::spawn(purge_loop(runner.clone(), config.store.retention));
@@ -78,6 +98,9 @@ pub async fn run(
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<CommandServiceServer<CommandApi>>()
+        .await;
+    health_reporter
+        .set_serving::<AccessServiceServer<AccessApi>>()
         .await;
     let reflection_sets = [
         kinvoke_proto::FILE_DESCRIPTOR_SET,
@@ -93,7 +116,7 @@ pub async fn run(
         .unwrap_or(usize::MAX)
         .saturating_add(config.limits.max_command_bytes)
         .saturating_add(MESSAGE_OVERHEAD);
-    let commands = CommandServiceServer::new(CommandApi::new(config.clone(), runner.clone()))
+    let commands = CommandServiceServer::new(CommandApi::new(guard.clone(), runner.clone()))
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(usize::MAX);
 
@@ -106,6 +129,7 @@ pub async fn run(
         .add_service(reflection_v1.build_v1()?)
         .add_service(reflection_v1alpha.build_v1alpha()?)
         .add_service(commands)
+        .add_service(AccessServiceServer::new(AccessApi::new(guard)))
         // the incoming stream ending (stop_accepting) starts tonic's graceful shutdown:
         // open calls, such as a waiting invoke, run to their end
         .serve_with_incoming_shutdown(incoming, std::future::pending::<()>());

@@ -1,5 +1,9 @@
-//! The tonic services. Thin: each RPC identifies the caller, parses its message into
-//! domain values and calls the runner, in straight-line code.
+//! The tonic services. Thin: each RPC identifies the caller, checks what they may do,
+//! parses its message into domain values and calls the runner, in straight-line code.
+
+mod access;
+
+pub use access::AccessApi;
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,10 +14,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::authn::{Principal, authenticate};
+use crate::access::authz::Action;
 use crate::command::CommandSpec;
-use crate::config::Config;
-use crate::runner::{Follow, Runner};
+use crate::guard::{Guard, Use};
+use crate::runner::{Follow, RunError, Runner};
 use crate::store::{CommandRecord, ListQuery, millis};
 
 /// Default and largest page of `ListCommands`.
@@ -22,27 +26,29 @@ const MAX_PAGE: usize = 1000;
 
 /// `kinvoke.v1.CommandService`.
 pub struct CommandApi {
-    config: Arc<Config>,
+    guard: Arc<Guard>,
     runner: Arc<Runner>,
 }
 
 impl CommandApi {
-    /// The service over a runner.
-    pub fn new(config: Arc<Config>, runner: Arc<Runner>) -> Self {
-        Self { config, runner }
+    /// The service over a guard and a runner.
+    pub fn new(guard: Arc<Guard>, runner: Arc<Runner>) -> Self {
+        Self { guard, runner }
     }
-}
 
-fn caller<T>(req: &Request<T>) -> Result<Principal, Status> {
-    let conn = req
-        .extensions()
-        .get::<crate::ingress::ConnInfo>()
-        .ok_or_else(|| Status::internal("connection details are missing"))?;
-    let principal = authenticate(conn).inspect_err(|err| {
-        tracing::warn!(peer = %conn.remote, listener = %conn.listener, %err, "authentication failed");
-    })?;
-    tracing::debug!(principal = %principal.id, subject = %principal.subject, source = %principal.source, "caller identified");
-    Ok(principal)
+    /// The record a caller asked for, if they may use it that way.
+    async fn record_for(
+        &self,
+        who: &crate::authn::Principal,
+        cluster: &str,
+        id: &str,
+        use_: Use,
+    ) -> Result<CommandRecord, Status> {
+        self.guard.known_cluster(cluster)?;
+        let record = self.runner.result(cluster, id, false).await?;
+        self.guard.may_use(who, &record, use_)?;
+        Ok(record)
+    }
 }
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -186,12 +192,15 @@ impl CommandService for CommandApi {
         &self,
         request: Request<pb::InvokeCommandRequest>,
     ) -> Result<Response<pb::InvokeCommandResponse>, Status> {
-        let principal = caller(&request)?;
+        let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
+        self.guard.known_cluster(&req.cluster)?;
+        self.guard
+            .authorize(&principal, Action::RunCommand, &req.cluster)?;
         let no_wait = req.no_wait;
-        let spec = CommandSpec::from_request(req, &self.config.limits).map_err(|err| {
+        let spec = CommandSpec::from_request(req, &self.guard.config().limits).map_err(|err| {
             tracing::info!(principal = %principal.id, %err, "command refused");
-            crate::runner::RunError::from(err)
+            RunError::from(err)
         })?;
         let record = self.runner.start(&principal, spec).await?;
         let record = if no_wait {
@@ -212,12 +221,18 @@ impl CommandService for CommandApi {
         &self,
         request: Request<pb::GetCommandResultRequest>,
     ) -> Result<Response<pb::CommandResult>, Status> {
-        let _principal = caller(&request)?;
+        let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
         let record = self
-            .runner
-            .result(&req.cluster, &req.command_id, req.wait)
+            .record_for(&principal, &req.cluster, &req.command_id, Use::Read)
             .await?;
+        let record = if req.wait {
+            self.runner
+                .result(&req.cluster, &req.command_id, true)
+                .await?
+        } else {
+            record
+        };
         Ok(Response::new(to_proto(record, true)))
     }
 
@@ -227,8 +242,10 @@ impl CommandService for CommandApi {
         &self,
         request: Request<pb::StreamCommandOutputRequest>,
     ) -> Result<Response<Self::StreamCommandOutputStream>, Status> {
-        let _principal = caller(&request)?;
+        let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
+        self.record_for(&principal, &req.cluster, &req.command_id, Use::Read)
+            .await?;
         let follow = self.runner.follow(&req.cluster, &req.command_id).await?;
         // a small channel: a slow follower back-pressures its own task only
         let (tx, rx) = mpsc::channel(16);
@@ -246,8 +263,10 @@ impl CommandService for CommandApi {
         &self,
         request: Request<pb::CancelCommandRequest>,
     ) -> Result<Response<pb::CommandResult>, Status> {
-        let principal = caller(&request)?;
+        let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
+        self.record_for(&principal, &req.cluster, &req.command_id, Use::Cancel)
+            .await?;
         tracing::info!(principal = %principal.id, command_id = %req.command_id, "cancel requested");
         let record = self
             .runner
@@ -264,8 +283,13 @@ impl CommandService for CommandApi {
         &self,
         request: Request<pb::ListCommandsRequest>,
     ) -> Result<Response<pb::ListCommandsResponse>, Status> {
-        let _principal = caller(&request)?;
+        let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
+        let only = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
+        if let Some(cluster) = only {
+            self.guard.known_cluster(cluster)?;
+        }
+        let visible = self.guard.visibility(&principal, only);
         let limit = match req.page_size {
             0 => DEFAULT_PAGE,
             n => (n as usize).min(MAX_PAGE),
@@ -277,11 +301,10 @@ impl CommandService for CommandApi {
                 Status::invalid_argument("page_token: not a token this gateway issued; pass next_page_token from the previous page")
             })?)
         };
-        let cluster = (!req.cluster.is_empty()).then_some(req.cluster);
         let records = self
             .runner
             .list(ListQuery {
-                cluster,
+                visible,
                 limit: limit + 1,
                 after,
             })

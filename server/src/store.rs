@@ -74,11 +74,20 @@ impl CommandRecord {
     }
 }
 
+/// Records of one cluster a caller may see: everyone's, or one principal's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Visibility {
+    /// The cluster.
+    pub cluster: String,
+    /// Only this principal's records; `None` = all.
+    pub principal: Option<String>,
+}
+
 /// Which records to list.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
-    /// Only this cluster.
-    pub cluster: Option<String>,
+    /// What may be listed; empty lists nothing.
+    pub visible: Vec<Visibility>,
     /// At most this many.
     pub limit: usize,
     /// Continue after this (started_at millis, id) cursor.
@@ -214,23 +223,37 @@ impl Store {
 
     /// Records newest first, with their output left empty.
     pub async fn list(&self, query: ListQuery) -> Result<Vec<CommandRecord>, StoreError> {
+        if query.visible.is_empty() {
+            return Ok(Vec::new());
+        }
         self.with_conn(move |conn| {
             let (after_ms, after_id) = query.after.unwrap_or((i64::MAX, String::new()));
+            // one (cluster, principal?) clause per visible cluster, all bound as parameters
+            let mut args: Vec<rusqlite::types::Value> = vec![
+                after_ms.into(),
+                after_id.into(),
+                i64::try_from(query.limit).unwrap_or(i64::MAX).into(),
+            ];
+            let mut clauses = Vec::with_capacity(query.visible.len());
+            for v in query.visible {
+                args.push(v.cluster.into());
+                let c = args.len();
+                match v.principal {
+                    None => clauses.push(format!("cluster = ?{c}")),
+                    Some(p) => {
+                        args.push(p.into());
+                        clauses.push(format!("(cluster = ?{c} AND principal = ?{})", c + 1));
+                    }
+                }
+            }
             let mut stmt = conn.prepare(&format!(
                 "SELECT {COLUMNS_NO_OUTPUT} FROM commands
-                 WHERE (?1 IS NULL OR cluster = ?1)
-                   AND (started_at < ?2 OR (started_at = ?2 AND (?3 = '' OR id < ?3)))
-                 ORDER BY started_at DESC, id DESC LIMIT ?4"
+                 WHERE ({})
+                   AND (started_at < ?1 OR (started_at = ?1 AND (?2 = '' OR id < ?2)))
+                 ORDER BY started_at DESC, id DESC LIMIT ?3",
+                clauses.join(" OR ")
             ))?;
-            let rows = stmt.query_map(
-                params![
-                    query.cluster,
-                    after_ms,
-                    after_id,
-                    i64::try_from(query.limit).unwrap_or(i64::MAX)
-                ],
-                row_to_record,
-            )?;
+            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_record)?;
             let mut out = Vec::new();
             for row in rows {
                 out.push(row??);
@@ -369,6 +392,58 @@ mod tests {
         assert_eq!(store.get(&done.id).await.unwrap(), Some(done));
     }
 
+    fn all(cluster: &str) -> Vec<Visibility> {
+        vec![Visibility {
+            cluster: cluster.into(),
+            principal: None,
+        }]
+    }
+
+    #[tokio::test]
+    async fn list_shows_only_what_is_visible() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("k.db")).unwrap();
+        let mut mine = record(CommandState::Succeeded, 1_000);
+        mine.principal = "alice".into();
+        let mut theirs = record(CommandState::Succeeded, 1_001);
+        theirs.principal = "bob".into();
+        let mut elsewhere = record(CommandState::Succeeded, 1_002);
+        elsewhere.cluster = "d".into();
+        for r in [&mine, &theirs, &elsewhere] {
+            store.put(r.clone()).await.unwrap();
+        }
+        let ids = |visible: Vec<Visibility>| {
+            let store = store.clone();
+            async move {
+                store
+                    .list(ListQuery {
+                        visible,
+                        limit: 10,
+                        after: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let own_c = Visibility {
+            cluster: "c".into(),
+            principal: Some("alice".into()),
+        };
+        assert_eq!(ids(vec![own_c.clone()]).await, vec![mine.id.clone()]);
+        assert_eq!(
+            ids(vec![own_c, all("d").remove(0)]).await,
+            vec![elsewhere.id.clone(), mine.id.clone()]
+        );
+        assert_eq!(
+            ids(all("c")).await,
+            vec![theirs.id.clone(), mine.id.clone()]
+        );
+        assert!(ids(vec![]).await.is_empty());
+    }
+
     #[tokio::test]
     async fn list_pages_newest_first() {
         let dir = tempfile::tempdir().unwrap();
@@ -381,7 +456,7 @@ mod tests {
         }
         let page1 = store
             .list(ListQuery {
-                cluster: None,
+                visible: all("c"),
                 limit: 3,
                 after: None,
             })
@@ -393,7 +468,7 @@ mod tests {
         let last = page1.last().unwrap();
         let page2 = store
             .list(ListQuery {
-                cluster: None,
+                visible: all("c"),
                 limit: 3,
                 after: Some((millis(last.started_at), last.id.as_str().to_owned())),
             })
@@ -405,7 +480,7 @@ mod tests {
         );
         let other = store
             .list(ListQuery {
-                cluster: Some("other".into()),
+                visible: all("other"),
                 limit: 3,
                 after: None,
             })

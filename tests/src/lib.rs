@@ -622,6 +622,8 @@ pub struct GatewayOptions {
     limits: BTreeMap<String, String>,
     shutdown_grace: String,
     extra_toml: String,
+    listener_toml: String,
+    admin_assignment: bool,
 }
 
 impl Default for GatewayOptions {
@@ -633,6 +635,8 @@ impl Default for GatewayOptions {
             limits,
             shutdown_grace: "2s".to_owned(),
             extra_toml: String::new(),
+            listener_toml: String::new(),
+            admin_assignment: true,
         }
     }
 }
@@ -647,6 +651,20 @@ fn toml_value(value: &str) -> String {
 }
 
 impl GatewayOptions {
+    /// Adds keys to the `main` listener table, e.g. `authorized_ip_ranges = ["127.0.0.2"]`.
+    pub fn listener_toml(mut self, toml: &str) -> Self {
+        self.listener_toml.push_str(toml);
+        self.listener_toml.push('\n');
+        self
+    }
+
+    /// Leaves out the default assignment that makes the test user `Cluster Admin` on
+    /// every cluster, for tests that write their own policy.
+    pub fn without_admin_assignment(mut self) -> Self {
+        self.admin_assignment = false;
+        self
+    }
+
     /// Sets a `[limits]` key, e.g. `limit("max_output_bytes", "1KiB")`.
     pub fn limit(mut self, key: &str, value: &str) -> Self {
         self.limits.insert(key.to_owned(), toml_value(value));
@@ -683,13 +701,21 @@ impl GatewayOptions {
             "\n[[listener]]\n\
              name = \"main\"\n\
              address = \"127.0.0.1:0\"\n\
-             tls = { cert = \"pki/server.crt\", key = \"pki/server.key\", client_ca = \"pki/ca.crt\" }\n\
-             \n[[cluster]]\n\
+             tls = { cert = \"pki/server.crt\", key = \"pki/server.key\", client_ca = \"pki/ca.crt\" }\n",
+        );
+        text.push_str(&self.listener_toml);
+        text.push_str(
+            "\n[[cluster]]\n\
              name = \"local\"\n\
              executor = \"local\"\n\
              mode = \"shell\"\n\n",
         );
         text.push_str(&self.extra_toml);
+        if self.admin_assignment {
+            text.push_str(&format!(
+                "\n[[assignment]]\nname = \"test-admin\"\nprincipal = \"{USER}\"\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\n"
+            ));
+        }
         text
     }
 }

@@ -291,6 +291,8 @@ mod tests {
             path: DEFAULT_COMMAND_PATH.to_owned(),
             kubeconfig: None,
             shell: "bash".into(),
+            disable_run_command: false,
+            authorized_ip_ranges: Default::default(),
         };
         Job {
             id: CommandId::random().unwrap(),

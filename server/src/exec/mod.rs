@@ -97,6 +97,8 @@ mod tests {
             path: crate::config::DEFAULT_COMMAND_PATH.to_owned(),
             kubeconfig: None,
             shell: "bash".into(),
+            disable_run_command: false,
+            authorized_ip_ranges: Default::default(),
         }
     }
 

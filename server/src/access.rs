@@ -1,0 +1,6 @@
+//! Access control that is pure policy: IP allowlists, the PROXY protocol reader, and
+//! role-based authorization.
+
+pub mod authz;
+pub mod cidr;
+pub mod proxy;
