@@ -846,4 +846,137 @@ name = "prod-eu"
         let err = parse(&with_limits("max_timeout = \"1m\"")).unwrap_err();
         assert!(err.to_string().contains("limits.max_timeout"), "{err}");
     }
+
+    #[test]
+    fn access_settings_are_validated_naming_the_key() {
+        let hash = "0".repeat(64);
+        let cases: Vec<(String, &str)> = vec![
+            (
+                MINIMAL.replace(
+                    "tls = {",
+                    "exposure = \"private\"\nauthorized_ip_ranges = [\"0.0.0.0/0\"]\ntls = {",
+                ),
+                "listener[0].authorized_ip_ranges",
+            ),
+            (
+                MINIMAL.replace(
+                    "tls = {",
+                    "authorized_ip_ranges = [\"10.0.0.0/33\"]\ntls = {",
+                ),
+                "listener[0].authorized_ip_ranges",
+            ),
+            (
+                MINIMAL.replace("tls = {", "authentication = [\"token\"]\ntls = {"),
+                "accepts \"token\" but no",
+            ),
+            (
+                MINIMAL.replace("tls = {", "authentication = [\"kerberos\"]\ntls = {"),
+                "listener[0].authentication",
+            ),
+            (
+                MINIMAL.replace(", client_ca = \"ca.crt\"", ""),
+                "listener[0].tls.client_ca",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[assignment]]\nrole = \"Cluster Admin\"\nscope = \"clusters/nope\"\nprincipal = \"a\"\n"
+                ),
+                "assignment[0].scope",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[assignment]]\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\nprincipal = \"a\"\ngroup = \"g\"\n"
+                ),
+                "exactly one of principal, group or claims",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[assignment]]\nrole = \"Root\"\nscope = \"clusters/*\"\nprincipal = \"a\"\n"
+                ),
+                "unknown role \"Root\"",
+            ),
+            (
+                format!("{MINIMAL}[[role]]\nname = \"r\"\nactions = [\"runcommand/write\"]\n"),
+                "role[0].actions",
+            ),
+            (
+                format!("{MINIMAL}[[authn.static_token]]\nprincipal = \"ci\"\nsha256 = \"xyz\"\n"),
+                "authn.static_token[0].sha256",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[authn.oidc]]\nname = \"x\"\nissuer = \"https://i\"\naudiences = [\"k\"]\n"
+                ),
+                "jwks_file and jwks_url",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[authn.oidc]]\nname = \"x\"\nissuer = \"https://i\"\naudiences = [\"k\"]\njwks_url = \"http://i/jwks\"\n"
+                ),
+                "authn.oidc[0].jwks_url",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[authn.oidc]]\nname = \"x\"\nissuer = \"https://i\"\naudiences = [\"k\"]\njwks_file = \"j\"\nalgorithms = [\"HS256\"]\n"
+                ),
+                "authn.oidc[0].algorithms",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[[authn.static_token]]\nprincipal = \"ci\"\nsha256 = \"{hash}\"\nrole = \"x\"\n"
+                ),
+                "unknown field `role`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_public_listener_without_ranges_is_a_warning_not_an_error() {
+        let config = parse(&MINIMAL.replace("tls = {", "exposure = \"public\"\ntls = {")).unwrap();
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("open to every address")),
+            "{:?}",
+            config.warnings
+        );
+        let config = parse(&MINIMAL.replace(
+            "tls = {",
+            "exposure = \"public\"\nauthorized_ip_ranges = [\"203.0.113.0/24\"]\ntls = {",
+        ))
+        .unwrap();
+        assert!(
+            !config
+                .warnings
+                .iter()
+                .any(|w| w.contains("open to every address"))
+        );
+        assert!(
+            config.listeners[0]
+                .authorized_ip_ranges
+                .contains("203.0.113.9".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn token_listeners_do_not_require_client_certificates() {
+        let hash = "0".repeat(64);
+        let text = format!(
+            "{}[[authn.static_token]]\nprincipal = \"ci\"\nsha256 = \"{hash}\"\n",
+            MINIMAL.replace("tls = {", "authentication = [\"mtls\", \"token\"]\ntls = {")
+        );
+        let config = parse(&text).unwrap();
+        let auth = config.listeners[0].auth;
+        assert!(auth.mtls && auth.tokens && !auth.require_client_cert);
+        assert!(
+            parse(MINIMAL).unwrap().listeners[0]
+                .auth
+                .require_client_cert
+        );
+    }
 }

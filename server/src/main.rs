@@ -41,6 +41,13 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Print the config value (`sha256:<hex>`) for a static token read from stdin, so the
+    /// token never appears in the process list or shell history.
+    HashToken {
+        /// Generate a new random token (printed on stderr) instead of reading one.
+        #[arg(long)]
+        generate: bool,
+    },
     /// Start a local development gateway with generated certificates and one cluster, `local`.
     Dev {
         /// Where certificates, configs and results are kept.
@@ -90,6 +97,14 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 print!("{}", cfg.summary());
+                for warning in &cfg.warnings {
+                    println!("warning: {warning}");
+                }
+                for issuer in &cfg.authn.issuers {
+                    if let Err(err) = kinvoke_gateway::authn::jwt::Issuer::new(issuer.clone()) {
+                        problems.push(err.to_string());
+                    }
+                }
                 if problems.is_empty() {
                     println!("config OK: {}", config.display());
                     Ok(ExitCode::SUCCESS)
@@ -105,6 +120,32 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Cmd::HashToken { generate } => {
+            let token = if generate {
+                let mut bytes = [0u8; 32];
+                getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+                let token = kinvoke_gateway::command::hex(&bytes);
+                eprintln!("token (give it to the caller; it is not stored): {token}");
+                token
+            } else {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("cannot read the token from stdin")?;
+                let token = line.trim().to_owned();
+                if token.is_empty() {
+                    anyhow::bail!(
+                        "no token on stdin; pipe it in: `printf %s \"$TOKEN\" | kinvoke-gateway hash-token`"
+                    );
+                }
+                token
+            };
+            println!(
+                "{}",
+                kinvoke_gateway::authn::static_token::hash_token(&token)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Serve { config } => {
             let cfg = Config::load(&config)?;
             runtime()?.block_on(serve(cfg, None))?;

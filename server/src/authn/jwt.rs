@@ -185,19 +185,34 @@ impl Issuer {
                 (keys, None)
             }
             JwksSource::Url { ca_cert, .. } => {
-                let mut builder = reqwest::Client::builder()
+                // an explicit ring-backed TLS config: no reliance on a process-wide
+                // default provider, and public web roots plus the configured CA only
+                let mut roots = rustls::RootCertStore::empty();
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+                if let Some(ca) = ca_cert {
+                    use rustls_pki_types::pem::PemObject;
+                    let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+                        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                        .map_err(|e| unavailable(format!("{}: {e}", ca.display())))?;
+                    for cert in certs {
+                        roots
+                            .add(cert)
+                            .map_err(|e| unavailable(format!("{}: {e}", ca.display())))?;
+                    }
+                }
+                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| unavailable(format!("TLS setup: {e}")))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+                let client = reqwest::Client::builder()
+                    .use_preconfigured_tls(tls)
                     .timeout(Duration::from_secs(10))
                     .connect_timeout(Duration::from_secs(5))
                     .redirect(reqwest::redirect::Policy::limited(3))
-                    .https_only(true);
-                if let Some(ca) = ca_cert {
-                    let pem = std::fs::read(ca)
-                        .map_err(|e| unavailable(format!("{}: {e}", ca.display())))?;
-                    let cert = reqwest::Certificate::from_pem(&pem)
-                        .map_err(|e| unavailable(format!("{}: {e}", ca.display())))?;
-                    builder = builder.add_root_certificate(cert);
-                }
-                let client = builder
+                    .https_only(true)
                     .build()
                     .map_err(|e| unavailable(format!("HTTP client: {e}")))?;
                 (HashMap::new(), Some(client))
@@ -666,5 +681,137 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("no RSA or P-256 key"), "{err}");
+    }
+
+    /// A one-route HTTPS server answering `body` to every request; counts requests.
+    async fn jwks_server(
+        body: Vec<u8>,
+    ) -> (
+        String,
+        std::path::PathBuf,
+        Arc<std::sync::atomic::AtomicUsize>,
+        tempfile::TempDir,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ca = crate::pki::CertificateAuthority::new("jwks test CA").unwrap();
+        let server = ca.server_cert(&["127.0.0.1"]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_path = dir.path().join("ca.crt");
+        std::fs::write(&ca_path, ca.cert_pem()).unwrap();
+        use rustls_pki_types::pem::PemObject;
+        let certs = vec![
+            rustls_pki_types::CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap(),
+        ];
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://127.0.0.1:{}/jwks",
+            listener.local_addr().unwrap().port()
+        );
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let body = body.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && tls.read_exact(&mut byte).await.is_ok() {
+                        head.push(byte[0]);
+                    }
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = tls.write_all(reply.as_bytes()).await;
+                    let _ = tls.write_all(&body).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (url, ca_path, hits, dir)
+    }
+
+    #[tokio::test]
+    async fn a_jwks_url_is_fetched_on_first_use_and_not_hammered_by_unknown_kids() {
+        let k = keys();
+        let jwks = std::fs::read(k.dir.path().join("jwks.json")).unwrap();
+        let (url, ca_path, hits, _dir) = jwks_server(jwks).await;
+        let issuers = Issuers::new(vec![IssuerConfig {
+            name: "remote".into(),
+            issuer: ISS.into(),
+            audiences: vec![AUD.into()],
+            jwks: JwksSource::Url {
+                url,
+                ca_cert: Some(ca_path),
+            },
+            algorithms: vec![Algorithm::RS256, Algorithm::ES256],
+            leeway: Duration::from_secs(5),
+            user_claim: "sub".into(),
+            groups_claim: "groups".into(),
+            principal_prefix: String::new(),
+        }])
+        .unwrap();
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "fetched lazily"
+        );
+        let ok = sign(Algorithm::RS256, "rsa-1", &k.rsa, &claims());
+        assert_eq!(issuers.verify(&ok).await.unwrap().id, "alice");
+        assert_eq!(issuers.verify(&ok).await.unwrap().id, "alice");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "cached");
+        // an unknown kid right after a fetch does not trigger another one
+        let unknown = sign(Algorithm::RS256, "rotated", &k.rsa, &claims());
+        let err = issuers.verify(&unknown).await.unwrap_err();
+        assert!(matches!(err, TokenError::UnknownKey { .. }), "{err}");
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "refresh is rate-limited"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_jwks_url_is_reported_without_the_token() {
+        let issuers = Issuers::new(vec![IssuerConfig {
+            name: "down".into(),
+            issuer: ISS.into(),
+            audiences: vec![AUD.into()],
+            jwks: JwksSource::Url {
+                url: "https://127.0.0.1:9/jwks".into(),
+                ca_cert: None,
+            },
+            algorithms: vec![Algorithm::RS256],
+            leeway: Duration::ZERO,
+            user_claim: "sub".into(),
+            groups_claim: "groups".into(),
+            principal_prefix: String::new(),
+        }])
+        .unwrap();
+        let k = keys();
+        let token = sign(Algorithm::RS256, "rsa-1", &k.rsa, &claims());
+        let err = issuers.verify(&token).await.unwrap_err().to_string();
+        assert!(
+            err.contains("keys of issuer \"down\" are unavailable"),
+            "{err}"
+        );
+        assert!(!err.contains(&token));
     }
 }
