@@ -979,4 +979,34 @@ name = "prod-eu"
                 .require_client_cert
         );
     }
+
+    /// The TOML blocks of README.md under a heading, so the documented configs stay valid.
+    fn readme_toml(after_heading: &str) -> Vec<String> {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find(after_heading).unwrap()..];
+        section
+            .split("```toml\n")
+            .skip(1)
+            .map(|block| block[..block.find("```").unwrap()].to_owned())
+            .take(1)
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_examples_are_valid_configs() {
+        for heading in ["### Worked example", "## Running the gateway"] {
+            for block in readme_toml(heading) {
+                let config = Config::parse(&block, Path::new("/etc/kinvoke"))
+                    .unwrap_or_else(|e| panic!("{heading}: {e}\n{block}"));
+                assert!(!config.clusters.is_empty());
+            }
+        }
+        let worked = Config::parse(
+            &readme_toml("### Worked example")[0],
+            Path::new("/etc/kinvoke"),
+        )
+        .unwrap();
+        assert!(worked.warnings.is_empty(), "{:?}", worked.warnings);
+        assert_eq!(worked.listeners.len(), 2);
+    }
 }
