@@ -165,7 +165,13 @@ fn describe(err: &anyhow::Error) -> (u8, String) {
         };
         let mut message = format!("{}: {}", code_name(status.code()), status.message());
         if let Some(source) = std::error::Error::source(status) {
-            message.push_str(&format!(" ({})", error_chain(source)));
+            let chain = error_chain(source);
+            message = format!("the connection to the gateway failed: {chain}");
+            if let Some(hint) = tls_hint(&chain) {
+                message.push_str("; ");
+                message.push_str(hint);
+            }
+            return (exit::UNAVAILABLE, message);
         }
         if status.message().contains("message length too large") {
             message.push_str(
@@ -183,6 +189,23 @@ fn describe(err: &anyhow::Error) -> (u8, String) {
     (exit::GATEWAY_ERROR, format!("{err:#}"))
 }
 
+/// What to do about a TLS alert the gateway sent.
+fn tls_hint(chain: &str) -> Option<&'static str> {
+    if chain.contains("CertificateRequired") {
+        Some("this listener requires a client certificate: pass --client-cert and --client-key")
+    } else if chain.contains("UnknownCA") || chain.contains("BadCertificate") {
+        Some(
+            "the gateway does not accept this client certificate: it must be signed by the gateway's client CA",
+        )
+    } else if chain.contains("UnknownIssuer") || chain.contains("invalid peer certificate") {
+        Some(
+            "the gateway's certificate is not trusted: check --ca-cert and the endpoint's host name",
+        )
+    } else {
+        None
+    }
+}
+
 fn code_name(code: Code) -> &'static str {
     match code {
         Code::InvalidArgument => "INVALID_ARGUMENT",
@@ -197,6 +220,7 @@ fn code_name(code: Code) -> &'static str {
         Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
         Code::Cancelled => "CANCELLED",
         Code::Internal => "INTERNAL",
+        Code::Unknown => "UNKNOWN",
         _ => "ERROR",
     }
 }

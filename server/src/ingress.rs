@@ -114,6 +114,7 @@ impl Gate {
                 proxy::read_header(tcp)
                     .await
                     .map_err(|e| e.to_string())?
+                    .map(canonical_addr)
                     .unwrap_or(peer)
             } else {
                 peer
@@ -275,6 +276,9 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        // a dual-stack socket reports IPv4 callers as ::ffff:a.b.c.d; everything after
+        // this point (rules, audit, whoami) sees the plain IPv4 address
+        let peer = canonical_addr(peer);
         let tls = listener.tls.clone();
         let name = listener.name.clone();
         let gate = listener.gate.clone();
@@ -377,4 +381,9 @@ impl AsyncWrite for Conn {
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
     }
+}
+
+/// The address with an IPv4-mapped IPv6 address turned back into IPv4.
+fn canonical_addr(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(crate::access::cidr::canonical(addr.ip()), addr.port())
 }

@@ -10,6 +10,11 @@
 //! child-process wrapper under all of them. Every wait ends on an event (a line, an exit,
 //! a closed pipe) and is bounded only as a guard against hangs; nothing here sleeps.
 //!
+//! For the access-control tests: [`AuditRecord`] parses the gateway's `kinvoke::audit`
+//! log events; [`TcpRelay`] stands in for a load balancer that sends a PROXY protocol
+//! header ([`proxy_v1_header`]); [`TestIssuer`] signs OIDC tokens and publishes their
+//! JWKS; [`gateway_cli_with_input`] feeds a subcommand's stdin (`hash-token`).
+//!
 //! Dropping a [`Gateway`] stops its process and deletes its directory; dropping a
 //! [`DevGateway`], [`Proc`] or [`Background`] stops (or kills) and reaps the process.
 
@@ -18,15 +23,20 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use base64::Engine;
+use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, EncodingKey};
 use kinvoke_gateway::pki::CertificateAuthority;
 use kinvoke_proto::v1::command_service_client::CommandServiceClient;
 use nix::errno::Errno;
@@ -343,11 +353,35 @@ fn read_lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
 /// exit code and output; one still running after `timeout` is killed and reported as an
 /// error labelled `label`.
 fn run_to_end(name: &str, command: &mut Command, timeout: Duration, label: &str) -> Result<Output> {
+    run_to_end_with_input(name, command, None, timeout, label)
+}
+
+/// Like [`run_to_end`], with `input` written to the process's stdin (then closed) when
+/// given.
+fn run_to_end_with_input(
+    name: &str,
+    command: &mut Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+    label: &str,
+) -> Result<Output> {
     command
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut proc = Proc::spawn(name, command)?;
+    if let (Some(input), Some(mut stdin)) = (input, proc.child.stdin.take()) {
+        let input = input.to_vec();
+        // a writer thread, so a child that does not read cannot block the test; a child
+        // that exits early only makes the write fail, which its output will explain
+        thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut stdin, &input);
+        });
+    }
     let stdout = read_all(proc.take_stdout().context("stdout not piped")?);
     let stderr = read_all(proc.take_stderr().context("stderr not piped")?);
     let waited = proc.wait_timeout(timeout);
@@ -391,6 +425,28 @@ where
     let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
     let label = format!("kinvoke-gateway {}", shown.join(" "));
     run_to_end("kinvoke-gateway", &mut cmd, PROCESS_TIMEOUT, &label)
+}
+
+/// Like [`gateway_cli`], with `input` on the subcommand's stdin, e.g.
+/// `gateway_cli_with_input(["hash-token"], "s3cret\n")`.
+pub fn gateway_cli_with_input<I, S>(args: I, input: &str) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let mut cmd = Command::new(binary("kinvoke-gateway")?);
+    isolate_env(&mut cmd);
+    cmd.args(&args);
+    let shown: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+    let label = format!("kinvoke-gateway {} < (input)", shown.join(" "));
+    run_to_end_with_input(
+        "kinvoke-gateway",
+        &mut cmd,
+        Some(input.as_bytes()),
+        PROCESS_TIMEOUT,
+        &label,
+    )
 }
 
 /// Why [`next_line_until`] stopped without finding its line.
@@ -623,7 +679,9 @@ pub struct GatewayOptions {
     shutdown_grace: String,
     extra_toml: String,
     listener_toml: String,
+    listener_address: String,
     admin_assignment: bool,
+    files: Vec<(PathBuf, Vec<u8>)>,
 }
 
 impl Default for GatewayOptions {
@@ -636,7 +694,9 @@ impl Default for GatewayOptions {
             shutdown_grace: "2s".to_owned(),
             extra_toml: String::new(),
             listener_toml: String::new(),
+            listener_address: "127.0.0.1:0".to_owned(),
             admin_assignment: true,
+            files: Vec::new(),
         }
     }
 }
@@ -655,6 +715,23 @@ impl GatewayOptions {
     pub fn listener_toml(mut self, toml: &str) -> Self {
         self.listener_toml.push_str(toml);
         self.listener_toml.push('\n');
+        self
+    }
+
+    /// Binds the `main` listener to `address` instead of `127.0.0.1:0`, e.g. `[::]:0` for
+    /// a dual-stack listener. Keep the port 0: the harness reads the real one from the
+    /// readiness line.
+    pub fn listener_address(mut self, address: &str) -> Self {
+        address.clone_into(&mut self.listener_address);
+        self
+    }
+
+    /// Writes `contents` to `relative_path` in the gateway's directory before the gateway
+    /// starts, for files its config names (a JWKS file, say). Relative paths in the
+    /// config are taken from that directory too, so the config can name the same path.
+    pub fn file(mut self, relative_path: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files
+            .push((PathBuf::from(relative_path), contents.into()));
         self
     }
 
@@ -687,8 +764,9 @@ impl GatewayOptions {
     /// The gateway config these options stand for. Paths in it are relative to the
     /// config file's directory: `state/` for the state and `pki/` for the certificates a
     /// [`Pki`] writes there (`server.crt`, `server.key`, `ca.crt`). The tables come in
-    /// this order: `[limits]`, `[[listener]]` `main` on `127.0.0.1:0`, `[[cluster]]`
-    /// `local`, then the extra TOML.
+    /// this order: `[limits]`, `[[listener]]` `main` on `127.0.0.1:0` (or the
+    /// [`listener_address`](Self::listener_address)) with the listener TOML,
+    /// `[[cluster]]` `local`, then the extra TOML.
     pub fn render(&self) -> String {
         let mut text = format!(
             "# written by kinvoke-tests\nstate_dir = \"state\"\nshutdown_grace = {}\n\n[limits]\n",
@@ -697,12 +775,13 @@ impl GatewayOptions {
         for (key, value) in &self.limits {
             text.push_str(&format!("{key} = {value}\n"));
         }
-        text.push_str(
+        text.push_str(&format!(
             "\n[[listener]]\n\
              name = \"main\"\n\
-             address = \"127.0.0.1:0\"\n\
-             tls = { cert = \"pki/server.crt\", key = \"pki/server.key\", client_ca = \"pki/ca.crt\" }\n",
-        );
+             address = {}\n\
+             tls = {{ cert = \"pki/server.crt\", key = \"pki/server.key\", client_ca = \"pki/ca.crt\" }}\n",
+            toml_value(&self.listener_address)
+        ));
         text.push_str(&self.listener_toml);
         text.push_str(
             "\n[[cluster]]\n\
@@ -760,6 +839,20 @@ impl Gateway {
         }
         let pki = Pki::new(&dir.path().join("pki"), "kinvoke test CA")?;
         let user = pki.client_cert(USER)?;
+        for (relative, contents) in &options.files {
+            if relative.is_absolute() {
+                bail!(
+                    "GatewayOptions::file wants a path inside the gateway directory, not {}",
+                    relative.display()
+                );
+            }
+            let path = dir.path().join(relative);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            write_file(&path, contents, 0o644)?;
+        }
         let config = dir.path().join("gateway.toml");
         write_file(&config, options.render().as_bytes(), 0o644)?;
         let mut gateway = Self {
@@ -846,9 +939,15 @@ impl Gateway {
         self.addr
     }
 
-    /// `https://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`. A listener bound to an unspecified address (`0.0.0.0`,
+    /// `[::]`) is reached on `127.0.0.1`, which the server certificate covers and which a
+    /// dual-stack `[::]` socket accepts as an IPv4-mapped peer.
     pub fn endpoint(&self) -> String {
-        format!("https://{}", self.addr)
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::from([127, 0, 0, 1]));
+        }
+        format!("https://{addr}")
     }
 
     /// The gateway's temporary directory.
@@ -897,6 +996,16 @@ impl Gateway {
             .unwrap_or_else(|err| format!("(cannot read the gateway's stderr log: {err})"))
     }
 
+    /// The audit events the gateway has logged so far, oldest first. The gateway logs an
+    /// event before it answers (or drops) the call it is about, so once a client has
+    /// exited, the events of its calls are in the log.
+    pub fn audit_events(&self) -> Vec<AuditRecord> {
+        self.stderr_log()
+            .lines()
+            .filter_map(AuditRecord::parse)
+            .collect()
+    }
+
     /// A client with no connection settings but an isolated HOME.
     pub fn bare_client(&self) -> Result<Client> {
         Ok(Client::new()?.env("HOME", self.dir.path().join("home")))
@@ -910,16 +1019,38 @@ impl Gateway {
 
     /// Like [`Gateway::client`], with another client certificate.
     pub fn client_as(&self, cert: &ClientCert) -> Result<Client> {
-        Ok(self
+        self.client_at(&self.endpoint(), Some(cert))
+    }
+
+    /// A client with `--endpoint` and `--ca-cert` but no client certificate, for callers
+    /// who authenticate with a bearer token (add it with `.env("KINVOKE_TOKEN", ..)`,
+    /// `--token-file` or [`Gateway::token_client`]).
+    pub fn anonymous_client(&self) -> Result<Client> {
+        self.client_at(&self.endpoint(), None)
+    }
+
+    /// A client without a certificate that sends `token` through `KINVOKE_TOKEN`.
+    pub fn token_client(&self, token: &str) -> Result<Client> {
+        Ok(self.anonymous_client()?.env("KINVOKE_TOKEN", token))
+    }
+
+    /// A client that trusts this gateway's CA but dials `endpoint` (a relay in front of
+    /// the gateway, say), presenting `cert` if given.
+    pub fn client_at(&self, endpoint: &str, cert: Option<&ClientCert>) -> Result<Client> {
+        let client = self
             .bare_client()?
             .arg("--endpoint")
-            .arg(self.endpoint())
+            .arg(endpoint)
             .arg("--ca-cert")
-            .arg(&self.pki.ca_cert)
-            .arg("--client-cert")
-            .arg(&cert.cert)
-            .arg("--client-key")
-            .arg(&cert.key))
+            .arg(&self.pki.ca_cert);
+        Ok(match cert {
+            Some(cert) => client
+                .arg("--client-cert")
+                .arg(&cert.cert)
+                .arg("--client-key")
+                .arg(&cert.key),
+            None => client,
+        })
     }
 
     /// A client that reaches this gateway through `--config client.toml`.
@@ -1266,6 +1397,333 @@ pub fn command_id_from_tsv(stdout: &str) -> Option<String> {
     (!id.is_empty()).then(|| id.to_owned())
 }
 
+// ---------------------------------------------------------------------------------------
+// audit log
+
+/// Target of the gateway's audit events.
+const AUDIT_TARGET: &str = " kinvoke::audit: ";
+
+/// One `kinvoke::audit` event from the gateway's human-format stderr log, e.g.
+///
+/// ```text
+/// 2026-01-02T03:04:05.123456Z  WARN kinvoke::audit: event="connection_refused" listener="main" peer=127.0.0.3:40000 reason="source 127.0.0.3 is not in authorized_ip_ranges"
+/// ```
+///
+/// String fields are written quoted with Rust escapes, other fields bare; both come out
+/// here as plain text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// `INFO`, `WARN`, ...
+    pub level: String,
+    /// The fields, unquoted.
+    pub fields: BTreeMap<String, String>,
+    /// The whole line, for failure messages.
+    pub line: String,
+}
+
+impl AuditRecord {
+    /// Parses one log line; `None` unless it is an audit event.
+    pub fn parse(line: &str) -> Option<Self> {
+        let (head, rest) = line.split_once(AUDIT_TARGET)?;
+        let level = head.split_whitespace().last()?.to_owned();
+        let mut fields = BTreeMap::new();
+        let mut chars = rest.trim().chars().peekable();
+        loop {
+            while chars.next_if(|c| c.is_whitespace()).is_some() {}
+            let mut key = String::new();
+            while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+                key.push(c);
+            }
+            if key.is_empty() {
+                break;
+            }
+            if chars.next_if_eq(&'=').is_none() {
+                // a bare word (a message): keep it under its own name
+                fields.insert(key, String::new());
+                continue;
+            }
+            let mut value = String::new();
+            if chars.next_if_eq(&'"').is_some() {
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => match chars.next() {
+                            Some('n') => value.push('\n'),
+                            Some('t') => value.push('\t'),
+                            Some('r') => value.push('\r'),
+                            Some(other) => value.push(other),
+                            None => break,
+                        },
+                        other => value.push(other),
+                    }
+                }
+            } else {
+                while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                    value.push(c);
+                }
+            }
+            fields.insert(key, value);
+        }
+        Some(Self {
+            level,
+            fields,
+            line: line.to_owned(),
+        })
+    }
+
+    /// A field's value, if present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    /// The `event` field: `connection_refused`, `authentication_failed`, `authorization`.
+    pub fn event(&self) -> &str {
+        self.get("event").unwrap_or_default()
+    }
+}
+
+impl fmt::Display for AuditRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// TCP relay (a load balancer in front of the gateway)
+
+/// A PROXY protocol v1 header for a TCP connection from `source` to `destination`;
+/// both must be of the same IP family.
+pub fn proxy_v1_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let family = if source.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    )
+    .into_bytes()
+}
+
+/// A TCP relay on `127.0.0.1:0`, standing in for a load balancer: for every accepted
+/// connection it connects to the upstream, writes a fixed preamble (a PROXY protocol
+/// header, say) and then copies bytes both ways until each side has closed.
+///
+/// Dropping it stops accepting, shuts down every relayed connection and joins its
+/// threads.
+#[derive(Debug)]
+pub struct TcpRelay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl TcpRelay {
+    /// Starts relaying to `upstream`, writing `preamble` first on every upstream
+    /// connection.
+    pub fn start(upstream: SocketAddr, preamble: Vec<u8>) -> Result<Self> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot bind the relay")?;
+        let addr = listener
+            .local_addr()
+            .context("cannot read the relay's address")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(Mutex::new(Vec::new()));
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let accept = {
+            let (stop, sockets, threads) = (stop.clone(), sockets.clone(), threads.clone());
+            thread::Builder::new()
+                .name("relay-accept".to_owned())
+                .spawn(move || {
+                    for client in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        // a failed accept or upstream connect drops this client only
+                        let Ok(client) = client else { continue };
+                        if let Err(err) = relay_one(client, upstream, &preamble, &sockets, &threads)
+                        {
+                            eprintln!("kinvoke-tests relay: {err:#}");
+                        }
+                    }
+                })
+                .context("cannot start the relay's accept thread")?
+        };
+        Ok(Self {
+            addr,
+            stop,
+            sockets,
+            threads,
+            accept: Some(accept),
+        })
+    }
+
+    /// The relay's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://127.0.0.1:PORT` of the relay (the gateway's certificate covers 127.0.0.1).
+    pub fn endpoint(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+}
+
+/// Connects `client` to `upstream` through two copying threads.
+fn relay_one(
+    client: TcpStream,
+    upstream: SocketAddr,
+    preamble: &[u8],
+    sockets: &Mutex<Vec<TcpStream>>,
+    threads: &Mutex<Vec<JoinHandle<()>>>,
+) -> Result<()> {
+    let mut server = TcpStream::connect(upstream)
+        .with_context(|| format!("cannot connect to the upstream {upstream}"))?;
+    std::io::Write::write_all(&mut server, preamble).context("cannot send the preamble")?;
+    let pump = |from: TcpStream, to: TcpStream| {
+        move || {
+            let _ = std::io::copy(&mut &from, &mut &to);
+            // pass the end of stream on, so the other side sees it too
+            let _ = to.shutdown(Shutdown::Write);
+        }
+    };
+    let up = thread::Builder::new()
+        .name("relay-up".to_owned())
+        .spawn(pump(client.try_clone()?, server.try_clone()?))?;
+    let down = thread::Builder::new()
+        .name("relay-down".to_owned())
+        .spawn(pump(server.try_clone()?, client.try_clone()?))?;
+    if let Ok(mut list) = threads.lock() {
+        list.extend([up, down]);
+    }
+    if let Ok(mut list) = sockets.lock() {
+        list.extend([client, server]);
+    }
+    Ok(())
+}
+
+impl Drop for TcpRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // wake the blocked accept so it sees the flag
+        let _ = TcpStream::connect(self.addr);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        if let Ok(sockets) = self.sockets.lock() {
+            for socket in sockets.iter() {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        }
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut list| std::mem::take(&mut *list))
+            .unwrap_or_default();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// OIDC issuer
+
+/// The RSA-2048 test key of the gateway's own tests (generating RSA keys in a debug
+/// build is slow). It protects nothing.
+const RSA_TEST_KEY: &[u8] = include_bytes!("../../server/testdata/rsa-test-key.pem");
+
+/// A token issuer for tests: an RSA key (key id [`TestIssuer::RSA_KID`]) and a fresh
+/// P-256 key ([`TestIssuer::EC_KID`]), published as a JWKS document, and a way to sign
+/// tokens with them.
+pub struct TestIssuer {
+    rsa: EncodingKey,
+    ec: EncodingKey,
+    jwks: String,
+    rsa_public_jwk: String,
+}
+
+impl fmt::Debug for TestIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestIssuer")
+            .field("jwks", &self.jwks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestIssuer {
+    /// Key id of the RSA key (RS256).
+    pub const RSA_KID: &'static str = "rsa-1";
+    /// Key id of the P-256 key (ES256).
+    pub const EC_KID: &'static str = "ec-1";
+
+    /// Two keys and their JWKS.
+    pub fn new() -> Result<Self> {
+        let rsa = EncodingKey::from_rsa_pem(RSA_TEST_KEY).context("the RSA test key")?;
+        let ec_pem = rcgen::KeyPair::generate()
+            .context("cannot generate a P-256 key")?
+            .serialize_pem();
+        let ec = EncodingKey::from_ec_pem(ec_pem.as_bytes()).context("the P-256 key")?;
+        let mut rsa_jwk =
+            Jwk::from_encoding_key(&rsa, Algorithm::RS256).context("the RSA public JWK")?;
+        rsa_jwk.common.key_id = Some(Self::RSA_KID.to_owned());
+        let mut ec_jwk =
+            Jwk::from_encoding_key(&ec, Algorithm::ES256).context("the P-256 public JWK")?;
+        ec_jwk.common.key_id = Some(Self::EC_KID.to_owned());
+        let rsa_public_jwk = serde_json::to_string(&rsa_jwk)?;
+        let jwks = serde_json::to_string(&JwkSet {
+            keys: vec![rsa_jwk, ec_jwk],
+        })?;
+        Ok(Self {
+            rsa,
+            ec,
+            jwks,
+            rsa_public_jwk,
+        })
+    }
+
+    /// The JWKS document (`{"keys":[...]}`) to give the gateway as its `jwks_file`.
+    pub fn jwks(&self) -> &str {
+        &self.jwks
+    }
+
+    /// The RSA key's public JWK, as published: what anyone may read, e.g. to try it as
+    /// an HMAC secret.
+    pub fn rsa_public_jwk(&self) -> &str {
+        &self.rsa_public_jwk
+    }
+
+    /// Signs `claims` with RS256 (the RSA key) or ES256 (the P-256 key), naming `kid` in
+    /// the header whatever the key.
+    pub fn sign(&self, alg: Algorithm, kid: &str, claims: &serde_json::Value) -> Result<String> {
+        let key = match alg {
+            Algorithm::RS256 => &self.rsa,
+            Algorithm::ES256 => &self.ec,
+            other => bail!("TestIssuer signs with RS256 or ES256, not {other:?}"),
+        };
+        let mut header = jsonwebtoken::Header::new(alg);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, claims, key).context("cannot sign the token")
+    }
+}
+
+/// Seconds since the Unix epoch, for `iat`/`exp` claims.
+pub fn unix_now() -> Result<i64> {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?;
+    i64::try_from(since.as_secs()).context("the clock is beyond 2^63 seconds")
+}
+
+/// A token with this header and claims and an empty signature (`alg: none` style).
+pub fn unsigned_token(header: &serde_json::Value, claims: &serde_json::Value) -> Result<String> {
+    let part = |v: &serde_json::Value| -> Result<String> {
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v)?))
+    };
+    Ok(format!("{}.{}.", part(header)?, part(claims)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1331,6 +1789,65 @@ mod tests {
         let strict = config.cluster("strict").unwrap();
         assert_eq!(strict.mode, kinvoke_gateway::config::ExecMode::Argv);
         assert!(strict.allowed_programs.contains("echo"));
+    }
+
+    #[test]
+    fn an_audit_line_is_parsed_into_unquoted_fields() {
+        let line = "2026-11-28T13:44:01.287401Z  WARN kinvoke::audit: event=\"connection_refused\" \
+                    listener=\"dev\" peer=[::ffff:127.0.0.3]:52143 reason=\"say \\\"no\\\" to 127.0.0.3\"";
+        let record = AuditRecord::parse(line).unwrap();
+        assert_eq!(record.level, "WARN");
+        assert_eq!(record.event(), "connection_refused");
+        assert_eq!(record.get("listener"), Some("dev"));
+        assert_eq!(record.get("peer"), Some("[::ffff:127.0.0.3]:52143"));
+        assert_eq!(record.get("reason"), Some("say \"no\" to 127.0.0.3"));
+        assert_eq!(record.get("missing"), None);
+        assert!(
+            AuditRecord::parse("2026-11-28T13:44:01Z  INFO kinvoke_gateway: gateway stopped")
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn an_empty_quoted_field_is_an_empty_value() {
+        let record = AuditRecord::parse(
+            "t  INFO kinvoke::audit: event=\"authorization\" command_id=\"\" decision=\"allow\"",
+        )
+        .unwrap();
+        assert_eq!(record.get("command_id"), Some(""));
+        assert_eq!(record.get("decision"), Some("allow"));
+    }
+
+    #[test]
+    fn a_proxy_v1_header_names_both_ends() {
+        let header = proxy_v1_header(
+            "203.0.113.7:40000".parse().unwrap(),
+            "127.0.0.1:443".parse().unwrap(),
+        );
+        assert_eq!(header, b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n");
+        let header = proxy_v1_header(
+            "[2001:db8::7]:1".parse().unwrap(),
+            "[::1]:2".parse().unwrap(),
+        );
+        assert_eq!(header, b"PROXY TCP6 2001:db8::7 ::1 1 2\r\n");
+    }
+
+    #[test]
+    fn a_listener_address_and_files_are_rendered() {
+        let options = GatewayOptions::default()
+            .listener_address("[::]:0")
+            .file("oidc/jwks.json", "{}");
+        let text = options.render();
+        assert!(text.contains("address = \"[::]:0\"\n"), "{text}");
+        assert_eq!(
+            options.files,
+            [(PathBuf::from("oidc/jwks.json"), b"{}".to_vec())]
+        );
+        assert!(
+            GatewayOptions::default()
+                .render()
+                .contains("address = \"127.0.0.1:0\"\n")
+        );
     }
 
     #[test]
