@@ -1,97 +1,389 @@
-//! The one call site for security decisions: every refused connection, failed
-//! authentication, authorization decision (allowed or denied) and command transition
-//! goes through [`record`]. Today it is a structured `tracing` event on the
-//! `kinvoke::audit` target; the tamper-evident log plugs in here.
+//! The audit trail: every refused connection, failed authentication, authorization
+//! decision (allowed or denied), command transition, result read, cancel and gateway
+//! start/stop becomes one line of a hash-chained JSON Lines file (`chain`), written by
+//! one thread that batches fsyncs (group commit). Events that gate an action (a command
+//! being accepted) wait until their line is durable; if the file cannot be written the
+//! gateway fails closed. Events never carry secrets: no tokens, keys, file contents,
+//! output or environment, only names, sizes and digests.
 
-use std::net::SocketAddr;
+pub mod chain;
 
-/// An auditable event. Fields never hold secrets (tokens, keys, file contents).
-#[derive(Debug, Clone)]
-pub enum AuditEvent<'a> {
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::{oneshot, watch};
+
+use chain::{ChainFile, Head};
+
+/// How often the file is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// fsync after every write batch, each event's waiter released after its fsync.
+    Always,
+    /// Group commit: wait up to this long to gather more events into one fsync.
+    Batch(Duration),
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The JSON Lines file.
+    pub path: PathBuf,
+    /// Durability policy.
+    pub fsync: FsyncPolicy,
+    /// Rotate when the file grows past this many bytes.
+    pub max_file_bytes: u64,
+    /// Also emit every event as a `tracing` event on target `kinvoke::audit`.
+    pub tracing: bool,
+}
+
+/// The audit log cannot be written: actions that need an audit record are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit log unavailable")]
+pub struct AuditUnavailable;
+
+/// A file digest as audited.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditFile {
+    /// Relative path.
+    pub path: String,
+    /// Bytes.
+    pub size: u64,
+    /// SHA-256.
+    pub sha256: String,
+}
+
+/// An auditable event. Fields never hold secrets.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// The gateway started with this configuration.
+    GatewayStarted {
+        /// Gateway version.
+        version: String,
+        /// SHA-256 of the config file's bytes.
+        config_sha256: String,
+    },
+    /// The gateway is stopping.
+    GatewayStopped {
+        /// Why.
+        reason: String,
+    },
     /// A connection refused before TLS.
     ConnectionRefused {
         /// Listener name.
-        listener: &'a str,
+        listener: String,
         /// The TCP peer.
-        peer: SocketAddr,
-        /// Why (names the rule: the range list, or the untrusted PROXY header).
-        reason: &'a str,
+        peer: String,
+        /// Why; names the rule (ranges, untrusted PROXY header).
+        reason: String,
     },
     /// Credentials were missing or wrong.
     AuthenticationFailed {
         /// Listener name.
-        listener: &'a str,
+        listener: String,
         /// Caller address.
-        source: SocketAddr,
+        source: String,
         /// Why (never the credential).
-        reason: &'a str,
+        reason: String,
     },
     /// An authorization decision.
-    Decision {
+    Authorization {
         /// Principal id.
-        principal: &'a str,
+        principal: String,
         /// Auth method.
-        auth_method: &'a str,
+        auth_method: String,
         /// Caller address.
-        source: std::net::IpAddr,
+        source: String,
         /// Action name.
-        action: &'a str,
-        /// Cluster.
-        cluster: &'a str,
-        /// Command id, when the decision is about one command.
-        command_id: Option<&'a str>,
-        /// Allowed or not.
-        allowed: bool,
+        action: String,
+        /// Cluster (or `*`).
+        cluster: String,
+        /// Command id when the decision is about one command.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        command_id: Option<String>,
+        /// `allow` or `deny`.
+        decision: &'static str,
         /// The granting assignment, or the reason for a deny.
-        detail: &'a str,
+        detail: String,
+    },
+    /// A command was accepted and is about to start.
+    CommandAccepted {
+        /// Id.
+        command_id: String,
+        /// Cluster.
+        cluster: String,
+        /// Who.
+        principal: String,
+        /// Caller address.
+        source: String,
+        /// The command line (put secrets in attached files, which are audited as digests).
+        command: String,
+        /// Attached files, by name, size and digest.
+        files: Vec<AuditFile>,
+        /// Timeout in milliseconds.
+        timeout_ms: u64,
+    },
+    /// A command's process started.
+    CommandStarted {
+        /// Id.
+        command_id: String,
+        /// Cluster.
+        cluster: String,
+    },
+    /// A command ended.
+    CommandFinished {
+        /// Id.
+        command_id: String,
+        /// Cluster.
+        cluster: String,
+        /// Final state.
+        state: String,
+        /// Exit code.
+        exit_code: Option<i32>,
+        /// Run time in milliseconds.
+        duration_ms: u64,
+        /// Output bytes written (all of them, kept or not).
+        output_bytes: u64,
+        /// SHA-256 of all output bytes.
+        output_sha256: String,
+        /// Why it failed, was canceled or timed out.
+        reason: String,
+    },
+    /// A command's result or output was read.
+    ResultRead {
+        /// Id.
+        command_id: String,
+        /// Cluster.
+        cluster: String,
+        /// Reader.
+        principal: String,
+    },
+    /// A cancel was requested.
+    CommandCancelRequested {
+        /// Id.
+        command_id: String,
+        /// Cluster.
+        cluster: String,
+        /// Who asked.
+        principal: String,
     },
 }
 
-/// Records an event.
-pub fn record(event: &AuditEvent<'_>) {
-    match event {
-        AuditEvent::ConnectionRefused {
-            listener,
-            peer,
-            reason,
-        } => tracing::warn!(
-            target: "kinvoke::audit",
-            event = "connection_refused",
-            listener,
-            peer = %peer,
-            reason,
-        ),
-        AuditEvent::AuthenticationFailed {
-            listener,
-            source,
-            reason,
-        } => tracing::warn!(
-            target: "kinvoke::audit",
-            event = "authentication_failed",
-            listener,
-            source = %source,
-            reason,
-        ),
-        AuditEvent::Decision {
-            principal,
-            auth_method,
-            source,
-            action,
-            cluster,
-            command_id,
-            allowed,
-            detail,
-        } => tracing::info!(
-            target: "kinvoke::audit",
-            event = "authorization",
-            principal,
-            auth_method,
-            source = %source,
-            action,
-            cluster,
-            command_id = command_id.unwrap_or_default(),
-            decision = if *allowed { "allow" } else { "deny" },
-            detail,
-        ),
+impl AuditEvent {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::GatewayStarted { .. } => "gateway_started",
+            Self::GatewayStopped { .. } => "gateway_stopped",
+            Self::ConnectionRefused { .. } => "connection_refused",
+            Self::AuthenticationFailed { .. } => "authentication_failed",
+            Self::Authorization { .. } => "authorization",
+            Self::CommandAccepted { .. } => "command_accepted",
+            Self::CommandStarted { .. } => "command_started",
+            Self::CommandFinished { .. } => "command_finished",
+            Self::ResultRead { .. } => "result_read",
+            Self::CommandCancelRequested { .. } => "command_cancel_requested",
+        }
+    }
+}
+
+struct Entry {
+    fields: Map<String, Value>,
+    durable: Option<oneshot::Sender<Result<(), AuditUnavailable>>>,
+}
+
+/// Handle to the audit log; cheap to clone.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::SyncSender<Entry>,
+    healthy: Arc<AtomicBool>,
+    health: watch::Receiver<bool>,
+    tracing: bool,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("healthy", &self.is_healthy())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Events queued before senders wait for the writer (backpressure, bounded memory).
+const QUEUE: usize = 8192;
+/// Most events written per batch.
+const MAX_BATCH: usize = 1024;
+
+impl Audit {
+    /// Opens the file (continuing its chain) and starts the writer thread.
+    pub fn open(config: &AuditConfig) -> std::io::Result<Self> {
+        let (file, note) = ChainFile::open(&config.path)?;
+        if let Some(note) = note {
+            tracing::error!("audit log: {note}");
+        }
+        let (tx, rx) = mpsc::sync_channel::<Entry>(QUEUE);
+        let healthy = Arc::new(AtomicBool::new(true));
+        let (health_tx, health) = watch::channel(true);
+        let writer = Writer {
+            file,
+            config: config.clone(),
+            healthy: healthy.clone(),
+            health: health_tx,
+        };
+        std::thread::Builder::new()
+            .name("kinvoke-audit".to_owned())
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
+            tx,
+            healthy,
+            health,
+            tracing: config.tracing,
+        })
+    }
+
+    /// True while the log is being written.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Follows the log's health (for the gRPC health service).
+    pub fn health(&self) -> watch::Receiver<bool> {
+        self.health.clone()
+    }
+
+    fn fields(&self, event: &AuditEvent) -> Map<String, Value> {
+        match serde_json::to_value(event) {
+            Ok(Value::Object(map)) => map,
+            _ => {
+                let mut map = Map::new();
+                map.insert("event".to_owned(), Value::from(event.name()));
+                map
+            }
+        }
+    }
+
+    fn emit_tracing(&self, fields: &Map<String, Value>) {
+        if self.tracing {
+            let name = fields
+                .get("event")
+                .and_then(Value::as_str)
+                .unwrap_or("event");
+            tracing::info!(target: "kinvoke::audit", event = name, "{}", serde_json::Value::Object(fields.clone()));
+        }
+    }
+
+    /// Records an event; returns at once (the line is written with the next batch).
+    pub fn record(&self, event: AuditEvent) {
+        let fields = self.fields(&event);
+        self.emit_tracing(&fields);
+        if self
+            .tx
+            .send(Entry {
+                fields,
+                durable: None,
+            })
+            .is_err()
+        {
+            self.healthy.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Records an event and waits until its line is durable (per the fsync policy).
+    pub async fn record_durable(&self, event: AuditEvent) -> Result<(), AuditUnavailable> {
+        if !self.is_healthy() {
+            return Err(AuditUnavailable);
+        }
+        let fields = self.fields(&event);
+        self.emit_tracing(&fields);
+        let (ack, done) = oneshot::channel();
+        let tx = self.tx.clone();
+        // a full queue blocks the sender: do that off the async threads
+        tokio::task::spawn_blocking(move || {
+            tx.send(Entry {
+                fields,
+                durable: Some(ack),
+            })
+        })
+        .await
+        .map_err(|_| AuditUnavailable)?
+        .map_err(|_| AuditUnavailable)?;
+        done.await.map_err(|_| AuditUnavailable)?
+    }
+}
+
+struct Writer {
+    file: ChainFile,
+    config: AuditConfig,
+    healthy: Arc<AtomicBool>,
+    health: watch::Sender<bool>,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Entry>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            // group commit: gather what arrives within the bound into one fsync
+            let deadline = match self.config.fsync {
+                FsyncPolicy::Always => None,
+                FsyncPolicy::Batch(wait) => Some(Instant::now() + wait),
+            };
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(entry) => batch.push(entry),
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                    Err(mpsc::TryRecvError::Empty) => {
+                        let Some(deadline) = deadline else { break };
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        match rx.recv_timeout(deadline - now) {
+                            Ok(entry) => batch.push(entry),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            let result = self.write(&batch);
+            if let Err(err) = &result {
+                if self.healthy.swap(false, Ordering::Relaxed) {
+                    tracing::error!(path = %self.config.path.display(), %err, "audit log write failed; refusing new commands until it recovers");
+                    let _ = self.health.send(false);
+                }
+            } else if !self.healthy.swap(true, Ordering::Relaxed) {
+                tracing::info!("audit log writable again");
+                let _ = self.health.send(true);
+            }
+            for entry in batch {
+                if let Some(ack) = entry.durable {
+                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| AuditUnavailable));
+                }
+            }
+        }
+        let _ = self.file.sync();
+    }
+
+    fn write(&mut self, batch: &[Entry]) -> std::io::Result<()> {
+        let time = jiff::Timestamp::now().to_string();
+        let mut head: Head = self.file.head().clone();
+        let mut bytes = Vec::with_capacity(batch.len() * 256);
+        for entry in batch {
+            let (line, next) = chain::next_line(&head, &time, &entry.fields);
+            bytes.extend_from_slice(&line);
+            bytes.push(b'\n');
+            head = next;
+        }
+        self.file.append(&bytes, head)?;
+        self.file.sync()?;
+        if self.file.size() >= self.config.max_file_bytes {
+            let rotated = self.file.rotate()?;
+            tracing::info!(rotated = %rotated.display(), "audit log rotated");
+        }
+        Ok(())
     }
 }

@@ -75,6 +75,10 @@ pub struct Config {
     pub policy: Policy,
     /// Legal but risky settings, printed by `check-config` and logged at start.
     pub warnings: Vec<String>,
+    /// The audit log.
+    pub audit: crate::audit::AuditConfig,
+    /// SHA-256 (hex) of the config text, recorded in the audit log at start.
+    pub digest: String,
 }
 
 /// Where results are kept and for how long.
@@ -215,6 +219,19 @@ struct RawConfig {
     roles: Vec<access::RawRole>,
     #[serde(default, rename = "assignment")]
     assignments: Vec<access::RawAssignment>,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<PathBuf>,
+    fsync: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    fsync_interval: Option<Duration>,
+    max_file_bytes: Option<ByteSize>,
+    tracing: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -463,7 +480,12 @@ impl Config {
         let policy = Policy::new(roles, assignments, gates)
             .map_err(|e| invalid("assignment", e.to_string()))?;
 
+        let audit = parse_audit(raw.audit, &state_dir, &resolve)?;
         Ok(Self {
+            digest: crate::command::hex(
+                ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
+            ),
+            audit,
             state_dir,
             store,
             limits,
@@ -668,6 +690,48 @@ fn parse_listener_access(
             tokens,
             require_client_cert,
         },
+    })
+}
+
+fn parse_audit(
+    raw: RawAudit,
+    state_dir: &Path,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<crate::audit::AuditConfig, ConfigError> {
+    use crate::audit::FsyncPolicy;
+    let interval = raw.fsync_interval.unwrap_or(Duration::from_millis(5));
+    if interval > Duration::from_secs(1) {
+        return Err(invalid(
+            "audit.fsync_interval",
+            "must be at most 1s: commands wait for it before they start",
+        ));
+    }
+    let fsync = match raw.fsync.as_deref() {
+        None | Some("batch") => FsyncPolicy::Batch(interval),
+        Some("always") => FsyncPolicy::Always,
+        Some(other) => {
+            return Err(invalid(
+                "audit.fsync",
+                format!("\"{other}\" is not a policy; use \"always\" or \"batch\""),
+            ));
+        }
+    };
+    let max_file_bytes = raw
+        .max_file_bytes
+        .map(|b| b.as_u64())
+        .unwrap_or(100 * 1024 * 1024);
+    if max_file_bytes < 4096 {
+        return Err(invalid("audit.max_file_bytes", "must be at least 4KiB"));
+    }
+    Ok(crate::audit::AuditConfig {
+        path: raw
+            .path
+            .as_deref()
+            .map(resolve)
+            .unwrap_or_else(|| state_dir.join("audit.jsonl")),
+        fsync,
+        max_file_bytes,
+        tracing: raw.tracing.unwrap_or(true),
     })
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 
 use crate::access::authz::{Action, Decision, Denied};
-use crate::audit::{self, AuditEvent};
+use crate::audit::{Audit, AuditEvent};
 use crate::authn::{Authenticator, Principal};
 use crate::config::Config;
 use crate::ingress::ConnInfo;
@@ -26,12 +26,22 @@ pub enum Use {
 pub struct Guard {
     config: Arc<Config>,
     authn: Authenticator,
+    audit: Audit,
 }
 
 impl Guard {
     /// A guard over the config's policy and an authenticator.
-    pub fn new(config: Arc<Config>, authn: Authenticator) -> Self {
-        Self { config, authn }
+    pub fn new(config: Arc<Config>, authn: Authenticator, audit: Audit) -> Self {
+        Self {
+            config,
+            authn,
+            audit,
+        }
+    }
+
+    /// The audit log decisions go to.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
     }
 
     /// The configuration this guard enforces.
@@ -63,10 +73,10 @@ impl Guard {
             }
             Err(err) => {
                 let reason = err.to_string();
-                audit::record(&AuditEvent::AuthenticationFailed {
-                    listener: &conn.listener,
-                    source: conn.source,
-                    reason: &reason,
+                self.audit.record(AuditEvent::AuthenticationFailed {
+                    listener: conn.listener.to_string(),
+                    source: conn.source.to_string(),
+                    reason: reason.clone(),
                 });
                 Err(Status::unauthenticated(reason))
             }
@@ -75,16 +85,18 @@ impl Guard {
 
     /// NOT_FOUND unless the cluster is configured (asked only after authentication, so
     /// the cluster list does not leak to strangers).
-    pub fn known_cluster(&self, cluster: &str) -> Result<(), Status> {
-        if cluster.is_empty() {
-            return Err(Status::invalid_argument("cluster is required"));
-        }
-        match self.config.cluster(cluster) {
-            Some(_) => Ok(()),
-            None => Err(Status::not_found(format!(
+    pub fn known_cluster(&self, who: &Principal, cluster: &str) -> Result<(), Status> {
+        let refusal = if cluster.is_empty() {
+            Status::invalid_argument("cluster is required")
+        } else if self.config.cluster(cluster).is_some() {
+            return Ok(());
+        } else {
+            Status::not_found(format!(
                 "cluster \"{cluster}\" is not configured on this gateway"
-            ))),
-        }
+            ))
+        };
+        self.record_decision(who, "*", cluster, None, false, refusal.message().to_owned());
+        Err(refusal)
     }
 
     fn decide(
@@ -99,16 +111,7 @@ impl Guard {
             Decision::Allow { assignment, role } => (true, format!("{assignment} ({role})")),
             Decision::Deny(denied) => (false, denied.to_string()),
         };
-        audit::record(&AuditEvent::Decision {
-            principal: &who.id,
-            auth_method: who.auth_method.as_str(),
-            source: who.source,
-            action: action.as_str(),
-            cluster,
-            command_id,
-            allowed,
-            detail: &detail,
-        });
+        self.record_decision(who, action.as_str(), cluster, command_id, allowed, detail);
         decision
     }
 
@@ -194,17 +197,36 @@ impl Guard {
                 Some(_) => format!("{} (own)", v.cluster),
             })
             .collect();
-        audit::record(&AuditEvent::Decision {
-            principal: &who.id,
-            auth_method: who.auth_method.as_str(),
-            source: who.source,
-            action: "commands/list",
-            cluster: only.unwrap_or("*"),
-            command_id: None,
-            allowed: !out.is_empty(),
-            detail: &format!("visible: {}", detail.join(", ")),
-        });
+        self.record_decision(
+            who,
+            "commands/list",
+            only.unwrap_or("*"),
+            None,
+            !out.is_empty(),
+            format!("visible: {}", detail.join(", ")),
+        );
         out
+    }
+
+    fn record_decision(
+        &self,
+        who: &Principal,
+        action: &str,
+        cluster: &str,
+        command_id: Option<&str>,
+        allowed: bool,
+        detail: String,
+    ) {
+        self.audit.record(AuditEvent::Authorization {
+            principal: who.id.clone(),
+            auth_method: who.auth_method.as_str().to_owned(),
+            source: who.source.to_string(),
+            action: action.to_owned(),
+            cluster: cluster.to_owned(),
+            command_id: command_id.map(str::to_owned),
+            decision: if allowed { "allow" } else { "deny" },
+            detail,
+        });
     }
 }
 

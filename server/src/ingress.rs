@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::cidr::CidrSet;
 use crate::access::proxy;
-use crate::audit::{self, AuditEvent};
+use crate::audit::{Audit, AuditEvent};
 use crate::authn::ListenerAuth;
 use crate::config::ListenerConfig;
 
@@ -248,10 +248,16 @@ pub async fn bind(listeners: &[ListenerConfig]) -> Result<Vec<BoundListener>, In
 pub fn incoming(
     listeners: Vec<BoundListener>,
     stop: CancellationToken,
+    audit: Audit,
 ) -> impl Stream<Item = Result<Conn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
     for listener in listeners {
-        tokio::spawn(accept_loop(listener, tx.clone(), stop.clone()));
+        tokio::spawn(accept_loop(
+            listener,
+            tx.clone(),
+            stop.clone(),
+            audit.clone(),
+        ));
     }
     ReceiverStream::new(rx)
 }
@@ -260,6 +266,7 @@ async fn accept_loop(
     listener: BoundListener,
     tx: mpsc::Sender<Result<Conn, io::Error>>,
     stop: CancellationToken,
+    audit: Audit,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -284,15 +291,16 @@ async fn accept_loop(
         let gate = listener.gate.clone();
         let auth = listener.auth;
         let tx = tx.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
             let handshake = async {
                 let source = match gate.admit(&mut tcp, peer).await {
                     Ok(source) => source,
                     Err(reason) => {
-                        audit::record(&AuditEvent::ConnectionRefused {
-                            listener: &name,
-                            peer,
-                            reason: &reason,
+                        audit.record(AuditEvent::ConnectionRefused {
+                            listener: name.to_string(),
+                            peer: peer.to_string(),
+                            reason,
                         });
                         return None;
                     }
@@ -315,10 +323,10 @@ async fn accept_loop(
                     let _ = tx.send(Ok(Conn { stream, info })).await;
                 }
                 Ok(Some((source, Err(err)))) => {
-                    audit::record(&AuditEvent::AuthenticationFailed {
-                        listener: &name,
-                        source,
-                        reason: &format!("TLS handshake refused: {err}"),
+                    audit.record(AuditEvent::AuthenticationFailed {
+                        listener: name.to_string(),
+                        source: source.to_string(),
+                        reason: format!("TLS handshake refused: {err}"),
                     });
                 }
                 Err(_) => {

@@ -31,6 +31,7 @@ use kinvoke_proto::v1::access_service_server::AccessServiceServer;
 use kinvoke_proto::v1::command_service_server::CommandServiceServer;
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{Audit, AuditEvent};
 use crate::authn::Authenticator;
 use crate::authn::jwt::Issuers;
 use crate::config::Config;
@@ -56,6 +57,9 @@ pub enum GatewayError {
     /// A token issuer could not be set up (e.g. its JWKS file).
     #[error(transparent)]
     Issuer(#[from] authn::jwt::TokenError),
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log: {0}")]
+    Audit(std::io::Error),
     /// Server reflection could not be built.
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -90,9 +94,14 @@ pub async fn run(
         config.authn.static_tokens.clone(),
         Issuers::new(config.authn.issuers.clone())?,
     );
-    let guard = Arc::new(Guard::new(config.clone(), authenticator));
+    let audit = Audit::open(&config.audit).map_err(GatewayError::Audit)?;
+    audit.record(AuditEvent::GatewayStarted {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        config_sha256: config.digest.clone(),
+    });
+    let guard = Arc::new(Guard::new(config.clone(), authenticator, audit.clone()));
     let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
-    let runner = Runner::new(config.clone(), store, executor);
+    let runner = Runner::new(config.clone(), store, executor, audit.clone());
     let purge = tokio::spawn(purge_loop(runner.clone(), config.store.retention));
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -121,7 +130,32 @@ pub async fn run(
         .max_encoding_message_size(usize::MAX);
 
     let stop_accepting = CancellationToken::new();
-    let incoming = ingress::incoming(listeners, stop_accepting.clone());
+    let incoming = ingress::incoming(listeners, stop_accepting.clone(), audit.clone());
+    // the health service follows the audit log: no audit, no commands
+    let health_task = {
+        let reporter = health_reporter.clone();
+        let mut healthy = audit.health();
+        tokio::spawn(async move {
+            while healthy.changed().await.is_ok() {
+                let ok = *healthy.borrow_and_update();
+                if ok {
+                    reporter
+                        .set_serving::<CommandServiceServer<CommandApi>>()
+                        .await;
+                    reporter
+                        .set_service_status("", tonic_health::ServingStatus::Serving)
+                        .await;
+                } else {
+                    reporter
+                        .set_not_serving::<CommandServiceServer<CommandApi>>()
+                        .await;
+                    reporter
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                }
+            }
+        })
+    };
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -155,6 +189,13 @@ pub async fn run(
         .await;
     runner.shutdown(config.shutdown_grace).await;
     purge.abort();
+    health_task.abort();
+    // durable, so a clean stop is the chain's last word
+    let _ = audit
+        .record_durable(AuditEvent::GatewayStopped {
+            reason: "shutdown signal".to_owned(),
+        })
+        .await;
     match tokio::time::timeout(CONNECTION_DRAIN, &mut server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(err)) => tracing::error!(%err, "gRPC server task died"),

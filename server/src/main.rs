@@ -28,6 +28,18 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain of one audit file, or of rotated files given oldest first
+    /// (each must continue the previous one). Exit 0 with the count and head hash, or 1
+    /// with the first broken, missing or reordered line.
+    Verify {
+        /// Audit files, oldest first (e.g. audit.120.jsonl audit.jsonl).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Cmd {
     /// Serve with a config file.
     Serve {
@@ -47,6 +59,11 @@ enum Cmd {
         /// Generate a new random token (printed on stderr) instead of reading one.
         #[arg(long)]
         generate: bool,
+    },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCmd,
     },
     /// Start a local development gateway with generated certificates and one cluster, `local`.
     Dev {
@@ -120,6 +137,31 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Cmd::Audit {
+            command: AuditCmd::Verify { files },
+        } => {
+            use kinvoke_gateway::audit::chain;
+            let mut head: Option<chain::Head> = None;
+            let mut total = 0usize;
+            for file in &files {
+                match chain::verify(file, head.as_ref()) {
+                    Ok((count, h)) => {
+                        total += count;
+                        head = Some(h);
+                    }
+                    Err(err) => {
+                        println!("{}: {err}", file.display());
+                        return Ok(ExitCode::FAILURE);
+                    }
+                }
+            }
+            let head = head.unwrap_or_else(chain::Head::genesis);
+            println!(
+                "ok: {total} events, head seq {} sha256 {}",
+                head.seq, head.hash
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::HashToken { generate } => {
             let token = if generate {
                 let mut bytes = [0u8; 32];

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::{Audit, AuditEvent, AuditFile};
 use crate::authn::Principal;
 use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequest};
 use crate::config::Config;
@@ -57,6 +58,9 @@ pub enum RunError {
     /// The result store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit log cannot record the command, so it may not run (fail closed).
+    #[error("audit log unavailable")]
+    AuditUnavailable,
     /// The system random source failed.
     #[error("cannot generate a command id: {0}")]
     Random(getrandom::Error),
@@ -88,11 +92,17 @@ pub struct Runner {
     slots: Arc<Semaphore>,
     accepting: CancellationToken,
     tasks: TaskTracker,
+    audit: Audit,
 }
 
 impl Runner {
     /// A runner over a store and an executor.
-    pub fn new(config: Arc<Config>, store: Store, executor: Arc<dyn Executor>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        executor: Arc<dyn Executor>,
+        audit: Audit,
+    ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.limits.max_concurrent_commands));
         Arc::new(Self {
             config,
@@ -102,6 +112,7 @@ impl Runner {
             slots,
             accepting: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            audit,
         })
     }
 
@@ -152,7 +163,28 @@ impl Runner {
             output: Vec::new(),
             output_size: 0,
         };
-        // recorded before it runs: a crash from here on leaves a record, marked failed at restart
+        // audited and recorded before it runs: no command without a durable trace, and a
+        // crash from here on leaves a record that is marked failed at restart
+        self.audit
+            .record_durable(AuditEvent::CommandAccepted {
+                command_id: id.to_string(),
+                cluster: record.cluster.clone(),
+                principal: principal.id.clone(),
+                source: principal.source.to_string(),
+                command: record.command.clone(),
+                files: record
+                    .files
+                    .iter()
+                    .map(|f| AuditFile {
+                        path: f.path.clone(),
+                        size: f.size,
+                        sha256: f.sha256.clone(),
+                    })
+                    .collect(),
+                timeout_ms: u64::try_from(record.timeout.as_millis()).unwrap_or(u64::MAX),
+            })
+            .await
+            .map_err(|_| RunError::AuditUnavailable)?;
         self.store.put(record.clone()).await?;
 
         let output = Arc::new(OutputLog::new(self.config.limits.max_output_bytes));
@@ -186,6 +218,10 @@ impl Runner {
         };
         let this = self.clone();
         self.tasks.spawn(async move {
+            this.audit.record(AuditEvent::CommandStarted {
+                command_id: running.record.id.to_string(),
+                cluster: running.record.cluster.clone(),
+            });
             let outcome = this.executor.run(job).await;
             this.finish(&running, outcome).await;
             this.running_map().remove(&running.record.id);
@@ -214,6 +250,20 @@ impl Runner {
         };
         record.output_size = output.total;
         record.output = output.data;
+        self.audit.record(AuditEvent::CommandFinished {
+            command_id: record.id.to_string(),
+            cluster: record.cluster.clone(),
+            state: record.state.as_str().to_owned(),
+            exit_code: record.exit_code,
+            duration_ms: record
+                .finished_at
+                .and_then(|f| f.duration_since(record.started_at).ok())
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or_default(),
+            output_bytes: output.total,
+            output_sha256: output.sha256.unwrap_or_default(),
+            reason: record.reason.clone(),
+        });
         let elapsed = record
             .finished_at
             .and_then(|f| f.duration_since(record.started_at).ok())

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::access::authz::Action;
+use crate::audit::AuditEvent;
 use crate::command::CommandSpec;
 use crate::guard::{Guard, Use};
 use crate::runner::{Follow, RunError, Runner};
@@ -44,9 +45,22 @@ impl CommandApi {
         id: &str,
         use_: Use,
     ) -> Result<CommandRecord, Status> {
-        self.guard.known_cluster(cluster)?;
+        self.guard.known_cluster(who, cluster)?;
         let record = self.runner.result(cluster, id, false).await?;
         self.guard.may_use(who, &record, use_)?;
+        let (command_id, cluster) = (record.id.to_string(), record.cluster.clone());
+        self.guard.audit().record(match use_ {
+            Use::Read => AuditEvent::ResultRead {
+                command_id,
+                cluster,
+                principal: who.id.clone(),
+            },
+            Use::Cancel => AuditEvent::CommandCancelRequested {
+                command_id,
+                cluster,
+                principal: who.id.clone(),
+            },
+        });
         Ok(record)
     }
 }
@@ -194,7 +208,7 @@ impl CommandService for CommandApi {
     ) -> Result<Response<pb::InvokeCommandResponse>, Status> {
         let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
-        self.guard.known_cluster(&req.cluster)?;
+        self.guard.known_cluster(&principal, &req.cluster)?;
         self.guard
             .authorize(&principal, Action::RunCommand, &req.cluster)?;
         let no_wait = req.no_wait;
@@ -287,7 +301,7 @@ impl CommandService for CommandApi {
         let req = request.into_inner();
         let only = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
         if let Some(cluster) = only {
-            self.guard.known_cluster(cluster)?;
+            self.guard.known_cluster(&principal, cluster)?;
         }
         let visible = self.guard.visibility(&principal, only);
         let limit = match req.page_size {

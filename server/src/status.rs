@@ -19,7 +19,7 @@ impl From<RunError> for Status {
             RunError::Invalid(_) => Code::InvalidArgument,
             RunError::ClusterNotFound { .. } | RunError::CommandNotFound { .. } => Code::NotFound,
             RunError::TooManyCommands { .. } => Code::ResourceExhausted,
-            RunError::ShuttingDown => Code::Unavailable,
+            RunError::ShuttingDown | RunError::AuditUnavailable => Code::Unavailable,
             RunError::Store(_) | RunError::Random(_) => {
                 tracing::error!(error = %err, "internal error");
                 return Status::internal("internal error in the gateway; its log has the details");

@@ -1403,19 +1403,20 @@ pub fn command_id_from_tsv(stdout: &str) -> Option<String> {
 /// Target of the gateway's audit events.
 const AUDIT_TARGET: &str = " kinvoke::audit: ";
 
-/// One `kinvoke::audit` event from the gateway's human-format stderr log, e.g.
+/// One `kinvoke::audit` event from the gateway's human-format stderr log: the event's
+/// JSON object (the same fields as its line in the audit file, without the chain fields),
+/// e.g.
 ///
 /// ```text
-/// 2026-01-02T03:04:05.123456Z  WARN kinvoke::audit: event="connection_refused" listener="main" peer=127.0.0.3:40000 reason="source 127.0.0.3 is not in authorized_ip_ranges"
+/// 2026-01-02T03:04:05.123456Z  INFO kinvoke::audit: {"event":"connection_refused","listener":"main","peer":"127.0.0.3:40000","reason":"..."} event="connection_refused"
 /// ```
 ///
-/// String fields are written quoted with Rust escapes, other fields bare; both come out
-/// here as plain text.
+/// String values come out as plain text, others as their JSON text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
     /// `INFO`, `WARN`, ...
     pub level: String,
-    /// The fields, unquoted.
+    /// The fields.
     pub fields: BTreeMap<String, String>,
     /// The whole line, for failure messages.
     pub line: String,
@@ -1426,44 +1427,23 @@ impl AuditRecord {
     pub fn parse(line: &str) -> Option<Self> {
         let (head, rest) = line.split_once(AUDIT_TARGET)?;
         let level = head.split_whitespace().last()?.to_owned();
-        let mut fields = BTreeMap::new();
-        let mut chars = rest.trim().chars().peekable();
-        loop {
-            while chars.next_if(|c| c.is_whitespace()).is_some() {}
-            let mut key = String::new();
-            while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-                key.push(c);
-            }
-            if key.is_empty() {
-                break;
-            }
-            if chars.next_if_eq(&'=').is_none() {
-                // a bare word (a message): keep it under its own name
-                fields.insert(key, String::new());
-                continue;
-            }
-            let mut value = String::new();
-            if chars.next_if_eq(&'"').is_some() {
-                while let Some(c) = chars.next() {
-                    match c {
-                        '"' => break,
-                        '\\' => match chars.next() {
-                            Some('n') => value.push('\n'),
-                            Some('t') => value.push('\t'),
-                            Some('r') => value.push('\r'),
-                            Some(other) => value.push(other),
-                            None => break,
-                        },
-                        other => value.push(other),
-                    }
-                }
-            } else {
-                while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                    value.push(c);
-                }
-            }
-            fields.insert(key, value);
-        }
+        let json = &rest[rest.find('{')?..];
+        // the object is followed by tracing's own fields: read just the first value
+        let value: serde_json::Value = serde_json::Deserializer::from_str(json)
+            .into_iter::<serde_json::Value>()
+            .next()?
+            .ok()?;
+        let fields = value
+            .as_object()?
+            .iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), text)
+            })
+            .collect();
         Some(Self {
             level,
             fields,
@@ -1792,30 +1772,23 @@ mod tests {
     }
 
     #[test]
-    fn an_audit_line_is_parsed_into_unquoted_fields() {
-        let line = "2026-11-28T13:44:01.287401Z  WARN kinvoke::audit: event=\"connection_refused\" \
-                    listener=\"dev\" peer=[::ffff:127.0.0.3]:52143 reason=\"say \\\"no\\\" to 127.0.0.3\"";
+    fn an_audit_line_is_parsed_into_plain_fields() {
+        let line = "2026-11-28T13:44:01.287401Z  INFO kinvoke::audit: {\"event\":\"connection_refused\",\
+                    \"listener\":\"dev\",\"peer\":\"127.0.0.3:52143\",\"reason\":\"say \\\"no\\\" to 127.0.0.3\",\
+                    \"exit_code\":3,\"command_id\":\"\"} event=\"connection_refused\"";
         let record = AuditRecord::parse(line).unwrap();
-        assert_eq!(record.level, "WARN");
+        assert_eq!(record.level, "INFO");
         assert_eq!(record.event(), "connection_refused");
         assert_eq!(record.get("listener"), Some("dev"));
-        assert_eq!(record.get("peer"), Some("[::ffff:127.0.0.3]:52143"));
+        assert_eq!(record.get("peer"), Some("127.0.0.3:52143"));
         assert_eq!(record.get("reason"), Some("say \"no\" to 127.0.0.3"));
+        assert_eq!(record.get("exit_code"), Some("3"));
+        assert_eq!(record.get("command_id"), Some(""));
         assert_eq!(record.get("missing"), None);
         assert!(
             AuditRecord::parse("2026-11-28T13:44:01Z  INFO kinvoke_gateway: gateway stopped")
                 .is_none()
         );
-    }
-
-    #[test]
-    fn an_empty_quoted_field_is_an_empty_value() {
-        let record = AuditRecord::parse(
-            "t  INFO kinvoke::audit: event=\"authorization\" command_id=\"\" decision=\"allow\"",
-        )
-        .unwrap();
-        assert_eq!(record.get("command_id"), Some(""));
-        assert_eq!(record.get("decision"), Some("allow"));
     }
 
     #[test]

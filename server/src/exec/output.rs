@@ -36,6 +36,8 @@ pub struct FinalOutput {
     pub data: Vec<u8>,
     /// Bytes written in all.
     pub total: u64,
+    /// SHA-256 (hex) of every byte written, once the output is closed.
+    pub sha256: Option<String>,
 }
 
 impl FinalOutput {
@@ -52,11 +54,21 @@ pub struct OutputLog {
     inner: Mutex<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     retained: Vec<u8>,
     total: u64,
     live: Option<broadcast::Sender<Chunk>>,
+    // over all bytes, kept or not: the audit records it instead of the output
+    digest: ring::digest::Context,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("retained", &self.retained.len())
+            .field("total", &self.total)
+            .finish_non_exhaustive()
+    }
 }
 
 impl OutputLog {
@@ -69,6 +81,7 @@ impl OutputLog {
                 retained: Vec::new(),
                 total: 0,
                 live: Some(tx),
+                digest: ring::digest::Context::new(&ring::digest::SHA256),
             }),
         }
     }
@@ -86,6 +99,7 @@ impl OutputLog {
         let mut inner = self.lock();
         let offset = inner.total;
         inner.total += data.len() as u64;
+        inner.digest.update(data);
         let room = self.max.saturating_sub(inner.retained.len());
         let keep = room.min(data.len());
         inner.retained.extend_from_slice(&data[..keep]);
@@ -130,6 +144,7 @@ impl OutputLog {
         FinalOutput {
             data: inner.retained.clone(),
             total: inner.total,
+            sha256: None,
         }
     }
 
@@ -137,10 +152,15 @@ impl OutputLog {
     pub fn close(&self) -> FinalOutput {
         let mut inner = self.lock();
         inner.live = None;
+        let digest = std::mem::replace(
+            &mut inner.digest,
+            ring::digest::Context::new(&ring::digest::SHA256),
+        );
         FinalOutput {
             // kept (not taken): a follower that subscribes after close still gets it
             data: inner.retained.clone(),
             total: inner.total,
+            sha256: Some(crate::command::hex(digest.finish().as_ref())),
         }
     }
 }
@@ -158,6 +178,16 @@ mod tests {
         assert_eq!(out.data, b"abcde");
         assert_eq!(out.total, 8);
         assert!(out.truncated());
+        // the digest covers every byte, not just the kept ones
+        assert_eq!(
+            out.sha256.as_deref(),
+            Some(
+                crate::command::hex(
+                    ring::digest::digest(&ring::digest::SHA256, b"abcdefgh").as_ref()
+                )
+                .as_str()
+            )
+        );
     }
 
     #[tokio::test]
