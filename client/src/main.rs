@@ -68,6 +68,44 @@ struct Target {
 }
 
 #[derive(Debug, Subcommand)]
+enum BreakGlassCmd {
+    /// Activate an eligible assignment for a while, with a reason.
+    Activate {
+        /// Cluster name as configured on the gateway.
+        #[arg(short = 'n', long, visible_alias = "name")]
+        cluster: String,
+        /// Role of the eligible assignment, e.g. "Cluster Admin".
+        #[arg(long)]
+        role: String,
+        /// Why (the gateway may require a ticket id such as INC-1234).
+        #[arg(long, visible_alias = "justification")]
+        reason: String,
+        /// How long, e.g. 30m (at most the assignment's max_duration).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// Approve someone else's pending grant.
+    Approve {
+        /// Grant id.
+        grant: String,
+    },
+    /// List grants you requested, may approve, or may audit.
+    List {
+        /// Only this cluster.
+        #[arg(short = 'n', long, visible_alias = "name")]
+        cluster: Option<String>,
+        /// Include expired and revoked grants.
+        #[arg(long)]
+        all: bool,
+    },
+    /// End a grant now.
+    Revoke {
+        /// Grant id.
+        grant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a command on a cluster and print its result.
     Invoke {
@@ -112,6 +150,9 @@ enum Cmd {
     Whoami,
     /// List the clusters you hold any permission on.
     Clusters,
+    /// Time-bound, audited break-glass access: activate an eligible role, approve, list, revoke.
+    #[command(subcommand, name = "break-glass")]
+    BreakGlass(BreakGlassCmd),
     /// List commands, newest first.
     List {
         /// Only this cluster.
@@ -394,6 +435,58 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .into_inner()
                 .clusters;
             render::clusters(&mut stdout, format, &clusters)?;
+            stdout.flush()?;
+            Ok(0)
+        }
+        Cmd::BreakGlass(cmd) => {
+            let mut access = settings.connect().await?.access;
+            match cmd {
+                BreakGlassCmd::Activate {
+                    cluster,
+                    role,
+                    reason,
+                    duration,
+                } => {
+                    let grant = access
+                        .activate_break_glass(pb::ActivateBreakGlassRequest {
+                            cluster,
+                            role,
+                            justification: reason,
+                            duration: Some(
+                                prost_types::Duration::try_from(duration)
+                                    .map_err(|e| LocalError(format!("--duration: {e}")))?,
+                            ),
+                        })
+                        .await?
+                        .into_inner();
+                    render::grant(&mut stdout, format, &grant)?;
+                }
+                BreakGlassCmd::Approve { grant } => {
+                    let grant = access
+                        .approve_break_glass(pb::ApproveBreakGlassRequest { grant_id: grant })
+                        .await?
+                        .into_inner();
+                    render::grant(&mut stdout, format, &grant)?;
+                }
+                BreakGlassCmd::Revoke { grant } => {
+                    let grant = access
+                        .revoke_grant(pb::RevokeGrantRequest { grant_id: grant })
+                        .await?
+                        .into_inner();
+                    render::grant(&mut stdout, format, &grant)?;
+                }
+                BreakGlassCmd::List { cluster, all } => {
+                    let grants = access
+                        .list_grants(pb::ListGrantsRequest {
+                            cluster: cluster.unwrap_or_default(),
+                            include_inactive: all,
+                        })
+                        .await?
+                        .into_inner()
+                        .grants;
+                    render::grants(&mut stdout, format, &grants)?;
+                }
+            }
             stdout.flush()?;
             Ok(0)
         }

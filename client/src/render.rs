@@ -3,7 +3,9 @@
 
 use std::io::{self, Write};
 
-use kinvoke_proto::v1::{ClusterAccess, CommandResult, CommandState, WhoAmIResponse};
+use kinvoke_proto::v1::{
+    ClusterAccess, CommandResult, CommandState, Grant, GrantState, WhoAmIResponse,
+};
 use serde::Serialize;
 
 /// `-o/--output` formats.
@@ -41,6 +43,15 @@ pub struct ResultView {
     command: String,
     principal: String,
     files: Vec<FileView>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    break_glass: Option<BreakGlassView>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BreakGlassView {
+    grant_id: String,
+    justification: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +112,10 @@ impl ResultView {
                     sha256: f.sha256.clone(),
                 })
                 .collect(),
+            break_glass: r.break_glass.as_ref().map(|b| BreakGlassView {
+                grant_id: b.grant_id.clone(),
+                justification: b.justification.clone(),
+            }),
         }
     }
 }
@@ -126,6 +141,7 @@ fn table(rows: &[&CommandResult]) -> String {
         "EXIT",
         "STARTED",
         "PRINCIPAL",
+        "BREAK-GLASS",
         "COMMAND",
     ];
     let mut cells: Vec<Vec<String>> = Vec::new();
@@ -141,6 +157,11 @@ fn table(rows: &[&CommandResult]) -> String {
             r.exit_code.map(|c| c.to_string()).unwrap_or_default(),
             az_time(&r.started_at),
             r.principal.clone(),
+            // the grant id, so anyone reading the list sees emergency access at once
+            r.break_glass
+                .as_ref()
+                .map(|b| format!("yes ({})", b.grant_id))
+                .unwrap_or_else(|| "-".to_owned()),
             command,
         ]);
     }
@@ -379,6 +400,159 @@ pub fn clusters(
         }
         Format::None => Ok(()),
         Format::Default | Format::Table => out.write_all(cluster_rows(clusters).as_bytes()),
+    }
+}
+
+/// A grant as printed by -o json/yaml.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GrantView<'a> {
+    id: &'a str,
+    cluster: &'a str,
+    role: &'a str,
+    principal: &'a str,
+    state: &'static str,
+    justification: &'a str,
+    assignment: &'a str,
+    requested_at: Option<String>,
+    starts_at: Option<String>,
+    expires_at: Option<String>,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    approval_from: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    approved_by: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    revoked_by: &'a str,
+}
+
+fn grant_state(state: i32) -> &'static str {
+    match GrantState::try_from(state) {
+        Ok(GrantState::Pending) => "Pending",
+        Ok(GrantState::Active) => "Active",
+        Ok(GrantState::Expired) => "Expired",
+        Ok(GrantState::Revoked) => "Revoked",
+        _ => "Unknown",
+    }
+}
+
+fn grant_view(g: &Grant) -> GrantView<'_> {
+    GrantView {
+        id: &g.id,
+        cluster: &g.cluster,
+        role: &g.role,
+        principal: &g.principal,
+        state: grant_state(g.state),
+        justification: &g.justification,
+        assignment: &g.assignment,
+        requested_at: rfc3339(&g.requested_at),
+        starts_at: rfc3339(&g.starts_at),
+        expires_at: rfc3339(&g.expires_at),
+        approval_from: &g.approval_from,
+        approved_by: &g.approved_by,
+        revoked_by: &g.revoked_by,
+    }
+}
+
+fn grant_rows(grants: &[Grant]) -> String {
+    let rows = grants
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.clone(),
+                g.cluster.clone(),
+                g.role.clone(),
+                g.principal.clone(),
+                grant_state(g.state).to_owned(),
+                if g.expires_at.is_some() {
+                    az_time(&g.expires_at)
+                } else {
+                    "-".to_owned()
+                },
+                g.justification.replace(['\t', '\n'], " "),
+            ]
+        })
+        .collect();
+    columns(
+        &[
+            "ID",
+            "CLUSTER",
+            "ROLE",
+            "PRINCIPAL",
+            "STATE",
+            "EXPIRES",
+            "JUSTIFICATION",
+        ],
+        rows,
+    )
+}
+
+/// Prints one grant.
+pub fn grant(out: &mut impl Write, format: Format, g: &Grant) -> io::Result<()> {
+    match format {
+        Format::Json | Format::Yaml => out.write_all(serialize(format, &grant_view(g))?.as_bytes()),
+        Format::Tsv => writeln!(
+            out,
+            "{}\t{}\t{}\t{}",
+            g.id,
+            grant_state(g.state),
+            g.cluster,
+            g.role
+        ),
+        Format::None => Ok(()),
+        Format::Table => out.write_all(grant_rows(std::slice::from_ref(g)).as_bytes()),
+        Format::Default => match GrantState::try_from(g.state) {
+            Ok(GrantState::Pending) => writeln!(
+                out,
+                "grant {} is pending approval from {}: {} on {} for {} ({})\nan approver runs: kinvoke break-glass approve {}",
+                g.id,
+                if g.approval_from.is_empty() {
+                    "an approver"
+                } else {
+                    &g.approval_from
+                },
+                g.role,
+                g.cluster,
+                g.principal,
+                g.justification,
+                g.id
+            ),
+            _ => writeln!(
+                out,
+                "grant {} is {}: {} on {} for {} until {} ({})",
+                g.id,
+                grant_state(g.state),
+                g.role,
+                g.cluster,
+                g.principal,
+                az_time(&g.expires_at),
+                g.justification
+            ),
+        },
+    }
+}
+
+/// Prints grants.
+pub fn grants(out: &mut impl Write, format: Format, grants: &[Grant]) -> io::Result<()> {
+    match format {
+        Format::Json | Format::Yaml => {
+            let views: Vec<GrantView<'_>> = grants.iter().map(grant_view).collect();
+            out.write_all(serialize(format, &views)?.as_bytes())
+        }
+        Format::Tsv => {
+            for g in grants {
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}",
+                    g.id,
+                    grant_state(g.state),
+                    g.cluster,
+                    g.role
+                )?;
+            }
+            Ok(())
+        }
+        Format::None => Ok(()),
+        Format::Default | Format::Table => out.write_all(grant_rows(grants).as_bytes()),
     }
 }
 

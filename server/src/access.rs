@@ -3,4 +3,5 @@
 
 pub mod authz;
 pub mod cidr;
+pub mod grant;
 pub mod proxy;

@@ -58,6 +58,15 @@ pub struct AuditFile {
     pub sha256: String,
 }
 
+/// The grant behind a break-glass action.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditGrantUse {
+    /// Grant id.
+    pub grant_id: String,
+    /// Its justification.
+    pub justification: String,
+}
+
 /// An auditable event. Fields never hold secrets.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -128,6 +137,9 @@ pub enum AuditEvent {
         files: Vec<AuditFile>,
         /// Timeout in milliseconds.
         timeout_ms: u64,
+        /// The break-glass grant it runs under.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        break_glass: Option<AuditGrantUse>,
     },
     /// A command's process started.
     CommandStarted {
@@ -173,6 +185,62 @@ pub enum AuditEvent {
         /// Who asked.
         principal: String,
     },
+    /// An eligible assignment was activated (pending when approval is needed).
+    BreakGlassActivated {
+        /// Grant id.
+        grant_id: String,
+        /// The eligible assignment.
+        assignment: String,
+        /// Cluster.
+        cluster: String,
+        /// Role.
+        role: String,
+        /// Requester.
+        principal: String,
+        /// Requester's address.
+        source: String,
+        /// Why.
+        justification: String,
+        /// Requested length in milliseconds.
+        duration_ms: u64,
+        /// `Active` or `Pending`.
+        state: &'static str,
+        /// Whose approval it waits for.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        approval_from: Option<String>,
+    },
+    /// A pending grant was approved and is now in force.
+    BreakGlassApproved {
+        /// Grant id.
+        grant_id: String,
+        /// Approver.
+        approver: String,
+        /// Requester.
+        principal: String,
+        /// When it stops.
+        expires_at: String,
+    },
+    /// A grant was ended early.
+    BreakGlassRevoked {
+        /// Grant id.
+        grant_id: String,
+        /// Who ended it.
+        by: String,
+    },
+    /// A grant reached its expiry (or lapsed without approval).
+    BreakGlassExpired {
+        /// Grant id.
+        grant_id: String,
+        /// Requester.
+        principal: String,
+    },
+    /// The break-glass webhook could not be told.
+    BreakGlassNotificationFailed {
+        /// Grant id.
+        grant_id: String,
+        /// Why (URL and HTTP error).
+        error: String,
+    },
 }
 
 impl AuditEvent {
@@ -188,6 +256,11 @@ impl AuditEvent {
             Self::CommandFinished { .. } => "command_finished",
             Self::ResultRead { .. } => "result_read",
             Self::CommandCancelRequested { .. } => "command_cancel_requested",
+            Self::BreakGlassActivated { .. } => "break_glass_activated",
+            Self::BreakGlassApproved { .. } => "break_glass_approved",
+            Self::BreakGlassRevoked { .. } => "break_glass_revoked",
+            Self::BreakGlassExpired { .. } => "break_glass_expired",
+            Self::BreakGlassNotificationFailed { .. } => "break_glass_notification_failed",
         }
     }
 }

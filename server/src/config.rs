@@ -79,6 +79,8 @@ pub struct Config {
     pub audit: crate::audit::AuditConfig,
     /// SHA-256 (hex) of the config text, recorded in the audit log at start.
     pub digest: String,
+    /// Announce break-glass activations and approvals here.
+    pub webhook: Option<Webhook>,
 }
 
 /// Where results are kept and for how long.
@@ -221,6 +223,24 @@ struct RawConfig {
     assignments: Vec<access::RawAssignment>,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    break_glass: RawBreakGlass,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreakGlass {
+    webhook_url: Option<String>,
+    webhook_ca_cert: Option<PathBuf>,
+}
+
+/// Where break-glass activity is announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// `https://...` (or `http://` to a loopback address).
+    pub url: String,
+    /// Extra CA (PEM) to trust for it.
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -481,11 +501,32 @@ impl Config {
             .map_err(|e| invalid("assignment", e.to_string()))?;
 
         let audit = parse_audit(raw.audit, &state_dir, &resolve)?;
+        let webhook = match raw.break_glass.webhook_url {
+            None => None,
+            Some(url) => {
+                let loopback_http = url.strip_prefix("http://").is_some_and(|rest| {
+                    rest.starts_with("127.")
+                        || rest.starts_with("localhost")
+                        || rest.starts_with("[::1]")
+                });
+                if !url.starts_with("https://") && !loopback_http {
+                    return Err(invalid(
+                        "break_glass.webhook_url",
+                        format!("\"{url}\" must be https:// (http:// only to a loopback address)"),
+                    ));
+                }
+                Some(Webhook {
+                    url,
+                    ca_cert: raw.break_glass.webhook_ca_cert.as_deref().map(resolve),
+                })
+            }
+        };
         Ok(Self {
             digest: crate::command::hex(
                 ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
             ),
             audit,
+            webhook,
             state_dir,
             store,
             limits,
@@ -1072,5 +1113,79 @@ name = "prod-eu"
         .unwrap();
         assert!(worked.warnings.is_empty(), "{:?}", worked.warnings);
         assert_eq!(worked.listeners.len(), 2);
+    }
+
+    #[test]
+    fn break_glass_assignments_are_validated() {
+        let eligible = |extra: &str| {
+            format!(
+                "{MINIMAL}[[assignment]]\nname = \"oncall\"\ngroup = \"oncall\"\nrole = \"Cluster Admin\"\nscope = \"clusters/prod-eu\"\n{extra}\n"
+            )
+        };
+        let config = parse(&eligible(
+            "eligible = true\nmax_duration = \"30m\"\nrequire_justification = \"^INC-\\\\d+\"\nrequire_approval_from = { group = \"leads\" }",
+        ))
+        .unwrap();
+        let e = config
+            .policy
+            .assignment("oncall")
+            .unwrap()
+            .eligibility
+            .clone()
+            .unwrap();
+        assert_eq!(e.max_duration, Duration::from_secs(1800));
+        assert!(e.justification.check("INC-42 disk full").is_ok());
+        assert!(e.justification.check("disk full").is_err());
+        assert_eq!(
+            e.approval_from,
+            Some(crate::access::authz::Subject::Group("leads".into()))
+        );
+
+        let cases = [
+            ("eligible = true", "max_duration"),
+            (
+                "eligible = true\nmax_duration = \"48h\"",
+                "between 1s and 24h",
+            ),
+            ("max_duration = \"1h\"", "add eligible = true"),
+            (
+                "eligible = true\nmax_duration = \"1h\"\nrequire_justification = false",
+                "require_justification",
+            ),
+            (
+                "eligible = true\nmax_duration = \"1h\"\nrequire_justification = \"(\"",
+                "not a valid pattern",
+            ),
+            (
+                "eligible = true\nmax_duration = \"1h\"\nrequire_approval_from = { principal = \"a\", group = \"b\" }",
+                "require_approval_from",
+            ),
+        ];
+        for (extra, expected) in cases {
+            let err = parse(&eligible(extra)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn webhooks_must_be_https_except_to_loopback() {
+        let with = |url: &str| {
+            MINIMAL.replacen(
+                "state_dir = \"state\"\n",
+                &format!("state_dir = \"state\"\n[break_glass]\nwebhook_url = \"{url}\"\n"),
+                1,
+            )
+        };
+        assert!(
+            parse(&with("https://chat.example/hook"))
+                .unwrap()
+                .webhook
+                .is_some()
+        );
+        assert!(parse(&with("http://127.0.0.1:9/hook")).is_ok());
+        let err = parse(&with("http://chat.example/hook"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("break_glass.webhook_url"), "{err}");
     }
 }

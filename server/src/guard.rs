@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Status};
 
-use crate::access::authz::{Action, Decision, Denied};
+use crate::access::authz::{Action, Decision, Denied, GrantUse};
 use crate::audit::{Audit, AuditEvent};
 use crate::authn::{Authenticator, Principal};
+use crate::breakglass::BreakGlass;
 use crate::config::Config;
 use crate::ingress::ConnInfo;
 use crate::store::{CommandRecord, Visibility};
@@ -27,16 +28,36 @@ pub struct Guard {
     config: Arc<Config>,
     authn: Authenticator,
     audit: Audit,
+    breakglass: Arc<BreakGlass>,
 }
 
 impl Guard {
     /// A guard over the config's policy and an authenticator.
-    pub fn new(config: Arc<Config>, authn: Authenticator, audit: Audit) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        authn: Authenticator,
+        audit: Audit,
+        breakglass: Arc<BreakGlass>,
+    ) -> Self {
         Self {
             config,
             authn,
             audit,
+            breakglass,
         }
+    }
+
+    /// Break-glass grants.
+    pub fn breakglass(&self) -> &BreakGlass {
+        &self.breakglass
+    }
+
+    /// Like the policy's check, counting the caller's break-glass grants in force.
+    pub fn check(&self, who: &Principal, action: Action, cluster: &str) -> Decision {
+        let grants = self.breakglass.grants_of(&who.id);
+        self.config
+            .policy
+            .check_with(who, action, cluster, &grants, std::time::SystemTime::now())
     }
 
     /// The audit log decisions go to.
@@ -106,19 +127,40 @@ impl Guard {
         cluster: &str,
         command_id: Option<&str>,
     ) -> Decision {
-        let decision = self.config.policy.check(who, action, cluster);
+        let decision = self.check(who, action, cluster);
         let (allowed, detail) = match &decision {
-            Decision::Allow { assignment, role } => (true, format!("{assignment} ({role})")),
+            Decision::Allow {
+                assignment,
+                role,
+                grant: None,
+            } => (true, format!("{assignment} ({role})")),
+            Decision::Allow {
+                assignment,
+                role,
+                grant: Some(g),
+            } => (
+                true,
+                format!(
+                    "{assignment} ({role}) via break-glass grant {}: {}",
+                    g.id, g.justification
+                ),
+            ),
             Decision::Deny(denied) => (false, denied.to_string()),
         };
         self.record_decision(who, action.as_str(), cluster, command_id, allowed, detail);
         decision
     }
 
-    /// Allows or refuses an action on a cluster (audited).
-    pub fn authorize(&self, who: &Principal, action: Action, cluster: &str) -> Result<(), Status> {
+    /// Allows (naming the break-glass grant used, if any) or refuses an action on a
+    /// cluster (audited).
+    pub fn authorize(
+        &self,
+        who: &Principal,
+        action: Action,
+        cluster: &str,
+    ) -> Result<Option<GrantUse>, Status> {
         match self.decide(who, action, cluster, None) {
-            Decision::Allow { .. } => Ok(()),
+            Decision::Allow { grant, .. } => Ok(grant),
             Decision::Deny(denied) => Err(denied_status(&denied)),
         }
     }
@@ -176,8 +218,7 @@ impl Guard {
             if only.is_some_and(|o| o != name) {
                 continue;
             }
-            let policy = &self.config.policy;
-            let allowed = |a| matches!(policy.check(who, a, name), Decision::Allow { .. });
+            let allowed = |a| matches!(self.check(who, a, name), Decision::Allow { .. });
             if allowed(Action::ReadAllResults) {
                 out.push(Visibility {
                     cluster: name.to_owned(),

@@ -11,11 +11,13 @@
 pub mod access;
 pub mod audit;
 pub mod authn;
+pub mod breakglass;
 pub mod command;
 pub mod config;
 pub mod dev;
 pub mod exec;
 pub mod guard;
+pub mod http;
 pub mod ingress;
 pub mod pki;
 pub mod runner;
@@ -34,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{Audit, AuditEvent};
 use crate::authn::Authenticator;
 use crate::authn::jwt::Issuers;
+use crate::breakglass::BreakGlass;
 use crate::config::Config;
 use crate::exec::local::LocalExecutor;
 use crate::guard::Guard;
@@ -99,7 +102,24 @@ pub async fn run(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         config_sha256: config.digest.clone(),
     });
-    let guard = Arc::new(Guard::new(config.clone(), authenticator, audit.clone()));
+    let breakglass = BreakGlass::load(config.clone(), store.clone(), audit.clone()).await?;
+    let expiry = {
+        let breakglass = breakglass.clone();
+        tokio::spawn(async move {
+            // grants stop by time at once; this only records that they did
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                breakglass.expire_due().await;
+            }
+        })
+    };
+    let guard = Arc::new(Guard::new(
+        config.clone(),
+        authenticator,
+        audit.clone(),
+        breakglass,
+    ));
     let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
     let runner = Runner::new(config.clone(), store, executor, audit.clone());
     let purge = tokio::spawn(purge_loop(runner.clone(), config.store.retention));
@@ -190,6 +210,7 @@ pub async fn run(
     runner.shutdown(config.shutdown_grace).await;
     purge.abort();
     health_task.abort();
+    expiry.abort();
     // durable, so a clean stop is the chain's last word
     let _ = audit
         .record_durable(AuditEvent::GatewayStopped {

@@ -11,7 +11,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::audit::{Audit, AuditEvent, AuditFile};
+use crate::access::authz::GrantUse;
+use crate::audit::{Audit, AuditEvent, AuditFile, AuditGrantUse};
 use crate::authn::Principal;
 use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequest};
 use crate::config::Config;
@@ -128,6 +129,7 @@ impl Runner {
         self: &Arc<Self>,
         principal: &Principal,
         spec: CommandSpec,
+        break_glass: Option<GrantUse>,
     ) -> Result<CommandRecord, RunError> {
         if self.accepting.is_cancelled() {
             return Err(RunError::ShuttingDown);
@@ -162,6 +164,7 @@ impl Runner {
             reason: String::new(),
             output: Vec::new(),
             output_size: 0,
+            break_glass,
         };
         // audited and recorded before it runs: no command without a durable trace, and a
         // crash from here on leaves a record that is marked failed at restart
@@ -182,6 +185,10 @@ impl Runner {
                     })
                     .collect(),
                 timeout_ms: u64::try_from(record.timeout.as_millis()).unwrap_or(u64::MAX),
+                break_glass: record.break_glass.as_ref().map(|g| AuditGrantUse {
+                    grant_id: g.id.clone(),
+                    justification: g.justification.clone(),
+                }),
             })
             .await
             .map_err(|_| RunError::AuditUnavailable)?;

@@ -99,6 +99,10 @@ pub fn to_proto(record: CommandRecord, with_output: bool) -> pb::CommandResult {
             })
             .collect(),
         timeout: prost_types::Duration::try_from(record.timeout).ok(),
+        break_glass: record.break_glass.map(|g| pb::BreakGlassUse {
+            grant_id: g.id,
+            justification: g.justification,
+        }),
     }
 }
 
@@ -209,14 +213,15 @@ impl CommandService for CommandApi {
         let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
         self.guard.known_cluster(&principal, &req.cluster)?;
-        self.guard
+        let break_glass = self
+            .guard
             .authorize(&principal, Action::RunCommand, &req.cluster)?;
         let no_wait = req.no_wait;
         let spec = CommandSpec::from_request(req, &self.guard.config().limits).map_err(|err| {
             tracing::info!(principal = %principal.id, %err, "command refused");
             RunError::from(err)
         })?;
-        let record = self.runner.start(&principal, spec).await?;
+        let record = self.runner.start(&principal, spec, break_glass).await?;
         let record = if no_wait {
             record
         } else {

@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::access::authz::GrantUse;
+use crate::access::grant::{Grant, GrantState};
 use crate::command::{CommandId, CommandState, FileInfo};
 
 /// Reason given to records that were running when the gateway stopped abruptly.
@@ -65,6 +67,8 @@ pub struct CommandRecord {
     pub output: Vec<u8>,
     /// Total output size.
     pub output_size: u64,
+    /// The break-glass grant it ran under.
+    pub break_glass: Option<GrantUse>,
 }
 
 impl CommandRecord {
@@ -124,7 +128,28 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_by_start ON commands (started_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS commands_by_finish ON commands (finished_at);
+CREATE TABLE IF NOT EXISTS grants (
+    id            TEXT PRIMARY KEY,
+    assignment    TEXT NOT NULL,
+    cluster       TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    principal     TEXT NOT NULL,
+    justification TEXT NOT NULL,
+    duration_ms   INTEGER NOT NULL,
+    state         TEXT NOT NULL,
+    requested_at  INTEGER NOT NULL,
+    starts_at     INTEGER,
+    expires_at    INTEGER,
+    approved_by   TEXT,
+    revoked_by    TEXT,
+    approval_from TEXT
+);
 ";
+
+/// Schema changes after the first release, applied in order; `user_version` counts them.
+const MIGRATIONS: &[&str] = &[
+    "ALTER TABLE commands ADD COLUMN grant_id TEXT; ALTER TABLE commands ADD COLUMN grant_justification TEXT;",
+];
 
 impl Store {
     /// Opens (creating if needed) the store and marks records left running as failed.
@@ -144,6 +169,7 @@ impl Store {
             .and_then(|()| conn.pragma_update(None, "synchronous", "NORMAL"))
             .and_then(|()| conn.busy_timeout(Duration::from_secs(5)))
             .and_then(|()| conn.execute_batch(SCHEMA))
+            .and_then(|()| migrate(&conn))
             .map_err(|e| open_err(Box::new(e)))?;
         let recovered = conn
             .execute(
@@ -183,8 +209,8 @@ impl Store {
             conn.execute(
                 "INSERT OR REPLACE INTO commands
                  (id, cluster, principal, command, files, timeout_ms, state, exit_code,
-                  started_at, finished_at, reason, output, output_size)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                  started_at, finished_at, reason, output, output_size, grant_id, grant_justification)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     record.id.as_str(),
                     record.cluster,
@@ -199,6 +225,8 @@ impl Store {
                     record.reason,
                     record.output,
                     i64::try_from(record.output_size).unwrap_or(i64::MAX),
+                    record.break_glass.as_ref().map(|g| g.id.clone()),
+                    record.break_glass.as_ref().map(|g| g.justification.clone()),
                 ],
             )?;
             Ok(())
@@ -263,6 +291,79 @@ impl Store {
         .await
     }
 
+    /// Saves a new or updated grant.
+    pub async fn put_grant(&self, grant: Grant) -> Result<(), StoreError> {
+        self.with_conn(move |conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO grants
+                 (id, assignment, cluster, role, principal, justification, duration_ms, state,
+                  requested_at, starts_at, expires_at, approved_by, revoked_by, approval_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![
+                    grant.id,
+                    grant.assignment,
+                    grant.cluster,
+                    grant.role,
+                    grant.principal,
+                    grant.justification,
+                    i64::try_from(grant.duration.as_millis()).unwrap_or(i64::MAX),
+                    grant.state.as_str(),
+                    millis(grant.requested_at),
+                    grant.starts_at.map(millis),
+                    grant.expires_at.map(millis),
+                    grant.approved_by,
+                    grant.revoked_by,
+                    grant.approval_from,
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every stored grant, newest first.
+    pub async fn grants(&self) -> Result<Vec<Grant>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, assignment, cluster, role, principal, justification, duration_ms, state,
+                        requested_at, starts_at, expires_at, approved_by, revoked_by, approval_from
+                 FROM grants ORDER BY requested_at DESC, id DESC",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                let state: String = row.get(7)?;
+                let duration_ms: i64 = row.get(6)?;
+                Ok((
+                    state,
+                    Grant {
+                        id: row.get(0)?,
+                        assignment: row.get(1)?,
+                        cluster: row.get(2)?,
+                        role: row.get(3)?,
+                        principal: row.get(4)?,
+                        justification: row.get(5)?,
+                        duration: Duration::from_millis(u64::try_from(duration_ms).unwrap_or(0)),
+                        state: GrantState::Pending,
+                        requested_at: from_millis(row.get(8)?),
+                        starts_at: row.get::<_, Option<i64>>(9)?.map(from_millis),
+                        expires_at: row.get::<_, Option<i64>>(10)?.map(from_millis),
+                        approved_by: row.get(11)?,
+                        revoked_by: row.get(12)?,
+                        approval_from: row.get(13)?,
+                    },
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (state, mut grant) = row?;
+                grant.state = GrantState::from_name(&state)
+                    .ok_or_else(|| StoreError::Corrupt(format!("bad grant state {state:?}")))?;
+                out.push(grant);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Deletes finished records older than `retention`; returns how many.
     pub async fn purge_expired(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff = millis(
@@ -280,8 +381,23 @@ impl Store {
     }
 }
 
-const COLUMNS: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, output, output_size";
-const COLUMNS_NO_OUTPUT: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, x'' AS output, output_size";
+const COLUMNS: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, output, output_size, grant_id, grant_justification";
+const COLUMNS_NO_OUTPUT: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, x'' AS output, output_size, grant_id, grant_justification";
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        conn.execute_batch(&format!(
+            "BEGIN; {sql} PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))?;
+    }
+    Ok(())
+}
 
 type RowResult = Result<CommandRecord, StoreError>;
 
@@ -293,6 +409,8 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
     let started: i64 = row.get(8)?;
     let finished: Option<i64> = row.get(9)?;
     let output_size: i64 = row.get(12)?;
+    let grant_id: Option<String> = row.get(13)?;
+    let grant_justification: Option<String> = row.get(14)?;
     let record = (|| {
         Ok(CommandRecord {
             id: CommandId::parse(&id)
@@ -310,6 +428,10 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
             reason: row.get(10)?,
             output: row.get(11)?,
             output_size: u64::try_from(output_size).unwrap_or(0),
+            break_glass: grant_id.map(|id| GrantUse {
+                id,
+                justification: grant_justification.unwrap_or_default(),
+            }),
         })
     })();
     Ok(record)
@@ -367,6 +489,7 @@ mod tests {
             reason: String::new(),
             output: b"out".to_vec(),
             output_size: 3,
+            break_glass: None,
         }
     }
 
@@ -510,5 +633,64 @@ mod tests {
         assert!(store.get(&old.id).await.unwrap().is_none());
         assert!(store.get(&fresh.id).await.unwrap().is_some());
         assert!(store.get(&running.id).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn grants_and_break_glass_marks_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let (store, _) = Store::open(&path).unwrap();
+        let mut grant = Grant {
+            id: "g1".into(),
+            assignment: "oncall".into(),
+            cluster: "c".into(),
+            role: "Cluster Admin".into(),
+            principal: "olga".into(),
+            justification: "INC-1".into(),
+            duration: Duration::from_secs(1800),
+            state: GrantState::Pending,
+            requested_at: from_millis(5_000),
+            starts_at: None,
+            expires_at: None,
+            approved_by: None,
+            revoked_by: None,
+            approval_from: Some("group leads".into()),
+        };
+        store.put_grant(grant.clone()).await.unwrap();
+        grant.activate(from_millis(6_000));
+        grant.approved_by = Some("lee".into());
+        store.put_grant(grant.clone()).await.unwrap();
+        let mut used = record(CommandState::Succeeded, 7_000);
+        used.break_glass = Some(GrantUse {
+            id: "g1".into(),
+            justification: "INC-1".into(),
+        });
+        store.put(used.clone()).await.unwrap();
+        drop(store);
+        let (store, _) = Store::open(&path).unwrap();
+        assert_eq!(store.grants().await.unwrap(), vec![grant]);
+        assert_eq!(
+            store.get(&used.id).await.unwrap().unwrap().break_glass,
+            used.break_glass
+        );
+    }
+
+    #[test]
+    fn an_old_database_gains_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            // the first release's schema, before any migration
+            conn.execute_batch(SCHEMA).unwrap();
+        }
+        let (_store, _) = Store::open(&path).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        conn.prepare("SELECT grant_id, grant_justification FROM commands")
+            .unwrap();
     }
 }

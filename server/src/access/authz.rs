@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::IpAddr;
 
 use crate::access::cidr::CidrSet;
+use crate::access::grant::{Eligibility, Grant};
 use crate::authn::Principal;
 
 /// What a caller may do, named after the AKS permissions.
@@ -85,7 +86,8 @@ pub enum Subject {
 }
 
 impl Subject {
-    fn matches(&self, who: &Principal) -> bool {
+    /// True when the principal is this subject.
+    pub fn matches(&self, who: &Principal) -> bool {
         match self {
             Self::Principal(id) => &who.id == id,
             Self::Group(g) => who.groups.iter().any(|x| x == g),
@@ -161,6 +163,9 @@ pub struct Assignment {
     pub role: String,
     /// Where.
     pub scope: Scope,
+    /// Set for break-glass assignments: never in force by themselves, only through an
+    /// activated grant.
+    pub eligibility: Option<Eligibility>,
 }
 
 /// Per-cluster gates that apply whatever the role.
@@ -189,9 +194,20 @@ pub enum Decision {
         assignment: String,
         /// Its role.
         role: String,
+        /// The break-glass grant in force, when it is an eligible assignment.
+        grant: Option<GrantUse>,
     },
     /// Refused.
     Deny(Denied),
+}
+
+/// The break-glass grant behind an allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantUse {
+    /// Grant id.
+    pub id: String,
+    /// Its justification.
+    pub justification: String,
 }
 
 /// Why a check refused.
@@ -278,8 +294,21 @@ impl Policy {
         self.gates.get(cluster)
     }
 
-    /// May `who` do `action` on `cluster`?
+    /// May `who` do `action` on `cluster`, by active assignments only?
     pub fn check(&self, who: &Principal, action: Action, cluster: &str) -> Decision {
+        self.check_with(who, action, cluster, &[], std::time::SystemTime::now())
+    }
+
+    /// May `who` do `action` on `cluster`, by active assignments or by one of `grants`
+    /// in force at `now` (the grants of this principal)?
+    pub fn check_with(
+        &self,
+        who: &Principal,
+        action: Action,
+        cluster: &str,
+        grants: &[Grant],
+        now: std::time::SystemTime,
+    ) -> Decision {
         if let Some(gate) = self.gates.get(cluster) {
             if action == Action::RunCommand && gate.disable_run_command {
                 return Decision::Deny(Denied::RunCommandDisabled {
@@ -295,18 +324,47 @@ impl Policy {
                 });
             }
         }
-        let grant = self.assignments.iter().find(|a| {
-            a.scope.covers(cluster)
+        let grants_role = |role: &str| {
+            self.roles
+                .get(role)
+                .is_some_and(|r| r.actions.contains(&action))
+        };
+        let standing = self.assignments.iter().find(|a| {
+            a.eligibility.is_none()
+                && a.scope.covers(cluster)
                 && a.subject.matches(who)
-                && self
-                    .roles
-                    .get(&a.role)
-                    .is_some_and(|r| r.actions.contains(&action))
+                && grants_role(&a.role)
         });
-        match grant {
-            Some(a) => Decision::Allow {
+        if let Some(a) = standing {
+            return Decision::Allow {
                 assignment: a.name.clone(),
                 role: a.role.clone(),
+                grant: None,
+            };
+        }
+        // a grant counts only while its eligible assignment still exists and still
+        // covers this principal: removing it from the config ends its grants
+        let by_grant = grants.iter().find(|g| {
+            g.principal == who.id
+                && g.cluster == cluster
+                && g.in_force(now)
+                && grants_role(&g.role)
+                && self.assignments.iter().any(|a| {
+                    a.name == g.assignment
+                        && a.eligibility.is_some()
+                        && a.role == g.role
+                        && a.scope.covers(cluster)
+                        && a.subject.matches(who)
+                })
+        });
+        match by_grant {
+            Some(g) => Decision::Allow {
+                assignment: g.assignment.clone(),
+                role: g.role.clone(),
+                grant: Some(GrantUse {
+                    id: g.id.clone(),
+                    justification: g.justification.clone(),
+                }),
             },
             None => Decision::Deny(Denied::NoAssignment {
                 principal: who.id.clone(),
@@ -316,11 +374,46 @@ impl Policy {
         }
     }
 
+    /// The eligible assignment through which `who` may activate `role` on `cluster`.
+    pub fn eligible_for(&self, who: &Principal, cluster: &str, role: &str) -> Option<&Assignment> {
+        self.assignments.iter().find(|a| {
+            a.eligibility.is_some()
+                && a.role == role
+                && a.scope.covers(cluster)
+                && a.subject.matches(who)
+        })
+    }
+
+    /// The assignment with this label.
+    pub fn assignment(&self, name: &str) -> Option<&Assignment> {
+        self.assignments.iter().find(|a| a.name == name)
+    }
+
+    /// May `who` approve (or revoke) grants of this eligible assignment? Never their own
+    /// request: the caller checks that.
+    pub fn may_approve(&self, who: &Principal, assignment: &str) -> bool {
+        self.assignment(assignment)
+            .and_then(|a| a.eligibility.as_ref())
+            .and_then(|e| e.approval_from.as_ref())
+            .is_some_and(|approvers| approvers.matches(who))
+    }
+
     /// The actions `who` holds on `cluster` right now (gates applied).
-    pub fn effective_actions(&self, who: &Principal, cluster: &str) -> Vec<Action> {
+    pub fn effective_actions(
+        &self,
+        who: &Principal,
+        cluster: &str,
+        grants: &[Grant],
+        now: std::time::SystemTime,
+    ) -> Vec<Action> {
         Action::ALL
             .into_iter()
-            .filter(|a| matches!(self.check(who, *a, cluster), Decision::Allow { .. }))
+            .filter(|a| {
+                matches!(
+                    self.check_with(who, *a, cluster, grants, now),
+                    Decision::Allow { .. }
+                )
+            })
             .collect()
     }
 
@@ -359,6 +452,7 @@ mod tests {
             subject,
             role: role.into(),
             scope: Scope::parse(scope).unwrap(),
+            eligibility: None,
         }
     }
 
@@ -509,10 +603,13 @@ mod tests {
         let p = policy();
         let sre = who("sam", &["sre"], &[], "192.0.2.1");
         assert_eq!(
-            p.effective_actions(&sre, "frozen"),
+            p.effective_actions(&sre, "frozen", &[], std::time::SystemTime::now()),
             vec![Action::ReadResults, Action::ReadAllResults]
         );
-        assert!(p.effective_actions(&sre, "office-only").is_empty());
+        assert!(
+            p.effective_actions(&sre, "office-only", &[], std::time::SystemTime::now())
+                .is_empty()
+        );
         assert!(p.holds_any(&sre, "office-only"));
     }
 
@@ -549,5 +646,79 @@ mod tests {
         );
         assert_eq!(Scope::parse("prod"), None);
         assert_eq!(Scope::parse("clusters/"), None);
+    }
+
+    #[test]
+    fn an_eligible_assignment_gives_nothing_until_a_grant_is_in_force() {
+        use crate::access::grant::{GrantState, JustificationRule};
+        use std::time::{Duration, SystemTime};
+        let mut oncall = assignment(
+            "oncall",
+            Subject::Group("oncall".into()),
+            "Cluster Admin",
+            "clusters/prod",
+        );
+        oncall.eligibility = Some(Eligibility {
+            max_duration: Duration::from_secs(1800),
+            justification: JustificationRule::FreeText,
+            approval_from: Some(Subject::Group("leads".into())),
+        });
+        let p = Policy::new(vec![], vec![oncall], BTreeMap::new()).unwrap();
+        let olga = who("olga", &["oncall"], &[], "10.0.0.1");
+        let lead = who("lee", &["leads"], &[], "10.0.0.1");
+        let now = SystemTime::now();
+        assert!(matches!(
+            p.check(&olga, Action::RunCommand, "prod"),
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            p.eligible_for(&olga, "prod", "Cluster Admin").unwrap().name,
+            "oncall"
+        );
+        assert!(p.eligible_for(&olga, "prod", "Command Invoker").is_none());
+        assert!(p.eligible_for(&lead, "prod", "Cluster Admin").is_none());
+        assert!(p.may_approve(&lead, "oncall"));
+        assert!(!p.may_approve(&olga, "oncall"));
+        let mut grant = Grant {
+            id: "g1".into(),
+            assignment: "oncall".into(),
+            cluster: "prod".into(),
+            role: "Cluster Admin".into(),
+            principal: "olga".into(),
+            justification: "INC-1".into(),
+            duration: Duration::from_secs(600),
+            state: GrantState::Pending,
+            requested_at: now,
+            starts_at: None,
+            expires_at: None,
+            approved_by: None,
+            revoked_by: None,
+            approval_from: None,
+        };
+        let grants = std::slice::from_ref(&grant);
+        assert!(matches!(
+            p.check_with(&olga, Action::RunCommand, "prod", grants, now),
+            Decision::Deny(_)
+        ));
+        grant.activate(now);
+        let grants = std::slice::from_ref(&grant);
+        match p.check_with(&olga, Action::RunCommand, "prod", grants, now) {
+            Decision::Allow { grant: Some(g), .. } => assert_eq!(g.id, "g1"),
+            other => panic!("{other:?}"),
+        }
+        // not for someone else, not elsewhere, not after expiry
+        assert!(matches!(
+            p.check_with(&lead, Action::RunCommand, "prod", grants, now),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            p.check_with(&olga, Action::RunCommand, "other", grants, now),
+            Decision::Deny(_)
+        ));
+        let later = now + Duration::from_secs(601);
+        assert!(matches!(
+            p.check_with(&olga, Action::RunCommand, "prod", grants, later),
+            Decision::Deny(_)
+        ));
     }
 }

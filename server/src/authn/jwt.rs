@@ -185,36 +185,8 @@ impl Issuer {
                 (keys, None)
             }
             JwksSource::Url { ca_cert, .. } => {
-                // an explicit ring-backed TLS config: no reliance on a process-wide
-                // default provider, and public web roots plus the configured CA only
-                let mut roots = rustls::RootCertStore::empty();
-                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-                if let Some(ca) = ca_cert {
-                    use rustls_pki_types::pem::PemObject;
-                    let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
-                        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                        .map_err(|e| unavailable(format!("{}: {e}", ca.display())))?;
-                    for cert in certs {
-                        roots
-                            .add(cert)
-                            .map_err(|e| unavailable(format!("{}: {e}", ca.display())))?;
-                    }
-                }
-                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| unavailable(format!("TLS setup: {e}")))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-                let client = reqwest::Client::builder()
-                    .use_preconfigured_tls(tls)
-                    .timeout(Duration::from_secs(10))
-                    .connect_timeout(Duration::from_secs(5))
-                    .redirect(reqwest::redirect::Policy::limited(3))
-                    .https_only(true)
-                    .build()
-                    .map_err(|e| unavailable(format!("HTTP client: {e}")))?;
+                let client = crate::http::client(ca_cert.as_deref(), Duration::from_secs(10), true)
+                    .map_err(unavailable)?;
                 (HashMap::new(), Some(client))
             }
         };

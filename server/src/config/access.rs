@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use super::{ConfigError, invalid};
 use crate::access::authz::{Action, Assignment, Role, Scope, Subject};
+use crate::access::grant::{Eligibility, JustificationRule};
 use crate::authn::MtlsRule;
 use crate::authn::jwt::{IssuerConfig, JwksSource};
 use crate::authn::static_token::{StaticToken, parse_hash};
@@ -95,7 +96,30 @@ pub(super) struct RawAssignment {
     principal: Option<String>,
     group: Option<String>,
     claims: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    eligible: bool,
+    #[serde(default, with = "humantime_serde")]
+    max_duration: Option<Duration>,
+    require_justification: Option<RawJustification>,
+    require_approval_from: Option<RawApprover>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawJustification {
+    Required(bool),
+    Pattern(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApprover {
+    principal: Option<String>,
+    group: Option<String>,
+}
+
+/// Longest break-glass activation that may be configured.
+const MAX_BREAK_GLASS: Duration = Duration::from_secs(24 * 3600);
 
 /// Longest leeway accepted on `exp`/`nbf`.
 const MAX_LEEWAY: Duration = Duration::from_secs(300);
@@ -252,12 +276,89 @@ pub(super) fn parse_assignments(raw: Vec<RawAssignment>) -> Result<Vec<Assignmen
                     ));
                 }
             };
+            let eligibility = parse_eligibility(
+                &key,
+                a.eligible,
+                a.max_duration,
+                a.require_justification,
+                a.require_approval_from,
+            )?;
             Ok(Assignment {
                 name: a.name.unwrap_or_else(|| key.clone()),
                 subject,
                 role: a.role,
                 scope,
+                eligibility,
             })
         })
         .collect()
+}
+
+fn parse_eligibility(
+    key: &str,
+    eligible: bool,
+    max_duration: Option<Duration>,
+    justification: Option<RawJustification>,
+    approver: Option<RawApprover>,
+) -> Result<Option<Eligibility>, ConfigError> {
+    if !eligible {
+        if max_duration.is_some() || justification.is_some() || approver.is_some() {
+            return Err(invalid(
+                key,
+                "max_duration, require_justification and require_approval_from apply to break-glass assignments only; add eligible = true",
+            ));
+        }
+        return Ok(None);
+    }
+    let max_duration = max_duration.ok_or_else(|| {
+        invalid(
+            format!("{key}.max_duration"),
+            "an eligible (break-glass) assignment needs a max_duration, e.g. \"1h\"",
+        )
+    })?;
+    if max_duration.is_zero() || max_duration > MAX_BREAK_GLASS {
+        return Err(invalid(
+            format!("{key}.max_duration"),
+            "must be between 1s and 24h",
+        ));
+    }
+    let justification = match justification {
+        None | Some(RawJustification::Required(true)) => JustificationRule::FreeText,
+        Some(RawJustification::Required(false)) => {
+            return Err(invalid(
+                format!("{key}.require_justification"),
+                "break-glass always needs a justification; use true or a pattern such as \"^INC-\\\\d+\"",
+            ));
+        }
+        Some(RawJustification::Pattern(p)) => {
+            JustificationRule::Pattern(regex::Regex::new(&p).map_err(|e| {
+                invalid(
+                    format!("{key}.require_justification"),
+                    format!("not a valid pattern: {e}"),
+                )
+            })?)
+        }
+    };
+    let approval_from = match approver {
+        None => None,
+        Some(RawApprover {
+            principal: Some(p),
+            group: None,
+        }) => Some(Subject::Principal(p)),
+        Some(RawApprover {
+            principal: None,
+            group: Some(g),
+        }) => Some(Subject::Group(g)),
+        Some(_) => {
+            return Err(invalid(
+                format!("{key}.require_approval_from"),
+                "set exactly one of principal or group",
+            ));
+        }
+    };
+    Ok(Some(Eligibility {
+        max_duration,
+        justification,
+        approval_from,
+    }))
 }

@@ -6,8 +6,10 @@ use kinvoke_proto::v1 as pb;
 use kinvoke_proto::v1::access_service_server::AccessService;
 use tonic::{Request, Response, Status};
 
-use crate::access::authz::Action;
+use crate::access::authz::{Action, Decision};
+use crate::access::grant::{Grant, GrantState};
 use crate::authn::Principal;
+use crate::breakglass::BreakGlassError;
 use crate::guard::Guard;
 
 /// `kinvoke.v1.AccessService`.
@@ -30,7 +32,14 @@ impl AccessApi {
             .iter()
             .filter(|c| policy.holds_any(who, c.name.as_str()))
             .map(|c| {
-                let actions = policy.effective_actions(who, c.name.as_str());
+                let grants = self.guard.breakglass().grants_of(&who.id);
+                let now = std::time::SystemTime::now();
+                let actions = policy.effective_actions(who, c.name.as_str(), &grants, now);
+                let grant_ids = grants
+                    .iter()
+                    .filter(|g| g.cluster == c.name.as_str() && g.in_force(now))
+                    .map(|g| g.id.clone())
+                    .collect();
                 let restriction = if !c.authorized_ip_ranges.is_empty()
                     && !c.authorized_ip_ranges.contains(who.source)
                 {
@@ -51,6 +60,7 @@ impl AccessApi {
                         .collect(),
                     run_command_enabled: !c.disable_run_command,
                     restriction,
+                    grant_ids,
                 }
             })
             .collect()
@@ -87,5 +97,123 @@ impl AccessService for AccessApi {
         Ok(Response::new(pb::ListClustersResponse {
             clusters: self.clusters_of(&who),
         }))
+    }
+
+    async fn activate_break_glass(
+        &self,
+        request: Request<pb::ActivateBreakGlassRequest>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        let who = self.guard.caller(&request).await?;
+        let req = request.into_inner();
+        self.guard.known_cluster(&who, &req.cluster)?;
+        let duration = req
+            .duration
+            .map(std::time::Duration::try_from)
+            .transpose()
+            .map_err(|_| Status::invalid_argument("duration: must be a positive duration"))?
+            .ok_or_else(|| Status::invalid_argument("duration is required"))?;
+        let grant = self
+            .guard
+            .breakglass()
+            .activate(&who, &req.cluster, &req.role, &req.justification, duration)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(grant_to_proto(grant)))
+    }
+
+    async fn approve_break_glass(
+        &self,
+        request: Request<pb::ApproveBreakGlassRequest>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        let who = self.guard.caller(&request).await?;
+        let req = request.into_inner();
+        let grant = self
+            .guard
+            .breakglass()
+            .approve(&who, &req.grant_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(grant_to_proto(grant)))
+    }
+
+    async fn list_grants(
+        &self,
+        request: Request<pb::ListGrantsRequest>,
+    ) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let who = self.guard.caller(&request).await?;
+        let req = request.into_inner();
+        let only = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
+        if let Some(cluster) = only {
+            self.guard.known_cluster(&who, cluster)?;
+        }
+        let grants = self
+            .guard
+            .breakglass()
+            .list(&who, only, req.include_inactive, |cluster| {
+                matches!(
+                    self.guard.check(&who, Action::ReadAllResults, cluster),
+                    Decision::Allow { .. }
+                )
+            });
+        Ok(Response::new(pb::ListGrantsResponse {
+            grants: grants.into_iter().map(grant_to_proto).collect(),
+        }))
+    }
+
+    async fn revoke_grant(
+        &self,
+        request: Request<pb::RevokeGrantRequest>,
+    ) -> Result<Response<pb::Grant>, Status> {
+        let who = self.guard.caller(&request).await?;
+        let req = request.into_inner();
+        let grant = self
+            .guard
+            .breakglass()
+            .revoke(&who, &req.grant_id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(grant_to_proto(grant)))
+    }
+}
+
+fn status(err: BreakGlassError) -> Status {
+    match &err {
+        BreakGlassError::NotEligible { .. }
+        | BreakGlassError::SelfApproval(_)
+        | BreakGlassError::NotAllowed { .. } => Status::permission_denied(err.to_string()),
+        BreakGlassError::Invalid(_) => Status::invalid_argument(err.to_string()),
+        BreakGlassError::NotFound(_) => Status::not_found(err.to_string()),
+        BreakGlassError::WrongState { .. } => Status::failed_precondition(err.to_string()),
+        BreakGlassError::Audit(_) => Status::unavailable(err.to_string()),
+        BreakGlassError::Store(_) | BreakGlassError::Random(_) => {
+            tracing::error!(error = %err, "break-glass internal error");
+            Status::internal("internal error in the gateway; its log has the details")
+        }
+    }
+}
+
+fn grant_to_proto(g: Grant) -> pb::Grant {
+    let ts = |t: std::time::SystemTime| prost_types::Timestamp::from(t);
+    let state = match g.state_at(std::time::SystemTime::now()) {
+        GrantState::Pending => pb::GrantState::Pending,
+        GrantState::Active => pb::GrantState::Active,
+        GrantState::Expired => pb::GrantState::Expired,
+        GrantState::Revoked => pb::GrantState::Revoked,
+    };
+    pb::Grant {
+        id: g.id,
+        cluster: g.cluster,
+        role: g.role,
+        principal: g.principal,
+        justification: g.justification,
+        state: state.into(),
+        requested_at: Some(ts(g.requested_at)),
+        starts_at: g.starts_at.map(ts),
+        expires_at: g.expires_at.map(ts),
+        duration: prost_types::Duration::try_from(g.duration).ok(),
+        assignment: g.assignment,
+        approved_by: g.approved_by.unwrap_or_default(),
+        revoked_by: g.revoked_by.unwrap_or_default(),
+        approval_from: g.approval_from.unwrap_or_default(),
     }
 }
