@@ -15,6 +15,12 @@
 //! header ([`proxy_v1_header`]); [`TestIssuer`] signs OIDC tokens and publishes their
 //! JWKS; [`gateway_cli_with_input`] feeds a subcommand's stdin (`hash-token`).
 //!
+//! For the audit-file tests: [`GatewayOptions::audit`] sets `[audit]` keys;
+//! [`Gateway::audit_files`] lists the chain's files oldest first; [`read_audit_file`]
+//! reads one into [`AuditLine`]s (their exact text, for hashing, and their JSON);
+//! [`audit_verify`] runs `kinvoke-gateway audit verify` and [`VerifiedChain`] parses its
+//! success line.
+//!
 //! Dropping a [`Gateway`] stops its process and deletes its directory; dropping a
 //! [`DevGateway`], [`Proc`] or [`Background`] stops (or kills) and reaps the process.
 
@@ -676,6 +682,7 @@ impl Background {
 #[derive(Debug, Clone)]
 pub struct GatewayOptions {
     limits: BTreeMap<String, String>,
+    audit: BTreeMap<String, String>,
     shutdown_grace: String,
     extra_toml: String,
     listener_toml: String,
@@ -691,6 +698,7 @@ impl Default for GatewayOptions {
         limits.insert("kill_grace".to_owned(), toml_value("1s"));
         Self {
             limits,
+            audit: BTreeMap::new(),
             shutdown_grace: "2s".to_owned(),
             extra_toml: String::new(),
             listener_toml: String::new(),
@@ -701,9 +709,9 @@ impl Default for GatewayOptions {
     }
 }
 
-/// A TOML value: integers as they are, anything else as a quoted string.
+/// A TOML value: integers and booleans as they are, anything else as a quoted string.
 fn toml_value(value: &str) -> String {
-    if value.parse::<i64>().is_ok() {
+    if value.parse::<i64>().is_ok() || value == "true" || value == "false" {
         value.to_owned()
     } else {
         format!("{value:?}")
@@ -748,6 +756,14 @@ impl GatewayOptions {
         self
     }
 
+    /// Sets an `[audit]` key, e.g. `audit("max_file_bytes", "4KiB")` or
+    /// `audit("path", "/dev/full")`. Without any, the gateway writes its default audit
+    /// file, `state/audit.jsonl` ([`Gateway::audit_path`]).
+    pub fn audit(mut self, key: &str, value: &str) -> Self {
+        self.audit.insert(key.to_owned(), toml_value(value));
+        self
+    }
+
     /// Sets `shutdown_grace` (default `2s`).
     pub fn shutdown_grace(mut self, grace: &str) -> Self {
         self.shutdown_grace = grace.to_owned();
@@ -764,7 +780,8 @@ impl GatewayOptions {
     /// The gateway config these options stand for. Paths in it are relative to the
     /// config file's directory: `state/` for the state and `pki/` for the certificates a
     /// [`Pki`] writes there (`server.crt`, `server.key`, `ca.crt`). The tables come in
-    /// this order: `[limits]`, `[[listener]]` `main` on `127.0.0.1:0` (or the
+    /// this order: `[limits]`, `[audit]` (when an [`audit`](Self::audit) key is set),
+    /// `[[listener]]` `main` on `127.0.0.1:0` (or the
     /// [`listener_address`](Self::listener_address)) with the listener TOML,
     /// `[[cluster]]` `local`, then the extra TOML.
     pub fn render(&self) -> String {
@@ -774,6 +791,12 @@ impl GatewayOptions {
         );
         for (key, value) in &self.limits {
             text.push_str(&format!("{key} = {value}\n"));
+        }
+        if !self.audit.is_empty() {
+            text.push_str("\n[audit]\n");
+            for (key, value) in &self.audit {
+                text.push_str(&format!("{key} = {value}\n"));
+            }
         }
         text.push_str(&format!(
             "\n[[listener]]\n\
@@ -804,7 +827,7 @@ impl GatewayOptions {
 /// ```text
 /// gateway.toml  client.toml  gateway.stderr.log
 /// pki/      CA, server and client certificates
-/// state/    the gateway's state_dir (result store)
+/// state/    the gateway's state_dir (result store, audit.jsonl and its rotated files)
 /// work/     TMPDIR of the gateway, so the commands' work directories land here
 /// scratch/  free for the test: go-files, pid files, attachments
 /// home/     HOME of the clients
@@ -963,6 +986,41 @@ impl Gateway {
     /// A path in the test's scratch directory.
     pub fn scratch(&self, name: &str) -> PathBuf {
         self.dir.path().join("scratch").join(name)
+    }
+
+    /// The gateway's `state_dir` (`state/`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The default audit file, `state/audit.jsonl` (unless the options set
+    /// `audit("path", ..)`).
+    pub fn audit_path(&self) -> PathBuf {
+        self.state_dir().join(AUDIT_FILE)
+    }
+
+    /// The default audit file's chain, oldest first: the rotated files
+    /// `state/audit.<SEQ>.jsonl` ordered by `SEQ`, then `state/audit.jsonl`. What
+    /// `kinvoke-gateway audit verify` wants.
+    pub fn audit_files(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.state_dir();
+        let mut rotated = Vec::new();
+        for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let path = entry
+                .with_context(|| format!("cannot list {}", dir.display()))?
+                .path();
+            if let Some(seq) = path
+                .file_name()
+                .and_then(OsStr::to_str)
+                .and_then(rotated_audit_seq)
+            {
+                rotated.push((seq, path));
+            }
+        }
+        rotated.sort();
+        let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, path)| path).collect();
+        files.push(self.audit_path());
+        Ok(files)
     }
 
     /// Where the commands' work directories are created (the gateway's TMPDIR).
@@ -1468,6 +1526,146 @@ impl fmt::Display for AuditRecord {
     }
 }
 
+/// Name of the current audit file in the state directory.
+const AUDIT_FILE: &str = "audit.jsonl";
+
+/// `SEQ` of a rotated audit file's name `audit.<SEQ>.jsonl`.
+fn rotated_audit_seq(name: &str) -> Option<u64> {
+    name.strip_prefix("audit.")?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
+}
+
+/// One line of an audit file: its exact text (what the next line's `prev` hashes, with
+/// [`kinvoke_gateway::audit::chain::line_hash`]) and its JSON object, e.g.
+///
+/// ```text
+/// {"seq":3,"time":"2026-01-02T03:04:05.123456Z","prev":"9f2c…","event":"command_started","command_id":"…","cluster":"local"}
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditLine {
+    /// 1-based line number in its file.
+    pub number: usize,
+    /// The line without its newline.
+    pub text: String,
+    /// The parsed object.
+    pub value: serde_json::Value,
+}
+
+impl AuditLine {
+    /// The `seq` field (0 if missing, which no gateway writes).
+    pub fn seq(&self) -> u64 {
+        self.value["seq"].as_u64().unwrap_or_default()
+    }
+
+    /// The `event` field.
+    pub fn event(&self) -> &str {
+        self.str_field("event").unwrap_or_default()
+    }
+
+    /// A string field, if present and a string.
+    pub fn str_field(&self, key: &str) -> Option<&str> {
+        self.value.get(key).and_then(serde_json::Value::as_str)
+    }
+
+    /// The names of the object's keys in the order written.
+    pub fn keys(&self) -> Vec<&str> {
+        self.value
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for AuditLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}", self.number, self.text)
+    }
+}
+
+/// Reads a finished audit file (the gateway stopped): every line must be a complete JSON
+/// object ending in a newline.
+pub fn read_audit_file(path: &Path) -> Result<Vec<AuditLine>> {
+    let (lines, tail) = read_audit_lines(path)?;
+    if !tail.is_empty() {
+        bail!(
+            "{} ends inside line {}: {tail:?}",
+            path.display(),
+            lines.len() + 1
+        );
+    }
+    Ok(lines)
+}
+
+/// Reads the complete lines of an audit file a running gateway may be appending to;
+/// an incomplete last line (a write in progress) is left out.
+pub fn read_audit_file_so_far(path: &Path) -> Result<Vec<AuditLine>> {
+    Ok(read_audit_lines(path)?.0)
+}
+
+/// The complete lines of an audit file, and the text after the last newline.
+fn read_audit_lines(path: &Path) -> Result<(Vec<AuditLine>, String)> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let (complete, tail) = match text.rfind('\n') {
+        Some(end) => text.split_at(end + 1),
+        None => ("", text.as_str()),
+    };
+    // split on '\n' alone, not `lines()`: a '\r' would be part of the hashed text
+    let lines = complete
+        .split_terminator('\n')
+        .enumerate()
+        .map(|(index, line)| {
+            let value = serde_json::from_str(line).with_context(|| {
+                format!("{} line {} is not JSON: {line}", path.display(), index + 1)
+            })?;
+            Ok(AuditLine {
+                number: index + 1,
+                text: line.to_owned(),
+                value,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((lines, tail.to_owned()))
+}
+
+/// What `kinvoke-gateway audit verify` reports for an intact chain:
+/// `ok: N events, head seq S sha256 H`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedChain {
+    /// Lines checked, over all files.
+    pub events: usize,
+    /// `seq` of the last line.
+    pub head_seq: u64,
+    /// SHA-256 (hex) of the last line.
+    pub head_sha256: String,
+}
+
+impl VerifiedChain {
+    /// Parses the `ok: ...` line; `None` for any other output.
+    pub fn parse(stdout: &str) -> Option<Self> {
+        let rest = stdout.trim_end().strip_prefix("ok: ")?;
+        let (events, rest) = rest.split_once(" events, head seq ")?;
+        let (seq, hash) = rest.split_once(" sha256 ")?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some(Self {
+            events: events.parse().ok()?,
+            head_seq: seq.parse().ok()?,
+            head_sha256: hash.to_owned(),
+        })
+    }
+}
+
+/// Runs `kinvoke-gateway audit verify FILE...` (files oldest first).
+pub fn audit_verify<P: AsRef<Path>>(files: &[P]) -> Result<Output> {
+    let mut args = vec![OsString::from("audit"), OsString::from("verify")];
+    args.extend(files.iter().map(|f| f.as_ref().as_os_str().to_owned()));
+    gateway_cli(args)
+}
+
 // ---------------------------------------------------------------------------------------
 // TCP relay (a load balancer in front of the gateway)
 
@@ -1788,6 +1986,77 @@ mod tests {
         assert!(
             AuditRecord::parse("2026-11-28T13:44:01Z  INFO kinvoke_gateway: gateway stopped")
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn the_audit_table_is_rendered_after_the_limits_and_parses() {
+        let text = GatewayOptions::default()
+            .audit("max_file_bytes", "4KiB")
+            .audit("fsync", "always")
+            .audit("tracing", "false")
+            .render();
+        let limits = text.find("[limits]").unwrap();
+        let audit = text.find("[audit]").unwrap();
+        let listener = text.find("[[listener]]").unwrap();
+        assert!(limits < audit && audit < listener, "{text}");
+        let config = kinvoke_gateway::config::Config::parse(&text, Path::new("/tmp/gw")).unwrap();
+        assert_eq!(config.audit.max_file_bytes, 4096);
+        assert_eq!(
+            config.audit.fsync,
+            kinvoke_gateway::audit::FsyncPolicy::Always
+        );
+        assert!(!config.audit.tracing);
+        assert_eq!(config.audit.path, Path::new("/tmp/gw/state/audit.jsonl"));
+        assert!(!GatewayOptions::default().render().contains("[audit]"));
+    }
+
+    #[test]
+    fn rotated_audit_files_are_named_by_their_last_seq() {
+        assert_eq!(rotated_audit_seq("audit.120.jsonl"), Some(120));
+        assert_eq!(rotated_audit_seq("audit.jsonl"), None);
+        assert_eq!(rotated_audit_seq("audit.broken-3"), None);
+        assert_eq!(rotated_audit_seq("audit.x.jsonl"), None);
+    }
+
+    #[test]
+    fn an_audit_file_is_read_line_by_line_and_a_torn_tail_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        fs::write(
+            &path,
+            "{\"seq\":1,\"event\":\"a\"}\n{\"seq\":2,\"event\":\"b\"}\n{\"seq\":3,",
+        )
+        .unwrap();
+        let so_far = read_audit_file_so_far(&path).unwrap();
+        assert_eq!(so_far.len(), 2);
+        assert_eq!((so_far[1].number, so_far[1].seq()), (2, 2));
+        assert_eq!(so_far[1].event(), "b");
+        assert_eq!(so_far[0].keys(), ["seq", "event"]);
+        assert_eq!(so_far[0].text, "{\"seq\":1,\"event\":\"a\"}");
+        let err = read_audit_file(&path).unwrap_err().to_string();
+        assert!(err.contains("ends inside line 3"), "{err}");
+        fs::write(&path, "{\"seq\":1}\nnot json\n").unwrap();
+        assert!(read_audit_file_so_far(&path).is_err());
+    }
+
+    #[test]
+    fn a_verify_report_is_parsed() {
+        let hash = "ab".repeat(32);
+        let parsed =
+            VerifiedChain::parse(&format!("ok: 12 events, head seq 40 sha256 {hash}\n")).unwrap();
+        assert_eq!(
+            parsed,
+            VerifiedChain {
+                events: 12,
+                head_seq: 40,
+                head_sha256: hash.clone()
+            }
+        );
+        assert_eq!(VerifiedChain::parse("audit.jsonl: line 3: truncated"), None);
+        assert_eq!(
+            VerifiedChain::parse("ok: 1 events, head seq 1 sha256 xyz"),
+            None
         );
     }
 
