@@ -273,6 +273,7 @@ struct Entry {
 /// Handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
+    head: Arc<std::sync::Mutex<Head>>,
     tx: mpsc::SyncSender<Entry>,
     healthy: Arc<AtomicBool>,
     health: watch::Receiver<bool>,
@@ -302,7 +303,9 @@ impl Audit {
         let (tx, rx) = mpsc::sync_channel::<Entry>(QUEUE);
         let healthy = Arc::new(AtomicBool::new(true));
         let (health_tx, health) = watch::channel(true);
+        let head = Arc::new(std::sync::Mutex::new(file.head().clone()));
         let writer = Writer {
+            head: head.clone(),
             file,
             config: config.clone(),
             healthy: healthy.clone(),
@@ -312,11 +315,20 @@ impl Audit {
             .name("kinvoke-audit".to_owned())
             .spawn(move || writer.run(rx))?;
         Ok(Self {
+            head,
             tx,
             healthy,
             health,
             tracing: config.tracing,
         })
+    }
+
+    /// The last line written: its sequence number and hash.
+    pub fn head(&self) -> Head {
+        self.head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// True while the log is being written.
@@ -372,7 +384,7 @@ impl Audit {
             return Err(AuditUnavailable);
         }
         let fields = self.fields(&event);
-        self.emit_tracing(&fields);
+        let traced = self.tracing.then(|| fields.clone());
         let (ack, done) = oneshot::channel();
         let tx = self.tx.clone();
         // a full queue blocks the sender: do that off the async threads
@@ -385,11 +397,17 @@ impl Audit {
         .await
         .map_err(|_| AuditUnavailable)?
         .map_err(|_| AuditUnavailable)?;
-        done.await.map_err(|_| AuditUnavailable)?
+        done.await.map_err(|_| AuditUnavailable)??;
+        // only once it is on disk: a refused action must not look accepted in the log
+        if let Some(fields) = traced {
+            self.emit_tracing(&fields);
+        }
+        Ok(())
     }
 }
 
 struct Writer {
+    head: Arc<std::sync::Mutex<Head>>,
     file: ChainFile,
     config: AuditConfig,
     healthy: Arc<AtomicBool>,
@@ -451,8 +469,12 @@ impl Writer {
             bytes.push(b'\n');
             head = next;
         }
-        self.file.append(&bytes, head)?;
+        self.file.append(&bytes, head.clone())?;
         self.file.sync()?;
+        *self
+            .head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = head;
         if self.file.size() >= self.config.max_file_bytes {
             let rotated = self.file.rotate()?;
             tracing::info!(rotated = %rotated.display(), "audit log rotated");

@@ -106,7 +106,12 @@ impl Guard {
 
     /// NOT_FOUND unless the cluster is configured (asked only after authentication, so
     /// the cluster list does not leak to strangers).
-    pub fn known_cluster(&self, who: &Principal, cluster: &str) -> Result<(), Status> {
+    pub fn known_cluster(
+        &self,
+        who: &Principal,
+        action: &str,
+        cluster: &str,
+    ) -> Result<(), Status> {
         let refusal = if cluster.is_empty() {
             Status::invalid_argument("cluster is required")
         } else if self.config.cluster(cluster).is_some() {
@@ -116,7 +121,14 @@ impl Guard {
                 "cluster \"{cluster}\" is not configured on this gateway"
             ))
         };
-        self.record_decision(who, "*", cluster, None, false, refusal.message().to_owned());
+        self.record_decision(
+            who,
+            action,
+            cluster,
+            None,
+            false,
+            refusal.message().to_owned(),
+        );
         Err(refusal)
     }
 

@@ -81,152 +81,194 @@ pub async fn run(
     listeners: Vec<BoundListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), GatewayError> {
-    let config = Arc::new(config);
-    let (store, recovered) = Store::open(&config.store.path)?;
-    if recovered > 0 {
-        tracing::warn!(
-            records = recovered,
-            "marked commands left running by a previous gateway process as failed"
+    Gateway::open(config)
+        .await?
+        .serve(listeners, shutdown)
+        .await
+}
+
+/// A gateway whose state (result store, audit log, grants) is open, not yet serving:
+/// open it before announcing readiness, so a bad store or audit path fails first.
+pub struct Gateway {
+    config: Arc<Config>,
+    audit: Audit,
+    guard: Arc<Guard>,
+    runner: Arc<Runner>,
+    breakglass: Arc<BreakGlass>,
+}
+
+impl Gateway {
+    /// Opens the store and audit log, loads grants and token issuers.
+    pub async fn open(config: Config) -> Result<Self, GatewayError> {
+        let config = Arc::new(config);
+        let (store, recovered) = Store::open(&config.store.path)?;
+        if recovered > 0 {
+            tracing::warn!(
+                records = recovered,
+                "marked commands left running by a previous gateway process as failed"
+            );
+        }
+        for warning in &config.warnings {
+            tracing::warn!("config: {warning}");
+        }
+        let authenticator = Authenticator::new(
+            config.authn.mtls_rules.clone(),
+            config.authn.static_tokens.clone(),
+            Issuers::new(config.authn.issuers.clone())?,
         );
+        let audit = Audit::open(&config.audit).map_err(GatewayError::Audit)?;
+        audit.record(AuditEvent::GatewayStarted {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            config_sha256: config.digest.clone(),
+        });
+        let breakglass = BreakGlass::load(config.clone(), store.clone(), audit.clone()).await?;
+        let guard = Arc::new(Guard::new(
+            config.clone(),
+            authenticator,
+            audit.clone(),
+            breakglass.clone(),
+        ));
+        let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
+        let runner = Runner::new(config.clone(), store, executor, audit.clone());
+        Ok(Self {
+            config,
+            audit,
+            guard,
+            runner,
+            breakglass,
+        })
     }
-    for warning in &config.warnings {
-        tracing::warn!("config: {warning}");
-    }
-    let authenticator = Authenticator::new(
-        config.authn.mtls_rules.clone(),
-        config.authn.static_tokens.clone(),
-        Issuers::new(config.authn.issuers.clone())?,
-    );
-    let audit = Audit::open(&config.audit).map_err(GatewayError::Audit)?;
-    audit.record(AuditEvent::GatewayStarted {
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        config_sha256: config.digest.clone(),
-    });
-    let breakglass = BreakGlass::load(config.clone(), store.clone(), audit.clone()).await?;
-    let expiry = {
-        let breakglass = breakglass.clone();
-        tokio::spawn(async move {
+
+    /// Serves until `shutdown` resolves; see [`run`].
+    pub async fn serve(
+        self,
+        listeners: Vec<BoundListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), GatewayError> {
+        let Self {
+            config,
+            audit,
+            guard,
+            runner,
+            breakglass,
+        } = self;
+        let expiry = tokio::spawn(async move {
             // grants stop by time at once; this only records that they did
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 breakglass.expire_due().await;
             }
-        })
-    };
-    let guard = Arc::new(Guard::new(
-        config.clone(),
-        authenticator,
-        audit.clone(),
-        breakglass,
-    ));
-    let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
-    let runner = Runner::new(config.clone(), store, executor, audit.clone());
-    let purge = tokio::spawn(purge_loop(runner.clone(), config.store.retention));
+        });
+        let purge = tokio::spawn(purge_loop(runner.clone(), config.store.retention));
 
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<CommandServiceServer<CommandApi>>()
-        .await;
-    health_reporter
-        .set_serving::<AccessServiceServer<AccessApi>>()
-        .await;
-    let reflection_sets = [
-        kinvoke_proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-    ];
-    let mut reflection_v1 = tonic_reflection::server::Builder::configure();
-    let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
-    for set in reflection_sets {
-        reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(set);
-        reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(set);
-    }
-    let max_message = usize::try_from(config.limits.max_total_file_bytes)
-        .unwrap_or(usize::MAX)
-        .saturating_add(config.limits.max_command_bytes)
-        .saturating_add(MESSAGE_OVERHEAD);
-    let commands = CommandServiceServer::new(CommandApi::new(guard.clone(), runner.clone()))
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(usize::MAX);
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<CommandServiceServer<CommandApi>>()
+            .await;
+        health_reporter
+            .set_serving::<AccessServiceServer<AccessApi>>()
+            .await;
+        let reflection_sets = [
+            kinvoke_proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ];
+        let mut reflection_v1 = tonic_reflection::server::Builder::configure();
+        let mut reflection_v1alpha = tonic_reflection::server::Builder::configure();
+        for set in reflection_sets {
+            reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(set);
+            reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(set);
+        }
+        let max_message = usize::try_from(config.limits.max_total_file_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(config.limits.max_command_bytes)
+            .saturating_add(MESSAGE_OVERHEAD);
+        let commands = CommandServiceServer::new(CommandApi::new(guard.clone(), runner.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(usize::MAX);
 
-    let stop_accepting = CancellationToken::new();
-    let incoming = ingress::incoming(listeners, stop_accepting.clone(), audit.clone());
-    // the health service follows the audit log: no audit, no commands
-    let health_task = {
-        let reporter = health_reporter.clone();
-        let mut healthy = audit.health();
-        tokio::spawn(async move {
-            while healthy.changed().await.is_ok() {
-                let ok = *healthy.borrow_and_update();
-                if ok {
-                    reporter
-                        .set_serving::<CommandServiceServer<CommandApi>>()
-                        .await;
-                    reporter
-                        .set_service_status("", tonic_health::ServingStatus::Serving)
-                        .await;
-                } else {
-                    reporter
-                        .set_not_serving::<CommandServiceServer<CommandApi>>()
-                        .await;
-                    reporter
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
+        let stop_accepting = CancellationToken::new();
+        let incoming = ingress::incoming(listeners, stop_accepting.clone(), audit.clone());
+        // the health service follows the audit log: no audit, no commands
+        let health_task = {
+            let reporter = health_reporter.clone();
+            let mut healthy = audit.health();
+            tokio::spawn(async move {
+                while healthy.changed().await.is_ok() {
+                    let ok = *healthy.borrow_and_update();
+                    if ok {
+                        reporter
+                            .set_serving::<CommandServiceServer<CommandApi>>()
+                            .await;
+                        reporter
+                            .set_service_status("", tonic_health::ServingStatus::Serving)
+                            .await;
+                    } else {
+                        reporter
+                            .set_not_serving::<CommandServiceServer<CommandApi>>()
+                            .await;
+                        reporter
+                            .set_service_status("", tonic_health::ServingStatus::NotServing)
+                            .await;
+                    }
                 }
+            })
+        };
+        let server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(health)
+            .add_service(reflection_v1.build_v1()?)
+            .add_service(reflection_v1alpha.build_v1alpha()?)
+            .add_service(commands)
+            .add_service(AccessServiceServer::new(AccessApi::new(guard)))
+            // the incoming stream ending (stop_accepting) starts tonic's graceful shutdown:
+            // open calls, such as a waiting invoke, run to their end
+            .serve_with_incoming_shutdown(incoming, std::future::pending::<()>());
+        let mut server = tokio::spawn(server);
+
+        tokio::select! {
+            () = shutdown => {}
+            served = &mut server => {
+                purge.abort();
+                return match served {
+                    Ok(result) => result.map_err(GatewayError::from),
+                    Err(err) => {
+                        tracing::error!(%err, "gRPC server task died");
+                        Ok(())
+                    }
+                };
             }
-        })
-    };
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(health)
-        .add_service(reflection_v1.build_v1()?)
-        .add_service(reflection_v1alpha.build_v1alpha()?)
-        .add_service(commands)
-        .add_service(AccessServiceServer::new(AccessApi::new(guard)))
-        // the incoming stream ending (stop_accepting) starts tonic's graceful shutdown:
-        // open calls, such as a waiting invoke, run to their end
-        .serve_with_incoming_shutdown(incoming, std::future::pending::<()>());
-    let mut server = tokio::spawn(server);
-
-    tokio::select! {
-        () = shutdown => {}
-        served = &mut server => {
-            purge.abort();
-            return match served {
-                Ok(result) => result.map_err(GatewayError::from),
-                Err(err) => {
-                    tracing::error!(%err, "gRPC server task died");
-                    Ok(())
-                }
-            };
         }
-    }
-    tracing::info!("shutting down: no new connections or commands");
-    stop_accepting.cancel();
-    health_reporter
-        .set_not_serving::<CommandServiceServer<CommandApi>>()
-        .await;
-    runner.shutdown(config.shutdown_grace).await;
-    purge.abort();
-    health_task.abort();
-    expiry.abort();
-    // durable, so a clean stop is the chain's last word
-    let _ = audit
-        .record_durable(AuditEvent::GatewayStopped {
-            reason: "shutdown signal".to_owned(),
-        })
-        .await;
-    match tokio::time::timeout(CONNECTION_DRAIN, &mut server).await {
-        Ok(Ok(result)) => result?,
-        Ok(Err(err)) => tracing::error!(%err, "gRPC server task died"),
-        Err(_) => {
-            tracing::warn!("connections still open after the drain period; closing them");
-            server.abort();
+        tracing::info!("shutting down: no new connections or commands");
+        stop_accepting.cancel();
+        health_reporter
+            .set_not_serving::<CommandServiceServer<CommandApi>>()
+            .await;
+        runner.shutdown(config.shutdown_grace).await;
+        purge.abort();
+        health_task.abort();
+        expiry.abort();
+        // durable, so a clean stop is the chain's last word; its head goes to the log so a
+        // later edit of the file's last lines can be told from the record kept elsewhere
+        let _ = audit
+            .record_durable(AuditEvent::GatewayStopped {
+                reason: "shutdown signal".to_owned(),
+            })
+            .await;
+        let head = audit.head();
+        tracing::info!(seq = head.seq, sha256 = %head.hash, "audit log head");
+        match tokio::time::timeout(CONNECTION_DRAIN, &mut server).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(err)) => tracing::error!(%err, "gRPC server task died"),
+            Err(_) => {
+                tracing::warn!("connections still open after the drain period; closing them");
+                server.abort();
+            }
         }
+        tracing::info!("gateway stopped");
+        Ok(())
     }
-    tracing::info!("gateway stopped");
-    Ok(())
 }
 
 async fn purge_loop(runner: Arc<Runner>, retention: Duration) {

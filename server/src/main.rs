@@ -211,6 +211,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
+    // signal handlers first: a SIGTERM right after the ready line must stop cleanly
+    let shutdown = shutdown_signal()?;
     let listeners = ingress::bind(&cfg.listeners).await.with_context(|| {
         if dev.is_some() {
             "is another gateway running? pick a free address with --listen 127.0.0.1:PORT"
@@ -219,6 +221,8 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
             "cannot start the listeners".to_owned()
         }
     })?;
+    // state before the ready line: a bad store or audit path fails before anyone connects
+    let gateway = kinvoke_gateway::Gateway::open(cfg).await?;
     let mut stdout = std::io::stdout().lock();
     for l in &listeners {
         let addr = l.local_addr().context("cannot read the bound address")?;
@@ -245,22 +249,19 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
     }
     stdout.flush()?;
     drop(stdout);
-    kinvoke_gateway::run(cfg, listeners, shutdown_signal()).await?;
+    gateway.serve(listeners, shutdown).await?;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
+/// Resolves on SIGTERM or SIGINT; the handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        Err(err) => {
-            tracing::warn!(%err, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
-            let _ = ctrl_c.await;
-        }
-    }
+    })
 }

@@ -45,7 +45,14 @@ impl CommandApi {
         id: &str,
         use_: Use,
     ) -> Result<CommandRecord, Status> {
-        self.guard.known_cluster(who, cluster)?;
+        self.guard.known_cluster(
+            who,
+            match use_ {
+                Use::Read => Action::ReadResults.as_str(),
+                Use::Cancel => Action::RunCommand.as_str(),
+            },
+            cluster,
+        )?;
         let record = self.runner.result(cluster, id, false).await?;
         self.guard.may_use(who, &record, use_)?;
         let (command_id, cluster) = (record.id.to_string(), record.cluster.clone());
@@ -212,7 +219,8 @@ impl CommandService for CommandApi {
     ) -> Result<Response<pb::InvokeCommandResponse>, Status> {
         let principal = self.guard.caller(&request).await?;
         let req = request.into_inner();
-        self.guard.known_cluster(&principal, &req.cluster)?;
+        self.guard
+            .known_cluster(&principal, Action::RunCommand.as_str(), &req.cluster)?;
         let break_glass = self
             .guard
             .authorize(&principal, Action::RunCommand, &req.cluster)?;
@@ -306,7 +314,8 @@ impl CommandService for CommandApi {
         let req = request.into_inner();
         let only = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
         if let Some(cluster) = only {
-            self.guard.known_cluster(&principal, cluster)?;
+            self.guard
+                .known_cluster(&principal, "commands/list", cluster)?;
         }
         let visible = self.guard.visibility(&principal, only);
         let limit = match req.page_size {

@@ -105,7 +105,8 @@ impl AccessService for AccessApi {
     ) -> Result<Response<pb::Grant>, Status> {
         let who = self.guard.caller(&request).await?;
         let req = request.into_inner();
-        self.guard.known_cluster(&who, &req.cluster)?;
+        self.guard
+            .known_cluster(&who, "breakglass/activate", &req.cluster)?;
         let duration = req
             .duration
             .map(std::time::Duration::try_from)
@@ -144,7 +145,7 @@ impl AccessService for AccessApi {
         let req = request.into_inner();
         let only = (!req.cluster.is_empty()).then_some(req.cluster.as_str());
         if let Some(cluster) = only {
-            self.guard.known_cluster(&who, cluster)?;
+            self.guard.known_cluster(&who, "breakglass/list", cluster)?;
         }
         let grants = self
             .guard
