@@ -1106,6 +1106,17 @@ name = "prod-eu"
                 assert!(!config.clusters.is_empty());
             }
         }
+        // the break-glass fragment, on top of a minimal config with its cluster
+        let fragment = &readme_toml("### Break-glass access")[0];
+        let config =
+            Config::parse(&format!("{MINIMAL}{fragment}"), Path::new("/etc/kinvoke")).unwrap();
+        let rules = config
+            .policy
+            .assignment("oncall-prod")
+            .and_then(|a| a.eligibility.clone())
+            .unwrap();
+        assert!(rules.justification.check("INC-1234: etcd full").is_ok());
+        assert!(rules.justification.check("etcd full").is_err());
         let worked = Config::parse(
             &readme_toml("### Worked example")[0],
             Path::new("/etc/kinvoke"),
