@@ -287,6 +287,8 @@ struct ClusterView<'a> {
     run_command_enabled: bool,
     #[serde(skip_serializing_if = "str::is_empty")]
     restriction: &'a str,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    grant_ids: &'a [String],
 }
 
 fn cluster_views(clusters: &[ClusterAccess]) -> Vec<ClusterView<'_>> {
@@ -297,6 +299,7 @@ fn cluster_views(clusters: &[ClusterAccess]) -> Vec<ClusterView<'_>> {
             actions: &c.actions,
             run_command_enabled: c.run_command_enabled,
             restriction: &c.restriction,
+            grant_ids: &c.grant_ids,
         })
         .collect()
 }
@@ -318,7 +321,11 @@ fn cluster_rows(clusters: &[ClusterAccess]) -> String {
                 } else {
                     c.actions.join(", ")
                 },
-                c.restriction.clone(),
+                if c.grant_ids.is_empty() {
+                    c.restriction.clone()
+                } else {
+                    format!("break-glass grant {}", c.grant_ids.join(", "))
+                },
             ]
         })
         .collect();

@@ -21,6 +21,11 @@
 //! [`audit_verify`] runs `kinvoke-gateway audit verify` and [`VerifiedChain`] parses its
 //! success line.
 //!
+//! For the break-glass tests: [`WebhookReceiver`] is a tiny HTTP server that hears the
+//! gateway's announcements ([`WebhookRequest`]); [`closed_loopback_port`] makes a webhook
+//! URL that refuses connections; [`Gateway::await_audit_event`] waits for events the
+//! gateway logs on its own time (a grant's expiry, a failed notification).
+//!
 //! Dropping a [`Gateway`] stops its process and deletes its directory; dropping a
 //! [`DevGateway`], [`Proc`] or [`Background`] stops (or kills) and reaps the process.
 
@@ -66,6 +71,10 @@ pub const PROCESS_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a gateway stopped by [`Drop`] may take to shut down before it is killed.
 const DROP_TERMINATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause between two reads of the gateway's stderr log in [`Gateway::await_audit_event`]:
+/// short, so the wait ends soon after the event, and not zero, so it does not spin.
+const LOG_POLL_PACING: Duration = Duration::from_millis(50);
 
 /// Readiness line prefix the gateway prints on stdout for each listener.
 const SERVING_ON: &str = "serving on https://";
@@ -1064,6 +1073,40 @@ impl Gateway {
             .collect()
     }
 
+    /// Waits until the gateway has logged an audit event that satisfies `found`, and
+    /// returns it; `what` describes the event in the error. For events the gateway logs
+    /// on its own time (a grant's expiry, a failed webhook after its retries) rather
+    /// than before answering a call. Fails when the gateway exits first, or after
+    /// `timeout` (a guard against hangs, not an expectation).
+    pub fn await_audit_event(
+        &self,
+        what: &str,
+        timeout: Duration,
+        found: impl Fn(&AuditRecord) -> bool,
+    ) -> Result<AuditRecord> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(event) = self.audit_events().into_iter().find(|e| found(e)) {
+                return Ok(event);
+            }
+            if !self.is_running() {
+                bail!(
+                    "the gateway is not running and has not logged {what}; its stderr:\n{}",
+                    self.stderr_log()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the gateway did not log {what} within {timeout:?}; its stderr:\n{}",
+                    self.stderr_log()
+                );
+            }
+            // the log is a plain file that cannot wake us, so it is polled; the pause
+            // only paces the polls (the wait ends on the event, not on a time)
+            thread::sleep(LOG_POLL_PACING);
+        }
+    }
+
     /// A client with no connection settings but an isolated HOME.
     pub fn bare_client(&self) -> Result<Client> {
         Ok(Client::new()?.env("HOME", self.dir.path().join("home")))
@@ -1806,6 +1849,278 @@ impl Drop for TcpRelay {
 }
 
 // ---------------------------------------------------------------------------------------
+// webhook receiver (where the gateway announces break-glass activity)
+
+/// Longest request head (request line and headers) the [`WebhookReceiver`] reads.
+const MAX_WEBHOOK_HEAD: usize = 64 * 1024;
+
+/// Largest request body the [`WebhookReceiver`] reads.
+const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
+
+/// One HTTP request a [`WebhookReceiver`] received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookRequest {
+    /// `POST`, `GET`, ...
+    pub method: String,
+    /// The request target, e.g. `/hook`.
+    pub path: String,
+    /// Header names (lowercased) and values, in the order sent.
+    pub headers: Vec<(String, String)>,
+    /// The body (lossy UTF-8).
+    pub body: String,
+}
+
+impl WebhookRequest {
+    /// The first value of a header (the name in any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Parses the body as one JSON document.
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("the webhook body is not JSON: {:?}", self.body))
+    }
+}
+
+/// Reads one request from `reader`: `None` at a clean end of stream (the client closed an
+/// idle keep-alive connection). Bodies must come with `content-length`; chunked bodies
+/// are refused, which is enough for a gateway that posts one JSON document.
+fn read_webhook_request(reader: &mut impl BufRead) -> Result<Option<WebhookRequest>> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = reader
+            .read_until(b'\n', &mut line)
+            .context("cannot read the request head")?;
+        if n == 0 {
+            if head.is_empty() {
+                return Ok(None);
+            }
+            bail!("the connection closed inside a request head");
+        }
+        if line == b"\r\n" || line == b"\n" {
+            if head.is_empty() {
+                // stray empty lines before a request line are allowed (RFC 9112 2.2)
+                continue;
+            }
+            break;
+        }
+        head.push(String::from_utf8_lossy(&line).trim_end().to_owned());
+        if head.iter().map(String::len).sum::<usize>() > MAX_WEBHOOK_HEAD {
+            bail!("the request head is longer than {MAX_WEBHOOK_HEAD} bytes");
+        }
+    }
+    let mut request_line = head[0].split_whitespace();
+    let (Some(method), Some(path)) = (request_line.next(), request_line.next()) else {
+        bail!("bad request line {:?}", head[0]);
+    };
+    let headers: Vec<(String, String)> = head[1..]
+        .iter()
+        .map(|h| {
+            let (name, value) = h
+                .split_once(':')
+                .with_context(|| format!("bad header line {h:?}"))?;
+            Ok((name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        })
+        .collect::<Result<_>>()?;
+    if headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && !v.eq_ignore_ascii_case("identity"))
+    {
+        bail!("chunked request bodies are not supported by this test receiver");
+    }
+    let length = match headers.iter().find(|(n, _)| n == "content-length") {
+        Some((_, v)) => v
+            .parse::<usize>()
+            .with_context(|| format!("bad content-length {v:?}"))?,
+        None => 0,
+    };
+    if length > MAX_WEBHOOK_BODY {
+        bail!("the body ({length} bytes) is larger than {MAX_WEBHOOK_BODY} bytes");
+    }
+    let mut body = vec![0; length];
+    reader
+        .read_exact(&mut body)
+        .context("cannot read the request body")?;
+    Ok(Some(WebhookRequest {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }))
+}
+
+/// Answers every request on `stream` with `200 OK` and sends it to `requests`, until the
+/// client closes the connection.
+fn serve_webhook_connection(stream: TcpStream, requests: &mpsc::Sender<WebhookRequest>) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        match read_webhook_request(&mut reader) {
+            Ok(Some(request)) => {
+                let answered = std::io::Write::write_all(
+                    &mut writer,
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+                );
+                // a gone receiver only means the test stopped listening
+                let _ = requests.send(request);
+                if answered.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(err) => {
+                eprintln!("kinvoke-tests webhook receiver: {err:#}");
+                let _ = std::io::Write::write_all(
+                    &mut writer,
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// A tiny HTTP/1.1 server on `127.0.0.1:0` standing in for a chat or paging webhook: it
+/// answers every request with `200 OK` and hands it to the test
+/// ([`next_request`](Self::next_request)). Keep-alive connections are served request
+/// after request.
+///
+/// Dropping it stops accepting, shuts down its connections and joins its threads.
+#[derive(Debug)]
+pub struct WebhookReceiver {
+    addr: SocketAddr,
+    requests: Receiver<WebhookRequest>,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl WebhookReceiver {
+    /// Starts the server.
+    pub fn start() -> Result<Self> {
+        let listener =
+            TcpListener::bind(("127.0.0.1", 0)).context("cannot bind the webhook receiver")?;
+        let addr = listener
+            .local_addr()
+            .context("cannot read the webhook receiver's address")?;
+        let (tx, requests) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(Mutex::new(Vec::new()));
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let accept = {
+            let (stop, sockets, threads) = (stop.clone(), sockets.clone(), threads.clone());
+            thread::Builder::new()
+                .name("webhook-accept".to_owned())
+                .spawn(move || {
+                    for stream in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let Ok(stream) = stream else { continue };
+                        if let (Ok(mut list), Ok(copy)) = (sockets.lock(), stream.try_clone()) {
+                            list.push(copy);
+                        }
+                        let tx = tx.clone();
+                        let spawned = thread::Builder::new()
+                            .name("webhook-conn".to_owned())
+                            .spawn(move || serve_webhook_connection(stream, &tx));
+                        match spawned {
+                            Ok(handle) => {
+                                if let Ok(mut list) = threads.lock() {
+                                    list.push(handle);
+                                }
+                            }
+                            Err(err) => eprintln!("kinvoke-tests webhook receiver: {err}"),
+                        }
+                    }
+                })
+                .context("cannot start the webhook receiver's accept thread")?
+        };
+        Ok(Self {
+            addr,
+            requests,
+            stop,
+            sockets,
+            threads,
+            accept: Some(accept),
+        })
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/hook`, for `[break_glass] webhook_url` (the gateway takes
+    /// plain http to a loopback address).
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// The next request received, waiting for it at most `timeout` (a guard against
+    /// hangs, not an expectation).
+    pub fn next_request(&self, timeout: Duration) -> Result<WebhookRequest> {
+        self.requests
+            .recv_timeout(timeout)
+            .map_err(|err| match err {
+                RecvTimeoutError::Timeout => {
+                    anyhow!("the webhook received no request within {timeout:?}")
+                }
+                RecvTimeoutError::Disconnected => anyhow!("the webhook receiver stopped"),
+            })
+    }
+
+    /// The requests received and not yet taken, without waiting.
+    pub fn received_so_far(&self) -> Vec<WebhookRequest> {
+        self.requests.try_iter().collect()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // wake the blocked accept so it sees the flag
+        let _ = TcpStream::connect(self.addr);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        if let Ok(sockets) = self.sockets.lock() {
+            for socket in sockets.iter() {
+                let _ = socket.shutdown(Shutdown::Both);
+            }
+        }
+        let threads = self
+            .threads
+            .lock()
+            .map(|mut list| std::mem::take(&mut *list))
+            .unwrap_or_default();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A loopback port nothing listens on: bound to learn a free port, then released, so a
+/// connection to it is refused (unless another process takes it in between, which a
+/// test on a quiet machine need not fear).
+pub fn closed_loopback_port() -> Result<u16> {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot bind a loopback port")?;
+    Ok(listener
+        .local_addr()
+        .context("cannot read the bound port")?
+        .port())
+}
+
+// ---------------------------------------------------------------------------------------
 // OIDC issuer
 
 /// The RSA-2048 test key of the gateway's own tests (generating RSA keys in a debug
@@ -2058,6 +2373,27 @@ mod tests {
             VerifiedChain::parse("ok: 1 events, head seq 1 sha256 xyz"),
             None
         );
+    }
+
+    #[test]
+    fn a_webhook_request_is_read_by_its_content_length() {
+        let text = "POST /hook HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+                    content-length: 13\r\n\r\n{\"event\":\"x\"}GET / HTTP/1.1\r\n\r\n";
+        let mut reader = BufReader::new(text.as_bytes());
+        let first = read_webhook_request(&mut reader).unwrap().unwrap();
+        assert_eq!(
+            (first.method.as_str(), first.path.as_str()),
+            ("POST", "/hook")
+        );
+        assert_eq!(first.header("Content-Type"), Some("application/json"));
+        assert_eq!(first.json().unwrap()["event"], "x");
+        let second = read_webhook_request(&mut reader).unwrap().unwrap();
+        assert_eq!((second.method.as_str(), second.body.as_str()), ("GET", ""));
+        assert_eq!(read_webhook_request(&mut reader).unwrap(), None);
+        let chunked = "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert!(read_webhook_request(&mut BufReader::new(chunked.as_bytes())).is_err());
+        let torn = "POST / HTTP/1.1\r\ncontent-length: 5\r\n\r\nab";
+        assert!(read_webhook_request(&mut BufReader::new(torn.as_bytes())).is_err());
     }
 
     #[test]
