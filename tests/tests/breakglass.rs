@@ -316,7 +316,11 @@ fn a_principal_without_rights_breaks_glass_runs_a_marked_command_and_is_denied_a
         during.iter().any(|a| a == "runcommand/action"),
         "{during:?}"
     );
-    assert_eq!(grants, [grant.clone()], "whoami names the grant in force");
+    assert_eq!(
+        grants,
+        std::slice::from_ref(&grant),
+        "whoami names the grant in force"
+    );
     let result = invoked(as_olga(), "echo fixed");
     assert_eq!(result["logs"], "fixed\n", "{result}");
     assert_eq!(result["principal"], OLGA, "{result}");
