@@ -289,6 +289,8 @@ struct ClusterView<'a> {
     restriction: &'a str,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     grant_ids: &'a [String],
+    #[serde(skip_serializing_if = "str::is_empty")]
+    description: &'a str,
 }
 
 fn cluster_views(clusters: &[ClusterAccess]) -> Vec<ClusterView<'_>> {
@@ -300,6 +302,7 @@ fn cluster_views(clusters: &[ClusterAccess]) -> Vec<ClusterView<'_>> {
             run_command_enabled: c.run_command_enabled,
             restriction: &c.restriction,
             grant_ids: &c.grant_ids,
+            description: &c.description,
         })
         .collect()
 }
@@ -321,11 +324,19 @@ fn cluster_rows(clusters: &[ClusterAccess]) -> String {
                 } else {
                     c.actions.join(", ")
                 },
-                if c.grant_ids.is_empty() {
-                    c.restriction.clone()
-                } else {
-                    format!("break-glass grant {}", c.grant_ids.join(", "))
-                },
+                [
+                    c.description.clone(),
+                    c.restriction.clone(),
+                    if c.grant_ids.is_empty() {
+                        String::new()
+                    } else {
+                        format!("break-glass grant {}", c.grant_ids.join(", "))
+                    },
+                ]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
             ]
         })
         .collect();

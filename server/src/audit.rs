@@ -234,6 +234,41 @@ pub enum AuditEvent {
         /// Requester.
         principal: String,
     },
+    /// A Kubernetes API request a command made through the relay.
+    RelayRequest {
+        /// The command.
+        command_id: String,
+        /// The gateway principal.
+        principal: String,
+        /// Who the cluster saw (Impersonate-User).
+        kube_user: String,
+        /// get, list, watch, create, update, patch, delete, ...
+        verb: String,
+        /// Request path.
+        path: String,
+        /// Namespace, when the path names one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        namespace: Option<String>,
+        /// HTTP status the API server answered (502 when unreachable).
+        status: u16,
+        /// Time to the response headers, in milliseconds.
+        duration_ms: u64,
+    },
+    /// A relay request refused (bad token, impersonation attempt, exec/attach, ...).
+    RelayRefused {
+        /// The command, when the token was valid.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        command_id: Option<String>,
+        /// The principal, when the token was valid.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        principal: Option<String>,
+        /// The verb attempted.
+        verb: String,
+        /// Request path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
     /// The break-glass webhook could not be told.
     BreakGlassNotificationFailed {
         /// Grant id.
@@ -261,6 +296,8 @@ impl AuditEvent {
             Self::BreakGlassRevoked { .. } => "break_glass_revoked",
             Self::BreakGlassExpired { .. } => "break_glass_expired",
             Self::BreakGlassNotificationFailed { .. } => "break_glass_notification_failed",
+            Self::RelayRequest { .. } => "relay_request",
+            Self::RelayRefused { .. } => "relay_refused",
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Config {
     pub digest: String,
     /// Announce break-glass activations and approvals here.
     pub webhook: Option<Webhook>,
+    /// The relay's listener.
+    pub relay: RelayConfig,
 }
 
 /// Where results are kept and for how long.
@@ -186,14 +188,64 @@ pub struct ClusterConfig {
     pub allowed_programs: BTreeSet<String>,
     /// `PATH` given to commands.
     pub path: String,
-    /// Kubeconfig file for the command's `KUBECONFIG` (until the relay replaces it).
-    pub kubeconfig: Option<PathBuf>,
+    /// How the gateway reaches the cluster's API server; `None` = no cluster behind it
+    /// (commands get no kubeconfig).
+    pub api: Option<ApiServer>,
+    /// How a principal becomes a Kubernetes identity on this cluster.
+    pub identity: IdentityMapping,
+    /// Shown by `kinvoke clusters`, e.g. "simulated cluster".
+    pub description: String,
     /// Shell used in `shell` mode.
     pub shell: PathBuf,
     /// Refuse every command (like AKS `disableRunCommand`).
     pub disable_run_command: bool,
     /// Caller addresses allowed for this cluster, besides the listener's; empty = no extra limit.
     pub authorized_ip_ranges: CidrSet,
+}
+
+/// The gateway's own way to the API server (never given to commands).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiServer {
+    /// A kubeconfig file and optionally a context in it.
+    Kubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// The context; default: the file's current context.
+        context: Option<String>,
+    },
+    /// The service account of the Pod the gateway runs in.
+    InCluster,
+}
+
+/// Maps a principal to the identity the cluster sees (Impersonate-* headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityMapping {
+    /// User name template: `{id}` is the principal id, `{claim:NAME}` a token claim.
+    pub user: String,
+    /// Pass the principal's groups on.
+    pub include_groups: bool,
+    /// Prefix for the principal's groups, e.g. `kinvoke:`.
+    pub group_prefix: String,
+    /// Groups every caller gets on this cluster.
+    pub extra_groups: Vec<String>,
+}
+
+impl Default for IdentityMapping {
+    fn default() -> Self {
+        Self {
+            user: "{id}".to_owned(),
+            include_groups: true,
+            group_prefix: String::new(),
+            extra_groups: Vec::new(),
+        }
+    }
+}
+
+/// Where the relay listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Address (loopback by default: the local executor's commands run here).
+    pub address: SocketAddr,
 }
 
 /// Default `PATH` handed to commands.
@@ -225,6 +277,8 @@ struct RawConfig {
     audit: RawAudit,
     #[serde(default)]
     break_glass: RawBreakGlass,
+    #[serde(default)]
+    relay: RawRelay,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -314,11 +368,34 @@ struct RawCluster {
     allowed_programs: Option<Vec<String>>,
     path: Option<String>,
     kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    #[serde(default)]
+    in_cluster: bool,
+    identity: Option<RawIdentity>,
+    #[serde(default)]
+    description: String,
     shell: Option<PathBuf>,
     #[serde(default)]
     disable_run_command: bool,
     #[serde(default)]
     authorized_ip_ranges: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    user: Option<String>,
+    include_groups: Option<bool>,
+    #[serde(default)]
+    group_prefix: String,
+    #[serde(default)]
+    extra_groups: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    address: Option<String>,
 }
 
 fn default_executor() -> String {
@@ -460,7 +537,30 @@ impl Config {
                 mode: c.mode,
                 allowed_programs,
                 path,
-                kubeconfig: c.kubeconfig.as_deref().map(resolve),
+                api: match (c.kubeconfig, c.in_cluster) {
+                    (Some(_), true) => {
+                        return Err(invalid(
+                            format!("{key}.in_cluster"),
+                            "set either kubeconfig or in_cluster = true, not both",
+                        ));
+                    }
+                    (Some(path), false) => Some(ApiServer::Kubeconfig {
+                        path: resolve(&path),
+                        context: c.context,
+                    }),
+                    (None, true) => Some(ApiServer::InCluster),
+                    (None, false) => {
+                        if c.context.is_some() {
+                            return Err(invalid(
+                                format!("{key}.context"),
+                                "needs a kubeconfig to pick the context from",
+                            ));
+                        }
+                        None
+                    }
+                },
+                identity: parse_identity(&key, c.identity)?,
+                description: c.description,
                 shell: c.shell.unwrap_or_else(|| PathBuf::from("bash")),
                 disable_run_command: c.disable_run_command,
                 authorized_ip_ranges,
@@ -527,6 +627,17 @@ impl Config {
             ),
             audit,
             webhook,
+            relay: RelayConfig {
+                address: match raw.relay.address.as_deref() {
+                    None => SocketAddr::from(([127, 0, 0, 1], 0)),
+                    Some(a) => a.parse().map_err(|_| {
+                        invalid(
+                            "relay.address",
+                            format!("\"{a}\" is not a socket address; write it as IP:PORT, e.g. \"127.0.0.1:0\""),
+                        )
+                    })?,
+                },
+            },
             state_dir,
             store,
             limits,
@@ -606,8 +717,20 @@ impl Config {
             } else {
                 ""
             };
+            let api = match &c.api {
+                Some(ApiServer::Kubeconfig { path, context }) => format!(
+                    ", API server from {}{}",
+                    path.display(),
+                    context
+                        .as_ref()
+                        .map(|c| format!(" (context {c})"))
+                        .unwrap_or_default()
+                ),
+                Some(ApiServer::InCluster) => ", in-cluster API server".to_owned(),
+                None => ", no API server (commands get no kubeconfig)".to_owned(),
+            };
             out.push_str(&format!(
-                "cluster \"{}\": local executor, {mode}{gate}\n",
+                "cluster \"{}\": local executor, {mode}{gate}{api}\n",
                 c.name
             ));
         }
@@ -731,6 +854,41 @@ fn parse_listener_access(
             tokens,
             require_client_cert,
         },
+    })
+}
+
+fn parse_identity(key: &str, raw: Option<RawIdentity>) -> Result<IdentityMapping, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(IdentityMapping::default());
+    };
+    let user = raw.user.unwrap_or_else(|| "{id}".to_owned());
+    // only known placeholders: a typo must not become a literal user name
+    let mut rest = user.as_str();
+    while let Some(start) = rest.find('{') {
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| invalid(format!("{key}.identity.user"), "has an unclosed '{'"))?;
+        let placeholder = &rest[start + 1..start + end];
+        let known = placeholder == "id"
+            || placeholder
+                .strip_prefix("claim:")
+                .is_some_and(|c| !c.is_empty());
+        if !known {
+            return Err(invalid(
+                format!("{key}.identity.user"),
+                format!("unknown placeholder {{{placeholder}}}; use {{id}} or {{claim:NAME}}"),
+            ));
+        }
+        rest = &rest[start + end + 1..];
+    }
+    if user.trim().is_empty() {
+        return Err(invalid(format!("{key}.identity.user"), "must not be empty"));
+    }
+    Ok(IdentityMapping {
+        user,
+        include_groups: raw.include_groups.unwrap_or(true),
+        group_prefix: raw.group_prefix,
+        extra_groups: raw.extra_groups,
     })
 }
 

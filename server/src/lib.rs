@@ -20,11 +20,13 @@ pub mod guard;
 pub mod http;
 pub mod ingress;
 pub mod pki;
+pub mod relay;
 pub mod runner;
 pub mod service;
 pub mod status;
 pub mod store;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +43,7 @@ use crate::config::Config;
 use crate::exec::local::LocalExecutor;
 use crate::guard::Guard;
 use crate::ingress::BoundListener;
+use crate::relay::Relay;
 use crate::runner::Runner;
 use crate::service::{AccessApi, CommandApi};
 use crate::store::Store;
@@ -63,6 +66,12 @@ pub enum GatewayError {
     /// The audit log could not be opened.
     #[error("cannot open the audit log: {0}")]
     Audit(std::io::Error),
+    /// A cluster's API server settings are unusable.
+    #[error("{0}")]
+    Cluster(String),
+    /// The relay could not start.
+    #[error(transparent)]
+    Relay(#[from] relay::RelayError),
     /// Server reflection could not be built.
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -95,6 +104,7 @@ pub struct Gateway {
     guard: Arc<Guard>,
     runner: Arc<Runner>,
     breakglass: Arc<BreakGlass>,
+    relay: Option<Arc<Relay>>,
 }
 
 impl Gateway {
@@ -129,13 +139,44 @@ impl Gateway {
             breakglass.clone(),
         ));
         let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
-        let runner = Runner::new(config.clone(), store, executor, audit.clone());
+        let clusters = kube_clients(&config).await?;
+        let relay = if clusters.is_empty() {
+            None
+        } else {
+            Some(Relay::start(config.relay.address, clusters.clone(), audit.clone()).await?)
+        };
+        // each cluster's version in the log; one that is down does not stop the others
+        for (name, client) in clusters {
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(15), client.apiserver_version())
+                    .await
+                {
+                    Ok(Ok(info)) => {
+                        tracing::info!(cluster = %name, version = %info.git_version, "cluster API server reachable")
+                    }
+                    Ok(Err(err)) => {
+                        tracing::warn!(cluster = %name, %err, "cluster API server not reachable; commands on it will fail until it is")
+                    }
+                    Err(_) => {
+                        tracing::warn!(cluster = %name, "cluster API server did not answer within 15s")
+                    }
+                }
+            });
+        }
+        let runner = Runner::new(
+            config.clone(),
+            store,
+            executor,
+            audit.clone(),
+            relay.clone(),
+        );
         Ok(Self {
             config,
             audit,
             guard,
             runner,
             breakglass,
+            relay,
         })
     }
 
@@ -151,6 +192,7 @@ impl Gateway {
             guard,
             runner,
             breakglass,
+            relay,
         } = self;
         let expiry = tokio::spawn(async move {
             // grants stop by time at once; this only records that they did
@@ -246,6 +288,9 @@ impl Gateway {
             .set_not_serving::<CommandServiceServer<CommandApi>>()
             .await;
         runner.shutdown(config.shutdown_grace).await;
+        if let Some(relay) = &relay {
+            relay.shutdown();
+        }
         purge.abort();
         health_task.abort();
         expiry.abort();
@@ -269,6 +314,43 @@ impl Gateway {
         tracing::info!("gateway stopped");
         Ok(())
     }
+}
+
+/// A client for each cluster with an API server configured, with the gateway's own
+/// credentials (used only by the relay, never handed to commands).
+pub async fn kube_clients(config: &Config) -> Result<HashMap<String, kube::Client>, GatewayError> {
+    let mut out = HashMap::new();
+    for c in &config.clusters {
+        if let Some(api) = &c.api {
+            let client = kube_client(api)
+                .await
+                .map_err(|e| GatewayError::Cluster(format!("cluster \"{}\": {e}", c.name)))?;
+            out.insert(c.name.to_string(), client);
+        }
+    }
+    Ok(out)
+}
+
+async fn kube_client(api: &config::ApiServer) -> Result<kube::Client, String> {
+    let mut cfg = match api {
+        config::ApiServer::Kubeconfig { path, context } => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            let options = kube::config::KubeConfigOptions {
+                context: context.clone(),
+                ..Default::default()
+            };
+            kube::Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        config::ApiServer::InCluster => {
+            kube::Config::incluster().map_err(|e| format!("in-cluster service account: {e}"))?
+        }
+    };
+    // a watch lasts as long as its command; the command's own timeout bounds it
+    cfg.read_timeout = None;
+    kube::Client::try_from(cfg).map_err(|e| format!("client: {e}"))
 }
 
 async fn purge_loop(runner: Arc<Runner>, retention: Duration) {

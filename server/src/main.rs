@@ -122,6 +122,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         problems.push(err.to_string());
                     }
                 }
+                problems.extend(runtime()?.block_on(check_clusters(&cfg)));
                 if problems.is_empty() {
                     println!("config OK: {}", config.display());
                     Ok(ExitCode::SUCCESS)
@@ -201,6 +202,40 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Loads each cluster's API server settings and asks it for its version.
+async fn check_clusters(cfg: &Config) -> Vec<String> {
+    let clients = match kinvoke_gateway::kube_clients(cfg).await {
+        Ok(c) => c,
+        Err(err) => return vec![err.to_string()],
+    };
+    let mut problems = Vec::new();
+    let mut names: Vec<_> = clients.keys().cloned().collect();
+    names.sort();
+    for name in names {
+        let Some(client) = clients.get(&name) else {
+            continue;
+        };
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.apiserver_version(),
+        )
+        .await
+        {
+            Ok(Ok(info)) => println!(
+                "cluster \"{name}\": API server reachable, Kubernetes {}",
+                info.git_version
+            ),
+            Ok(Err(err)) => problems.push(format!(
+                "cluster \"{name}\": API server not reachable: {err}"
+            )),
+            Err(_) => problems.push(format!(
+                "cluster \"{name}\": API server did not answer within 10s"
+            )),
+        }
+    }
+    problems
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -17,7 +17,8 @@ use crate::authn::Principal;
 use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequest};
 use crate::config::Config;
 use crate::exec::output::OutputLog;
-use crate::exec::{Executor, Job, Outcome, plan_argv};
+use crate::exec::{Executor, Job, Outcome, SecretText, plan_argv};
+use crate::relay::{Binding, Relay, identity_for};
 use crate::store::{CommandRecord, ListQuery, Store, StoreError};
 
 /// Reason recorded for commands stopped because the gateway shut down.
@@ -59,6 +60,14 @@ pub enum RunError {
     /// The result store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The caller cannot be mapped to a Kubernetes identity on this cluster.
+    #[error("cannot run as a Kubernetes identity on cluster \"{cluster}\": {reason}")]
+    NoKubeIdentity {
+        /// The cluster.
+        cluster: String,
+        /// Why.
+        reason: String,
+    },
     /// The audit log cannot record the command, so it may not run (fail closed).
     #[error("audit log unavailable")]
     AuditUnavailable,
@@ -94,6 +103,7 @@ pub struct Runner {
     accepting: CancellationToken,
     tasks: TaskTracker,
     audit: Audit,
+    relay: Option<Arc<Relay>>,
 }
 
 impl Runner {
@@ -103,6 +113,7 @@ impl Runner {
         store: Store,
         executor: Arc<dyn Executor>,
         audit: Audit,
+        relay: Option<Arc<Relay>>,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.limits.max_concurrent_commands));
         Arc::new(Self {
@@ -114,6 +125,7 @@ impl Runner {
             accepting: CancellationToken::new(),
             tasks: TaskTracker::new(),
             audit,
+            relay,
         })
     }
 
@@ -150,6 +162,27 @@ impl Runner {
                     limit: self.config.limits.max_concurrent_commands,
                 })?;
         let id = CommandId::random().map_err(RunError::Random)?;
+        // the command's own credentials: a relay token bound to this command, checked
+        // before anything is recorded so a mapping error refuses cleanly
+        let relay = self
+            .relay
+            .as_ref()
+            .filter(|r| r.serves(cluster.name.as_str()));
+        let identity = match relay {
+            Some(_) => Some(
+                identity_for(
+                    &cluster.identity,
+                    principal,
+                    id.as_str(),
+                    break_glass.as_ref(),
+                )
+                .map_err(|reason| RunError::NoKubeIdentity {
+                    cluster: cluster.name.to_string(),
+                    reason,
+                })?,
+            ),
+            None => None,
+        };
         let record = CommandRecord {
             id: id.clone(),
             cluster: cluster.name.to_string(),
@@ -215,6 +248,28 @@ impl Runner {
             "command started"
         );
 
+        let issued = match (relay, identity) {
+            (Some(relay), Some(identity)) => Some(
+                relay
+                    .issue(Binding {
+                        command_id: id.to_string(),
+                        cluster: cluster.name.to_string(),
+                        principal: principal.id.clone(),
+                        identity,
+                        // revoked when the command ends; this bounds a token that is never revoked
+                        deadline: std::time::Instant::now()
+                            + spec.timeout
+                            + self.config.limits.kill_grace
+                            + Duration::from_secs(60),
+                    })
+                    .map_err(|e| RunError::NoKubeIdentity {
+                        cluster: cluster.name.to_string(),
+                        reason: e.to_string(),
+                    })?,
+            ),
+            _ => None,
+        };
+        let relay_key = issued.as_ref().map(|i| i.key.clone());
         let job = Job {
             id: id.clone(),
             argv,
@@ -222,6 +277,7 @@ impl Runner {
             cluster,
             output,
             cancel,
+            kubeconfig: issued.map(|i| SecretText(i.kubeconfig)),
         };
         let this = self.clone();
         self.tasks.spawn(async move {
@@ -230,6 +286,10 @@ impl Runner {
                 cluster: running.record.cluster.clone(),
             });
             let outcome = this.executor.run(job).await;
+            // the token dies with the command
+            if let (Some(relay), Some(key)) = (&this.relay, &relay_key) {
+                relay.revoke(key);
+            }
             this.finish(&running, outcome).await;
             this.running_map().remove(&running.record.id);
             // free the slot before waking waiters, so a caller that saw this command end

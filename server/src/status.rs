@@ -20,6 +20,7 @@ impl From<RunError> for Status {
             RunError::ClusterNotFound { .. } | RunError::CommandNotFound { .. } => Code::NotFound,
             RunError::TooManyCommands { .. } => Code::ResourceExhausted,
             RunError::ShuttingDown | RunError::AuditUnavailable => Code::Unavailable,
+            RunError::NoKubeIdentity { .. } => Code::FailedPrecondition,
             RunError::Store(_) | RunError::Random(_) => {
                 tracing::error!(error = %err, "internal error");
                 return Status::internal("internal error in the gateway; its log has the details");

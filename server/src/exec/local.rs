@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -72,10 +72,15 @@ impl LocalExecutor {
         let work = dir.path().join("work");
         let home = dir.path().join("home");
         let files = job.spec.files.clone();
+        let kubeconfig = job.kubeconfig.as_ref().map(|k| k.0.clone());
         let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
             std::fs::create_dir(&work)
                 .and_then(|()| std::fs::create_dir(&home))
                 .map_err(|err| format!("could not create a work directory: {err}"))?;
+            if let Some(text) = kubeconfig {
+                write_private(&home.join(".kube").join("config"), text.as_bytes())
+                    .map_err(|err| format!("could not write the command's kubeconfig: {err}"))?;
+            }
             for file in &files {
                 write_attachment(&work, file).map_err(|err| {
                     format!(
@@ -95,11 +100,8 @@ impl LocalExecutor {
     async fn spawn_and_wait(&self, job: &Job, root: &Path) -> Outcome {
         let work = root.join("work");
         let home = root.join("home");
-        let kubeconfig = job
-            .cluster
-            .kubeconfig
-            .clone()
-            .unwrap_or_else(|| home.join(".kube").join("config"));
+        // the relay's kubeconfig, if the cluster has an API server (written by prepare)
+        let kubeconfig = home.join(".kube").join("config");
 
         let (reader, writer) = match io::pipe() {
             Ok(pipe) => pipe,
@@ -256,6 +258,19 @@ fn outcome_of(status: io::Result<ExitStatus>, stop: Option<Stop>, timeout: Durat
     }
 }
 
+/// Writes a file only its owner can read (the command's relay token).
+fn write_private(path: &Path, content: &[u8]) -> io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    io::Write::write_all(&mut f, content)
+}
+
 /// Writes one attached file below `work`; the path was validated to stay inside it, and
 /// the directory is fresh, so no symlink can redirect the write.
 fn write_attachment(work: &Path, file: &Attachment) -> io::Result<()> {
@@ -289,7 +304,9 @@ mod tests {
             mode: ExecMode::Shell,
             allowed_programs: Default::default(),
             path: DEFAULT_COMMAND_PATH.to_owned(),
-            kubeconfig: None,
+            api: None,
+            identity: Default::default(),
+            description: String::new(),
             shell: "bash".into(),
             disable_run_command: false,
             authorized_ip_ranges: Default::default(),
@@ -306,6 +323,7 @@ mod tests {
             cluster,
             output: Arc::new(OutputLog::new(1024)),
             cancel: CancellationToken::new(),
+            kubeconfig: None,
         }
     }
 

@@ -40,6 +40,18 @@ pub struct Job {
     pub output: Arc<OutputLog>,
     /// Fires to stop the command (cancel or shutdown).
     pub cancel: CancellationToken,
+    /// The command's kubeconfig (relay URL, relay CA, its token); never the gateway's.
+    pub kubeconfig: Option<SecretText>,
+}
+
+/// Text that holds a credential: `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
 }
 
 /// A way to run commands.
@@ -95,7 +107,9 @@ mod tests {
             mode,
             allowed_programs: ["kubectl".to_owned(), "helm".to_owned()].into(),
             path: crate::config::DEFAULT_COMMAND_PATH.to_owned(),
-            kubeconfig: None,
+            api: None,
+            identity: Default::default(),
+            description: String::new(),
             shell: "bash".into(),
             disable_run_command: false,
             authorized_ip_ranges: Default::default(),

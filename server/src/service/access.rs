@@ -61,6 +61,7 @@ impl AccessApi {
                     run_command_enabled: !c.disable_run_command,
                     restriction,
                     grant_ids,
+                    description: c.description.clone(),
                 }
             })
             .collect()
