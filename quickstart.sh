@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # kinvoke quickstart: builds kinvoke, starts a development gateway on its embedded
-# defaults (generated CA and certificates, one cluster "local" running commands in a
-# shell next to the gateway), runs one command through it with the real client, then
-# keeps the gateway serving until Ctrl-C.
+# defaults (generated CA and certificates; cluster "local" running commands in a shell
+# next to the gateway; cluster "sandbox", a simulated Kubernetes API server behind the
+# relay), runs commands through it with the real client, then keeps the gateway serving
+# until Ctrl-C.
 #
 #   KINVOKE_DEV_DIR     state directory (default .kinvoke-dev)
 #   KINVOKE_DEV_LISTEN  listen address  (default 127.0.0.1:8443)
@@ -34,14 +35,24 @@ grep -q 'serving on https://' "$out" || { echo "the gateway did not become ready
 cat "$out"
 
 client="$bin/kinvoke --config $state/client.toml"
-demo='kubectl version --client 2>/dev/null || echo "(no kubectl on PATH)"; echo "hello from $(hostname)" | tr a-z A-Z; ls -l'
+demo='echo "hello from $(hostname)" | tr a-z A-Z; ls -l; exit 3'
 echo
-echo "==> running a command through the gateway:"
+echo "==> a shell command with an attached file, on cluster local:"
 echo "    kinvoke --config $state/client.toml invoke --cluster local --command '$demo' --file README.md"
 echo
 status=0
 $client invoke --cluster local --command "$demo" --file README.md || status=$?
+echo "==> the client exited with $status: the remote command's exit code"
+
+kube='kubectl get pods -A; kubectl auth whoami'
 echo
-echo "==> the client exited with $status (the remote command's exit code)"
+echo "==> kubectl through the relay, on the simulated cluster sandbox (the API server sees"
+echo "    the caller, dev-user, impersonated; the command never holds the gateway's credentials):"
+echo "    kinvoke --config $state/client.toml invoke --cluster sandbox --command '$kube'"
+echo
+status=0
+$client invoke --cluster sandbox --command "$kube" || status=$?
+echo "==> the client exited with $status"
+echo
 echo "==> the gateway keeps serving; try the commands above from another terminal. Ctrl-C stops it."
 wait "$gateway"

@@ -1,7 +1,9 @@
 //! `kinvoke-gateway dev`: a ready-to-use local gateway. Creates once, in a state
 //! directory, a CA, a server certificate for localhost, a client certificate, and then
-//! (each start) a gateway config with one `local` cluster in shell mode and a client
-//! config for `kinvoke --config DIR/client.toml`.
+//! (each start) a gateway config with two clusters and a client config for
+//! `kinvoke --config DIR/client.toml`: `local` (shell mode, no Kubernetes behind it) and
+//! `sandbox`, a SIMULATED Kubernetes API server (the `kinvoke-simcluster` test double)
+//! started in-process, so the relay and impersonation work end to end with no cluster.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,6 +11,25 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::pki::CertificateAuthority;
+
+/// Name of the simulated cluster `dev` registers.
+pub const SANDBOX: &str = "sandbox";
+
+/// File (in the state directory) with the gateway's credentials for the sandbox.
+pub const SANDBOX_KUBECONFIG: &str = "sandbox.kubeconfig";
+
+/// Starts the simulated cluster and writes the gateway's kubeconfig for it; keep the
+/// returned handle alive for as long as the gateway runs.
+pub async fn start_sandbox(files: &DevFiles) -> Result<kinvoke_simcluster::SimCluster, DevError> {
+    let sim = kinvoke_simcluster::SimCluster::start(kinvoke_simcluster::SimOptions::default())
+        .await
+        .map_err(|e| DevError::Sandbox(e.to_string()))?;
+    // the admin token changes with every start: rewrite, readable by the gateway only
+    let path = files.dir.join(SANDBOX_KUBECONFIG);
+    write(&path, &sim.admin_kubeconfig(), 0o600)?;
+    tracing::warn!(url = %sim.url(), "cluster \"{SANDBOX}\" is a SIMULATED Kubernetes API server (a test double), not a real cluster");
+    Ok(sim)
+}
 
 /// Identity of the developer certificate `dev` issues.
 pub const DEV_PRINCIPAL: &str = "dev-user";
@@ -38,6 +59,9 @@ pub enum DevError {
     /// Certificate generation failed.
     #[error("cannot generate dev certificates: {0}")]
     Cert(#[from] rcgen::Error),
+    /// The simulated cluster could not start.
+    #[error("cannot start the sandbox cluster: {0}")]
+    Sandbox(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DevError + '_ {
@@ -120,6 +144,12 @@ fn gateway_toml(listen: SocketAddr) -> String {
          name = \"local\"\n\
          executor = \"local\"\n\
          mode = \"shell\"\n\n\
+         # a simulated Kubernetes API server started by `dev` (not a real cluster)\n\
+         [[cluster]]\n\
+         name = \"{SANDBOX}\"\n\
+         mode = \"shell\"\n\
+         kubeconfig = \"{SANDBOX_KUBECONFIG}\"\n\
+         description = \"simulated cluster (kinvoke-simcluster test double, not a real Kubernetes)\"\n\n\
          # the developer certificate's identity may do everything on every cluster\n\
          [[assignment]]\n\
          name = \"dev-admin\"\n\

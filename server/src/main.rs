@@ -256,6 +256,11 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
             "cannot start the listeners".to_owned()
         }
     })?;
+    // the simulated cluster must answer before the gateway connects to it
+    let _sandbox = match &dev {
+        Some(files) => Some(dev::start_sandbox(files).await?),
+        None => None,
+    };
     // state before the ready line: a bad store or audit path fails before anyone connects
     let gateway = kinvoke_gateway::Gateway::open(cfg).await?;
     let mut stdout = std::io::stdout().lock();
@@ -277,8 +282,10 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
         writeln!(
             stdout,
             "\nDevelopment gateway ready (state in {dir}). In another terminal, try:\n\n  \
-             kinvoke --config {client} invoke --cluster local --command \"kubectl version --client; echo hello | tr a-z A-Z\"\n  \
-             kinvoke --config {client} list\n\nPress Ctrl-C to stop.",
+             kinvoke --config {client} invoke --cluster local --command \"echo hello | tr a-z A-Z\"\n  \
+             kinvoke --config {client} invoke --cluster sandbox --command \"kubectl get pods -A; kubectl auth whoami\"\n  \
+             kinvoke --config {client} list\n\n\
+             (sandbox is a simulated Kubernetes API server, not a real cluster.) Press Ctrl-C to stop.",
             dir = files.dir.display(),
         )?;
     }
