@@ -260,7 +260,13 @@ impl Relay {
                 path: path.clone(),
                 reason: reason.clone(),
             });
-            status(code, kind, &reason)
+            if is_discovery(&path) {
+                // kubectl's discovery client shows only text/plain error bodies; a Status
+                // there would print as "unknown" on a command's first call
+                plain(code, &reason)
+            } else {
+                status(code, kind, &reason)
+            }
         };
         if let Some(name) = req
             .headers()
@@ -490,6 +496,30 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<RelayBody> 
     response
 }
 
+/// True for discovery and version paths (`/api`, `/apis/<g>/<v>`, `/version`, `/openapi/...`).
+fn is_discovery(path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match segments.first() {
+        Some(&"api") => segments.len() <= 2,
+        Some(&"apis") => segments.len() <= 3,
+        Some(&"version") | Some(&"openapi") => true,
+        _ => false,
+    }
+}
+
+/// A plain-text error body.
+fn plain(code: StatusCode, message: &str) -> Response<RelayBody> {
+    let mut response = Response::new(UnsyncBoxBody::new(
+        Full::new(Bytes::from(message.to_owned())).map_err(|never| match never {}),
+    ));
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
 /// The Kubernetes verb of a request, as audit logs name it.
 pub fn verb_of(method: &Method, path: &str, query: Option<&str>) -> &'static str {
     let watch = query.is_some_and(|q| {
@@ -592,6 +622,27 @@ mod tests {
         ];
         for (method, path, query, verb) in cases {
             assert_eq!(verb_of(&method, path, query), verb, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn discovery_paths_are_told_from_resource_paths() {
+        for p in [
+            "/api",
+            "/api/v1",
+            "/apis",
+            "/apis/apps/v1",
+            "/version",
+            "/openapi/v3",
+        ] {
+            assert!(is_discovery(p), "{p}");
+        }
+        for p in [
+            "/api/v1/pods",
+            "/apis/apps/v1/deployments",
+            "/api/v1/namespaces/x/pods",
+        ] {
+            assert!(!is_discovery(p), "{p}");
         }
     }
 

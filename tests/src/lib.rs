@@ -26,6 +26,13 @@
 //! URL that refuses connections; [`Gateway::await_audit_event`] waits for events the
 //! gateway logs on its own time (a grant's expiry, a failed notification).
 //!
+//! For the relay tests: [`kube_tools`] finds the pinned kubectl and helm (or says why the
+//! test is skipped) and [`kube_tools_path`] makes a command `PATH` for them;
+//! [`GatewayOptions::kube_cluster`] adds a cluster whose commands reach an API server
+//! through the relay; [`RelayKubeconfig`] reads the kubeconfig a command printed and
+//! [`https_get`] knocks on the relay with its token from outside the gateway;
+//! [`Background::wait_for_line_where`] waits for a line the test knows only in part.
+//!
 //! Dropping a [`Gateway`] stops its process and deletes its directory; dropping a
 //! [`DevGateway`], [`Proc`] or [`Background`] stops (or kills) and reaps the process.
 
@@ -629,27 +636,32 @@ impl Background {
     /// Reads stdout until a line equal to `line` (without its newline) has arrived.
     /// Fails if stdout closes first, or after [`PROCESS_TIMEOUT`] as a guard.
     pub fn wait_for_line(&mut self, line: &str) -> Result<()> {
+        self.wait_for_line_where(&format!("{line:?}"), |got| got == line)
+            .map(drop)
+    }
+
+    /// Reads stdout until a line (without its newline) satisfies `found`, and returns
+    /// it; `what` describes the line in the error, e.g. `"a row for pod web-1"`. For
+    /// lines whose exact text the test cannot know (a table row with an age column).
+    /// Fails if stdout closes first, or after [`PROCESS_TIMEOUT`] as a guard.
+    pub fn wait_for_line_where(
+        &mut self,
+        what: &str,
+        found: impl FnMut(&str) -> bool,
+    ) -> Result<String> {
         let deadline = Instant::now() + PROCESS_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(got) => {
-                    self.stdout.push_str(&got);
-                    if got.strip_suffix('\n').unwrap_or(&got) == line {
-                        return Ok(());
-                    }
-                }
-                Err(RecvTimeoutError::Disconnected) => bail!(
-                    "`{}` closed stdout before printing {line:?}; stdout so far:\n{}",
-                    self.label,
-                    self.stdout
-                ),
-                Err(RecvTimeoutError::Timeout) => bail!(
-                    "`{}` did not print {line:?} within {PROCESS_TIMEOUT:?}; stdout so far:\n{}",
-                    self.label,
-                    self.stdout
-                ),
-            }
+        match next_line_until(&self.lines, deadline, &mut self.stdout, found) {
+            Ok(line) => Ok(line),
+            Err(LineWait::Closed) => bail!(
+                "`{}` closed stdout before printing {what}; stdout so far:\n{}",
+                self.label,
+                self.stdout
+            ),
+            Err(LineWait::TimedOut) => bail!(
+                "`{}` did not print {what} within {PROCESS_TIMEOUT:?}; stdout so far:\n{}",
+                self.label,
+                self.stdout
+            ),
         }
     }
 
@@ -784,6 +796,20 @@ impl GatewayOptions {
         self.extra_toml.push_str(toml);
         self.extra_toml.push('\n');
         self
+    }
+
+    /// Adds a shell-mode cluster `name` whose commands go through the gateway's relay to
+    /// a Kubernetes API server: `kubeconfig` (YAML, the gateway's own credentials for
+    /// that server) is written to `<name>.kubeconfig` in the gateway's directory and
+    /// named by the cluster's `kubeconfig` key; `path` is the commands' `PATH` (see
+    /// [`kube_tools_path`] for one that finds the pinned kubectl and helm).
+    pub fn kube_cluster(self, name: &str, kubeconfig: &str, path: &str) -> Self {
+        let file = format!("{name}.kubeconfig");
+        let toml = format!(
+            // Debug quoting is a TOML basic string for the plain names and paths tests use
+            "[[cluster]]\nname = {name:?}\nmode = \"shell\"\nkubeconfig = {file:?}\npath = {path:?}\n"
+        );
+        self.file(&file, kubeconfig).extra_toml(&toml)
     }
 
     /// The gateway config these options stand for. Paths in it are relative to the
@@ -2121,6 +2147,229 @@ pub fn closed_loopback_port() -> Result<u16> {
 }
 
 // ---------------------------------------------------------------------------------------
+// kubectl, helm and the relay
+
+/// The tools a relay test needs in [`kube_tools`]'s directory.
+const KUBE_TOOLS: [&str; 2] = ["kubectl", "helm"];
+
+/// The script that fetches the pinned kubectl and helm.
+const FETCH_KUBE_TOOLS: &str = "scripts/fetch-kube-tools";
+
+/// The directory holding the pinned `kubectl` and `helm` that `scripts/fetch-kube-tools`
+/// downloads: `<repo>/.tools/bin`. `Ok(None)` when they are missing, after printing a
+/// `SKIPPED` line naming the script, so a developer without them can still run the other
+/// tests; under `CI=true` (or `CI=1`) missing tools are an error instead, so CI cannot
+/// pass by skipping.
+pub fn kube_tools() -> Result<Option<PathBuf>> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the tests crate has no parent directory")?;
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    kube_tools_in(&repo.join(".tools").join("bin"), ci)
+}
+
+/// [`kube_tools`] for the directory `dir`, failing on missing tools when `ci`.
+fn kube_tools_in(dir: &Path, ci: bool) -> Result<Option<PathBuf>> {
+    let missing: Vec<&str> = KUBE_TOOLS
+        .into_iter()
+        .filter(|tool| !dir.join(tool).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(Some(dir.to_owned()));
+    }
+    let what = format!(
+        "{} not found in {}: run `{FETCH_KUBE_TOOLS}`",
+        missing.join(" and "),
+        dir.display()
+    );
+    if ci {
+        bail!("{what} (CI is set, so the tests that need them may not be skipped)");
+    }
+    println!("SKIPPED: {what}");
+    Ok(None)
+}
+
+/// A `PATH` for commands that finds the tools in `tools` (see [`kube_tools`]) before the
+/// system's: `<tools>:/usr/local/bin:/usr/bin:/bin`.
+pub fn kube_tools_path(tools: &Path) -> String {
+    format!("{}:/usr/local/bin:/usr/bin:/bin", tools.display())
+}
+
+/// What a command's relay kubeconfig (`$KUBECONFIG`, as the command printed it with
+/// `cat "$KUBECONFIG"`) says: the relay's URL, its CA and the command's token. Read from
+/// the flat `server:`, `certificate-authority-data:` and `token:` lines kinvoke writes
+/// (one cluster, one user); other lines around them are ignored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayKubeconfig {
+    /// `https://127.0.0.1:PORT` of the relay.
+    pub server: String,
+    /// PEM of the relay's CA.
+    pub ca_pem: String,
+    /// The command's bearer token.
+    pub token: String,
+}
+
+impl fmt::Debug for RelayKubeconfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayKubeconfig")
+            .field("server", &self.server)
+            .field("token", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl RelayKubeconfig {
+    /// Reads the fields from `text`; fails naming the first one missing or malformed.
+    pub fn parse(text: &str) -> Result<Self> {
+        let field = |key: &str| -> Result<String> {
+            text.lines()
+                .find_map(|line| line.trim().strip_prefix(key))
+                .map(|value| value.trim().to_owned())
+                .filter(|value| !value.is_empty())
+                .with_context(|| format!("no `{key}` line in the kubeconfig:\n{text}"))
+        };
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(field("certificate-authority-data:")?)
+            .context("certificate-authority-data is not base64")?;
+        Ok(Self {
+            server: field("server:")?,
+            ca_pem: String::from_utf8(ca).context("certificate-authority-data is not a PEM")?,
+            token: field("token:")?,
+        })
+    }
+}
+
+/// An HTTP answer read by [`https_get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAnswer {
+    /// The status code.
+    pub status: u16,
+    /// Header names (lowercased) and values, in the order received.
+    pub headers: Vec<(String, String)>,
+    /// The body (lossy UTF-8, de-chunked).
+    pub body: String,
+}
+
+impl HttpAnswer {
+    /// Parses the body as one JSON document (a Kubernetes `Status`, say).
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(&self.body)
+            .with_context(|| format!("the body is not JSON: {:?}", self.body))
+    }
+}
+
+/// A one-shot HTTPS GET of `url` (`https://HOST:PORT/PATH`) trusting only `ca_pem`, with
+/// `headers` added, over HTTP/1.1 with `Connection: close`: enough to knock on the relay
+/// from outside the gateway. I/O is bounded by [`PROCESS_TIMEOUT`] as a guard.
+pub fn https_get(url: &str, ca_pem: &str, headers: &[(&str, &str)]) -> Result<HttpAnswer> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+
+    let rest = url
+        .strip_prefix("https://")
+        .with_context(|| format!("{url} is not an https:// URL"))?;
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => rest.split_at(slash),
+        None => (rest, "/"),
+    };
+    let (host, _port) = authority
+        .rsplit_once(':')
+        .with_context(|| format!("{url} names no port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.context("the CA is not a PEM certificate")?)
+            .context("the CA certificate is not usable")?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("no TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from(host.to_owned())
+        .with_context(|| format!("{host} is not a server name"))?;
+    let tls = rustls::ClientConnection::new(Arc::new(config), name)
+        .context("cannot set up the TLS client")?;
+    let tcp =
+        TcpStream::connect(authority).with_context(|| format!("cannot connect to {authority}"))?;
+    tcp.set_read_timeout(Some(PROCESS_TIMEOUT))?;
+    tcp.set_write_timeout(Some(PROCESS_TIMEOUT))?;
+    let mut stream = rustls::StreamOwned::new(tls, tcp);
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    std::io::Write::write_all(&mut stream, request.as_bytes())
+        .with_context(|| format!("cannot send the request to {url}"))?;
+    let mut raw = Vec::new();
+    if let Err(err) = stream.read_to_end(&mut raw) {
+        // a server that closes without TLS close_notify still sent a whole answer
+        if err.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
+            return Err(err).with_context(|| format!("cannot read the answer from {url}"));
+        }
+    }
+    parse_http_answer(&raw)
+}
+
+/// Parses a complete HTTP/1.1 answer (status line, headers, body to the end of the
+/// stream, chunked or not).
+fn parse_http_answer(raw: &[u8]) -> Result<HttpAnswer> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("the answer has no end of headers")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = &raw[end + 4..];
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let mut decoded = Vec::new();
+    if chunked {
+        loop {
+            let line_end = body
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .context("a chunk size line is cut off")?;
+            let size_text = String::from_utf8_lossy(&body[..line_end]);
+            let size_hex = size_text.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size_hex, 16)
+                .with_context(|| format!("bad chunk size {size_text:?}"))?;
+            body = &body[line_end + 2..];
+            if size == 0 {
+                break;
+            }
+            let chunk = body.get(..size).context("a chunk is cut off")?;
+            decoded.extend_from_slice(chunk);
+            body = body.get(size + 2..).context("a chunk is cut off")?;
+        }
+    } else {
+        decoded.extend_from_slice(body);
+    }
+    Ok(HttpAnswer {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&decoded).into_owned(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
 // OIDC issuer
 
 /// The RSA-2048 test key of the gateway's own tests (generating RSA keys in a debug
@@ -2440,6 +2689,89 @@ mod tests {
             serving_addr("serving on https://localhost:1")
                 .unwrap()
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_relay_kubeconfig_yields_its_server_ca_and_token() {
+        let ca = base64::engine::general_purpose::STANDARD.encode("-----BEGIN CERTIFICATE-----\n");
+        let text = format!(
+            "command started at ...\n# written by kinvoke\nclusters:\n- name: kube\n  cluster:\n    \
+             server: https://127.0.0.1:4321\n    certificate-authority-data: {ca}\nusers:\n\
+             - name: kinvoke\n  user:\n    token: 00ff\n"
+        );
+        let parsed = RelayKubeconfig::parse(&text).unwrap();
+        assert_eq!(parsed.server, "https://127.0.0.1:4321");
+        assert_eq!(parsed.ca_pem, "-----BEGIN CERTIFICATE-----\n");
+        assert_eq!(parsed.token, "00ff");
+        assert!(!format!("{parsed:?}").contains("00ff"));
+        let err = RelayKubeconfig::parse("server: x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("certificate-authority-data"), "{err}");
+    }
+
+    #[test]
+    fn an_http_answer_is_read_plain_or_chunked() {
+        let plain = parse_http_answer(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+        )
+        .unwrap();
+        assert_eq!(plain.status, 401);
+        assert_eq!(plain.body, "{}");
+        assert_eq!(
+            plain.headers[0],
+            ("content-type".into(), "application/json".into())
+        );
+        let chunked = parse_http_answer(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!((chunked.status, chunked.body.as_str()), (200, "abcde"));
+        assert!(parse_http_answer(b"HTTP/1.1 200 OK\r\n").is_err());
+    }
+
+    #[test]
+    fn missing_kube_tools_skip_the_test_but_fail_it_under_ci() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("kubectl"), "").unwrap();
+        assert_eq!(kube_tools_in(dir.path(), false).unwrap(), None);
+        let err = kube_tools_in(dir.path(), true).unwrap_err().to_string();
+        assert!(err.contains("helm not found"), "{err}");
+        assert!(err.contains("scripts/fetch-kube-tools"), "{err}");
+        fs::write(dir.path().join("helm"), "").unwrap();
+        assert_eq!(
+            kube_tools_in(dir.path(), true).unwrap().as_deref(),
+            Some(dir.path())
+        );
+    }
+
+    #[test]
+    fn a_kube_cluster_renders_its_table_and_kubeconfig_file() {
+        let options = GatewayOptions::default().kube_cluster(
+            "kube",
+            "apiVersion: v1\n",
+            "/opt/tools:/usr/bin:/bin",
+        );
+        let text = options.render();
+        assert_eq!(
+            options.files,
+            [(
+                PathBuf::from("kube.kubeconfig"),
+                b"apiVersion: v1\n".to_vec()
+            )]
+        );
+        assert!(
+            text.contains("kubeconfig = \"kube.kubeconfig\"\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("path = \"/opt/tools:/usr/bin:/bin\"\n"),
+            "{text}"
+        );
+        assert_eq!(
+            kube_tools_path(Path::new("/t/bin")),
+            "/t/bin:/usr/local/bin:/usr/bin:/bin"
         );
     }
 
