@@ -18,8 +18,8 @@ use std::fs;
 
 use kinvoke_simcluster::{ADMIN_USER, RecordedRequest, SimCluster, SimOptions};
 use kinvoke_tests::{
-    AuditRecord, Client, Gateway, GatewayOptions, Output, RelayKubeconfig, USER, https_get,
-    kube_tools, kube_tools_path, parse_header, read_audit_file,
+    AuditRecord, Client, Gateway, GatewayOptions, Output, RelayKubeconfig, USER, gateway_cli,
+    https_get, kube_tools, kube_tools_path, parse_header, read_audit_file,
 };
 use serde_json::Value;
 
@@ -701,4 +701,155 @@ fn kubectl_port_forward_is_refused_with_the_same_message() {
             .any(|r| r.path.ends_with("/portforward")),
         "the port-forward upgrade reached the cluster"
     );
+}
+
+/// A port nothing listens on: bound, read, released.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Waits (bounded) until the gateway's stderr log contains `needle`. The start-up
+/// version probe runs in the background, so its lines come when they come; the pause
+/// only paces re-reading a plain file.
+fn await_log(gw: &Gateway, needle: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let log = gw.stderr_log();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {needle:?} in the gateway log:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_cluster_whose_api_server_is_down_does_not_stop_the_others_and_check_config_names_it() {
+    let Some(tools) = kube_tools().unwrap() else {
+        return;
+    };
+    let sim = SimCluster::spawn(SimOptions::default()).expect("the simulated cluster starts");
+    let gone = kinvoke_simcluster::kubeconfig_yaml(
+        &format!("https://127.0.0.1:{}", closed_port()),
+        &sim.ca_pem(),
+        &sim.admin_token(),
+    );
+    let options = GatewayOptions::default()
+        .kube_cluster(KUBE, &sim.admin_kubeconfig(), &kube_tools_path(&tools))
+        .kube_cluster("gone", &gone, &kube_tools_path(&tools));
+    let gw = Gateway::start_with(options).expect("the gateway starts with one cluster down");
+
+    let out = gw
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", KUBE, "--command", "kubectl get ns"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("demo"), "{out}");
+    let log = await_log(&gw, "cluster API server not reachable");
+    assert!(log.contains("cluster=gone"), "{log}");
+    await_log(&gw, "v1.35.2+kinvoke-sim");
+
+    let check = gateway_cli([
+        std::ffi::OsString::from("check-config"),
+        "--config".into(),
+        gw.config().as_os_str().to_owned(),
+    ])
+    .unwrap();
+    assert_eq!(check.code, Some(1), "{check}");
+    assert!(
+        check.stdout.contains(&format!(
+            "cluster \"{KUBE}\": API server reachable, Kubernetes v1.35.2+kinvoke-sim"
+        )),
+        "{check}"
+    );
+    assert!(
+        check
+            .stderr
+            .contains("cluster \"gone\": API server not reachable"),
+        "{check}"
+    );
+}
+
+#[test]
+fn check_config_names_a_cluster_whose_kubeconfig_is_not_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // the listener's certificates must exist for check-config to get to the clusters
+    kinvoke_tests::Pki::new(&dir.path().join("pki"), "check CA").unwrap();
+    fs::write(
+        dir.path().join("broken.kubeconfig"),
+        "this: [is not a kubeconfig",
+    )
+    .unwrap();
+    let config = dir.path().join("gateway.toml");
+    let text = GatewayOptions::default()
+        .extra_toml("[[cluster]]\nname = \"broken\"\nkubeconfig = \"broken.kubeconfig\"\n")
+        .render();
+    fs::write(&config, text).unwrap();
+    let check = gateway_cli([
+        std::ffi::OsString::from("check-config"),
+        "--config".into(),
+        config.into_os_string(),
+    ])
+    .unwrap();
+    assert_eq!(check.code, Some(1), "{check}");
+    assert!(check.stderr.contains("cluster \"broken\""), "{check}");
+    assert!(check.stderr.contains("broken.kubeconfig"), "{check}");
+}
+
+#[test]
+fn dev_mode_serves_a_simulated_cluster_through_the_relay() {
+    // dev's clusters use the default PATH: the machine's own kubectl
+    let kubectl = ["/usr/local/bin/kubectl", "/usr/bin/kubectl", "/bin/kubectl"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    if kubectl.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no kubectl on the default PATH under CI"
+        );
+        println!("SKIPPED: no kubectl in /usr/local/bin, /usr/bin or /bin for the dev sandbox");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut dev = kinvoke_tests::DevGateway::start(root.path()).unwrap();
+    let out = dev
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", "sandbox", "--command", "kubectl auth whoami -o jsonpath='{.status.userInfo.username}'; echo; kubectl get pods -n demo"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(
+        out.lines()[1],
+        "dev-user",
+        "the sandbox sees the caller:\n{out}"
+    );
+    assert!(out.stdout.contains("web-"), "{out}");
+    let clusters = dev
+        .client()
+        .unwrap()
+        .args(["-o", "json", "clusters"])
+        .run()
+        .unwrap();
+    let json = clusters.json().unwrap();
+    let sandbox = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cluster"] == "sandbox")
+        .unwrap_or_else(|| panic!("no sandbox in:\n{clusters}"));
+    assert!(
+        sandbox["description"]
+            .as_str()
+            .unwrap()
+            .contains("simulated"),
+        "{clusters}"
+    );
+    dev.terminate().unwrap();
 }
