@@ -1760,60 +1760,27 @@ pub fn proxy_v1_header(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
 /// threads.
 #[derive(Debug)]
 pub struct TcpRelay {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    sockets: Arc<Mutex<Vec<TcpStream>>>,
-    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: Option<JoinHandle<()>>,
+    server: LoopbackServer,
 }
 
 impl TcpRelay {
     /// Starts relaying to `upstream`, writing `preamble` first on every upstream
     /// connection.
     pub fn start(upstream: SocketAddr, preamble: Vec<u8>) -> Result<Self> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot bind the relay")?;
-        let addr = listener
-            .local_addr()
-            .context("cannot read the relay's address")?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let sockets = Arc::new(Mutex::new(Vec::new()));
-        let threads = Arc::new(Mutex::new(Vec::new()));
-        let accept = {
-            let (stop, sockets, threads) = (stop.clone(), sockets.clone(), threads.clone());
-            thread::Builder::new()
-                .name("relay-accept".to_owned())
-                .spawn(move || {
-                    for client in listener.incoming() {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        // a failed accept or upstream connect drops this client only
-                        let Ok(client) = client else { continue };
-                        if let Err(err) = relay_one(client, upstream, &preamble, &sockets, &threads)
-                        {
-                            eprintln!("kinvoke-tests relay: {err:#}");
-                        }
-                    }
-                })
-                .context("cannot start the relay's accept thread")?
-        };
-        Ok(Self {
-            addr,
-            stop,
-            sockets,
-            threads,
-            accept: Some(accept),
-        })
+        let server = LoopbackServer::start("relay", move |client, sockets, threads| {
+            relay_one(client, upstream, &preamble, sockets, threads)
+        })?;
+        Ok(Self { server })
     }
 
     /// The relay's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr
     }
 
     /// `https://127.0.0.1:PORT` of the relay (the gateway's certificate covers 127.0.0.1).
     pub fn endpoint(&self) -> String {
-        format!("https://{}", self.addr)
+        format!("https://{}", self.server.addr)
     }
 }
 
@@ -1850,7 +1817,74 @@ fn relay_one(
     Ok(())
 }
 
-impl Drop for TcpRelay {
+/// A thread-per-connection TCP server on 127.0.0.1:0 for test doubles (the PROXY relay,
+/// the webhook receiver). Dropping it stops accepting, shuts every connection down and
+/// joins every thread.
+#[derive(Debug)]
+struct LoopbackServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: Option<JoinHandle<()>>,
+}
+
+/// What a [`LoopbackServer`] does with each connection: it may register sockets to shut
+/// down and threads to join at drop.
+type OnConnection = dyn Fn(TcpStream, &Mutex<Vec<TcpStream>>, &Mutex<Vec<JoinHandle<()>>>) -> Result<()>
+    + Send
+    + 'static;
+
+impl LoopbackServer {
+    fn start(
+        name: &str,
+        on_connection: impl Fn(
+            TcpStream,
+            &Mutex<Vec<TcpStream>>,
+            &Mutex<Vec<JoinHandle<()>>>,
+        ) -> Result<()>
+        + Send
+        + 'static,
+    ) -> Result<Self> {
+        let on_connection: Box<OnConnection> = Box::new(on_connection);
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .with_context(|| format!("cannot bind the {name}"))?;
+        let addr = listener
+            .local_addr()
+            .with_context(|| format!("cannot read the {name}'s address"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(Mutex::new(Vec::new()));
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let label = name.to_owned();
+        let accept = {
+            let (stop, sockets, threads) = (stop.clone(), sockets.clone(), threads.clone());
+            thread::Builder::new()
+                .name(format!("{name}-accept"))
+                .spawn(move || {
+                    for stream in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        // a failed accept or connection drops that client only
+                        let Ok(stream) = stream else { continue };
+                        if let Err(err) = on_connection(stream, &sockets, &threads) {
+                            eprintln!("kinvoke-tests {label}: {err:#}");
+                        }
+                    }
+                })
+                .with_context(|| format!("cannot start the {name}'s accept thread"))?
+        };
+        Ok(Self {
+            addr,
+            stop,
+            sockets,
+            threads,
+            accept: Some(accept),
+        })
+    }
+}
+
+impl Drop for LoopbackServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // wake the blocked accept so it sees the flag
@@ -2022,74 +2056,39 @@ fn serve_webhook_connection(stream: TcpStream, requests: &mpsc::Sender<WebhookRe
 /// Dropping it stops accepting, shuts down its connections and joins its threads.
 #[derive(Debug)]
 pub struct WebhookReceiver {
-    addr: SocketAddr,
+    server: LoopbackServer,
     requests: Receiver<WebhookRequest>,
-    stop: Arc<AtomicBool>,
-    sockets: Arc<Mutex<Vec<TcpStream>>>,
-    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: Option<JoinHandle<()>>,
 }
 
 impl WebhookReceiver {
     /// Starts the server.
     pub fn start() -> Result<Self> {
-        let listener =
-            TcpListener::bind(("127.0.0.1", 0)).context("cannot bind the webhook receiver")?;
-        let addr = listener
-            .local_addr()
-            .context("cannot read the webhook receiver's address")?;
         let (tx, requests) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let sockets = Arc::new(Mutex::new(Vec::new()));
-        let threads = Arc::new(Mutex::new(Vec::new()));
-        let accept = {
-            let (stop, sockets, threads) = (stop.clone(), sockets.clone(), threads.clone());
-            thread::Builder::new()
-                .name("webhook-accept".to_owned())
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let Ok(stream) = stream else { continue };
-                        if let (Ok(mut list), Ok(copy)) = (sockets.lock(), stream.try_clone()) {
-                            list.push(copy);
-                        }
-                        let tx = tx.clone();
-                        let spawned = thread::Builder::new()
-                            .name("webhook-conn".to_owned())
-                            .spawn(move || serve_webhook_connection(stream, &tx));
-                        match spawned {
-                            Ok(handle) => {
-                                if let Ok(mut list) = threads.lock() {
-                                    list.push(handle);
-                                }
-                            }
-                            Err(err) => eprintln!("kinvoke-tests webhook receiver: {err}"),
-                        }
-                    }
-                })
-                .context("cannot start the webhook receiver's accept thread")?
-        };
-        Ok(Self {
-            addr,
-            requests,
-            stop,
-            sockets,
-            threads,
-            accept: Some(accept),
-        })
+        let server = LoopbackServer::start("webhook receiver", move |stream, sockets, threads| {
+            if let (Ok(mut list), Ok(copy)) = (sockets.lock(), stream.try_clone()) {
+                list.push(copy);
+            }
+            let tx = tx.clone();
+            let handle = thread::Builder::new()
+                .name("webhook-conn".to_owned())
+                .spawn(move || serve_webhook_connection(stream, &tx))?;
+            if let Ok(mut list) = threads.lock() {
+                list.push(handle);
+            }
+            Ok(())
+        })?;
+        Ok(Self { server, requests })
     }
 
     /// The server's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr
     }
 
     /// `http://127.0.0.1:PORT/hook`, for `[break_glass] webhook_url` (the gateway takes
     /// plain http to a loopback address).
     pub fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
+        format!("http://{}/hook", self.server.addr)
     }
 
     /// The next request received, waiting for it at most `timeout` (a guard against
@@ -2108,30 +2107,6 @@ impl WebhookReceiver {
     /// The requests received and not yet taken, without waiting.
     pub fn received_so_far(&self) -> Vec<WebhookRequest> {
         self.requests.try_iter().collect()
-    }
-}
-
-impl Drop for WebhookReceiver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // wake the blocked accept so it sees the flag
-        let _ = TcpStream::connect(self.addr);
-        if let Some(accept) = self.accept.take() {
-            let _ = accept.join();
-        }
-        if let Ok(sockets) = self.sockets.lock() {
-            for socket in sockets.iter() {
-                let _ = socket.shutdown(Shutdown::Both);
-            }
-        }
-        let threads = self
-            .threads
-            .lock()
-            .map(|mut list| std::mem::take(&mut *list))
-            .unwrap_or_default();
-        for thread in threads {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -703,12 +703,6 @@ fn kubectl_port_forward_is_refused_with_the_same_message() {
     );
 }
 
-/// A port nothing listens on: bound, read, released.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 /// Waits (bounded) until the gateway's stderr log contains `needle`. The start-up
 /// version probe runs in the background, so its lines come when they come; the pause
 /// only paces re-reading a plain file.
@@ -734,7 +728,10 @@ fn a_cluster_whose_api_server_is_down_does_not_stop_the_others_and_check_config_
     };
     let sim = SimCluster::spawn(SimOptions::default()).expect("the simulated cluster starts");
     let gone = kinvoke_simcluster::kubeconfig_yaml(
-        &format!("https://127.0.0.1:{}", closed_port()),
+        &format!(
+            "https://127.0.0.1:{}",
+            kinvoke_tests::closed_loopback_port().unwrap()
+        ),
         &sim.ca_pem(),
         &sim.admin_token(),
     );
