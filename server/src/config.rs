@@ -1357,4 +1357,58 @@ name = "prod-eu"
             .to_string();
         assert!(err.contains("break_glass.webhook_url"), "{err}");
     }
+
+    #[test]
+    fn clusters_name_their_api_server_and_identity_mapping() {
+        let with = |extra: &str| {
+            MINIMAL.replace(
+                "name = \"prod-eu\"",
+                &format!("name = \"prod-eu\"\n{extra}"),
+            )
+        };
+        let c = parse(&with(
+            "kubeconfig = \"prod.kubeconfig\"\ncontext = \"admin\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.clusters[0].api,
+            Some(ApiServer::Kubeconfig {
+                path: PathBuf::from("/etc/kinvoke/prod.kubeconfig"),
+                context: Some("admin".into())
+            })
+        );
+        assert_eq!(c.clusters[0].identity, IdentityMapping::default());
+        let c = parse(&with("in_cluster = true\nidentity = { user = \"oidc:{claim:email}\", group_prefix = \"kinvoke:\", extra_groups = [\"callers\"] }")).unwrap();
+        assert_eq!(c.clusters[0].api, Some(ApiServer::InCluster));
+        assert_eq!(c.clusters[0].identity.user, "oidc:{claim:email}");
+        assert_eq!(parse(MINIMAL).unwrap().clusters[0].api, None);
+        let cases = [
+            (
+                "kubeconfig = \"k\"\nin_cluster = true",
+                "cluster[0].in_cluster",
+            ),
+            ("context = \"admin\"", "cluster[0].context"),
+            (
+                "identity = { user = \"{name}\" }",
+                "unknown placeholder {name}",
+            ),
+            ("identity = { user = \"{id\" }", "unclosed"),
+            ("identity = { usr = \"x\" }", "unknown field `usr`"),
+        ];
+        for (extra, expected) in cases {
+            let err = parse(&with(extra)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra}: {err}");
+        }
+        let relay = MINIMAL.replacen(
+            "state_dir = \"state\"\n",
+            "state_dir = \"state\"\n[relay]\naddress = \"nowhere\"\n",
+            1,
+        );
+        assert!(
+            parse(&relay)
+                .unwrap_err()
+                .to_string()
+                .contains("relay.address")
+        );
+    }
 }
