@@ -519,3 +519,83 @@ impl Writer {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path, fsync: FsyncPolicy) -> AuditConfig {
+        AuditConfig {
+            path: dir.join("audit.jsonl"),
+            fsync,
+            max_file_bytes: 1 << 20,
+            tracing: false,
+        }
+    }
+
+    fn stopped(reason: &str) -> AuditEvent {
+        AuditEvent::GatewayStopped {
+            reason: reason.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_durable_event_is_in_the_file_when_it_returns_under_either_policy() {
+        for fsync in [
+            FsyncPolicy::Always,
+            FsyncPolicy::Batch(Duration::from_millis(5)),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = config(dir.path(), fsync);
+            let audit = Audit::open(&cfg).unwrap();
+            audit.record(stopped("queued first"));
+            audit.record_durable(stopped("durable")).await.unwrap();
+            let text = std::fs::read_to_string(&cfg.path).unwrap();
+            // everything queued before a durable event is written with or before it
+            assert!(
+                text.contains("queued first") && text.contains("durable"),
+                "{fsync:?}: {text}"
+            );
+            let (count, head) = chain::verify(&cfg.path, None).unwrap();
+            assert_eq!(count, 2);
+            assert_eq!(head, audit.head());
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_durable_events_share_batches_and_keep_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), FsyncPolicy::Batch(Duration::from_millis(5)));
+        let audit = Audit::open(&cfg).unwrap();
+        let writers: Vec<_> = (0..50)
+            .map(|i| {
+                let audit = audit.clone();
+                tokio::spawn(async move { audit.record_durable(stopped(&format!("n{i}"))).await })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(chain::verify(&cfg.path, None).unwrap().0, 50);
+    }
+
+    #[tokio::test]
+    async fn an_unwritable_log_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), FsyncPolicy::Always);
+        cfg.path = std::path::PathBuf::from("/dev/full");
+        let audit = Audit::open(&cfg).unwrap();
+        let mut health = audit.health();
+        assert_eq!(
+            audit.record_durable(stopped("x")).await,
+            Err(AuditUnavailable)
+        );
+        health.wait_for(|ok| !ok).await.unwrap();
+        assert!(!audit.is_healthy());
+        // refused at once from now on
+        assert_eq!(
+            audit.record_durable(stopped("y")).await,
+            Err(AuditUnavailable)
+        );
+    }
+}

@@ -65,7 +65,7 @@ enum Cmd {
         #[command(subcommand)]
         command: AuditCmd,
     },
-    /// Start a local development gateway with generated certificates and one cluster, `local`.
+    /// Start a local development gateway: generated certificates, a shell cluster `local` and a simulated Kubernetes cluster `sandbox`.
     Dev {
         /// Where certificates, configs and results are kept.
         #[arg(long, default_value = ".kinvoke-dev")]

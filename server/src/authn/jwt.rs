@@ -786,4 +786,38 @@ mod tests {
         );
         assert!(!err.contains(&token));
     }
+
+    #[tokio::test]
+    async fn each_issuer_verifies_only_its_own_tokens() {
+        let corp = keys();
+        let ci = keys();
+        let config = |name: &str, iss: &str, k: &Keys| IssuerConfig {
+            name: name.into(),
+            issuer: iss.into(),
+            audiences: vec![AUD.into()],
+            jwks: JwksSource::File(k.dir.path().join("jwks.json")),
+            algorithms: vec![Algorithm::ES256],
+            leeway: Duration::from_secs(5),
+            user_claim: "sub".into(),
+            groups_claim: "groups".into(),
+            principal_prefix: format!("{name}:"),
+        };
+        let issuers = Issuers::new(vec![
+            config("corp", ISS, &corp),
+            config("ci", "https://ci.example", &ci),
+        ])
+        .unwrap();
+        let mut ci_claims = claims();
+        ci_claims["iss"] = json!("https://ci.example");
+        let corp_token = sign(Algorithm::ES256, "ec-1", &corp.ec, &claims());
+        let ci_token = sign(Algorithm::ES256, "ec-1", &ci.ec, &ci_claims);
+        assert_eq!(issuers.verify(&corp_token).await.unwrap().id, "corp:alice");
+        assert_eq!(issuers.verify(&ci_token).await.unwrap().id, "ci:alice");
+        // a CI-signed token claiming the corporate issuer does not verify
+        let forged = sign(Algorithm::ES256, "ec-1", &ci.ec, &claims());
+        assert_eq!(
+            issuers.verify(&forged).await.unwrap_err(),
+            TokenError::BadSignature
+        );
+    }
 }
