@@ -18,9 +18,10 @@ cargo build --locked --quiet -p kinvoke-gateway -p kinvoke
 bin=$PWD/target/debug
 mkdir -p "$state"
 out=$state/gateway.stdout
+log=$state/gateway.log
 
 echo "==> starting the development gateway on $listen (state in $state)"
-"$bin/kinvoke-gateway" dev --state-dir "$state" --listen "$listen" >"$out" &
+"$bin/kinvoke-gateway" dev --state-dir "$state" --listen "$listen" >"$out" 2>"$log" &
 gateway=$!
 trap 'kill -TERM "$gateway" 2>/dev/null || true; wait "$gateway" 2>/dev/null || true' EXIT
 trap 'exit 130' INT TERM
@@ -28,11 +29,12 @@ trap 'exit 130' INT TERM
 # wait for the ready line (the gateway prints it once its listener is bound)
 for _ in $(seq 1 300); do
     grep -q 'serving on https://' "$out" 2>/dev/null && break
-    kill -0 "$gateway" 2>/dev/null || { echo "the gateway exited; see the messages above" >&2; exit 1; }
+    kill -0 "$gateway" 2>/dev/null || { echo "the gateway exited; its log:" >&2; cat "$log" >&2; exit 1; }
     sleep 0.1
 done
-grep -q 'serving on https://' "$out" || { echo "the gateway did not become ready" >&2; exit 1; }
+grep -q 'serving on https://' "$out" || { echo "the gateway did not become ready; its log:" >&2; cat "$log" >&2; exit 1; }
 cat "$out"
+echo "(the gateway's log, audit events included, goes to $log; the audit file is $state/audit.jsonl)"
 
 client="$bin/kinvoke --config $state/client.toml"
 demo='echo "hello from $(hostname)" | tr a-z A-Z; ls -l; exit 3'
