@@ -850,3 +850,31 @@ fn dev_mode_serves_a_simulated_cluster_through_the_relay() {
     );
     dev.terminate().unwrap();
 }
+
+#[test]
+fn a_request_body_over_the_relays_limit_is_refused_before_the_cluster() {
+    let Some(kube) = Kube::start() else {
+        return;
+    };
+    // 16 MiB is the relay's cap; one byte more must not be buffered or forwarded
+    let oversized = r#"
+server=$(sed -n 's/^ *server: //p' "$KUBECONFIG")
+token=$(sed -n 's/^ *token: //p' "$KUBECONFIG")
+sed -n 's/^ *certificate-authority-data: //p' "$KUBECONFIG" | base64 -d > relay-ca.pem
+head -c 16777217 /dev/zero > big.bin
+/usr/bin/curl -sS --cacert relay-ca.pem -H "Authorization: Bearer $token" \
+  -H "Content-Type: application/json" --data-binary @big.bin -o /dev/null \
+  -w 'http=%{http_code}\n' "$server/api/v1/namespaces/demo/configmaps"
+"#;
+    kube.sim.clear_requests();
+    let out = kube.invoke(oversized, &[]);
+    let body = body_of_success(&out);
+    assert_eq!(body.last(), Some(&"http=413"), "{out}");
+    assert!(
+        kube.sim
+            .requests()
+            .iter()
+            .all(|r| r.method != "POST" || !r.path.ends_with("/configmaps")),
+        "the oversized request reached the cluster"
+    );
+}
