@@ -449,6 +449,17 @@ where
     run_to_end("kinvoke-gateway", &mut cmd, PROCESS_TIMEOUT, &label)
 }
 
+/// Writes `text` as a gateway config named `name` in `dir` and runs `check-config` on it.
+pub fn check_config(dir: &Path, name: &str, text: &str) -> Result<Output> {
+    let path = dir.join(name);
+    write_file(&path, text.as_bytes(), 0o644)?;
+    gateway_cli([
+        OsStr::new("check-config"),
+        OsStr::new("--config"),
+        path.as_os_str(),
+    ])
+}
+
 /// Like [`gateway_cli`], with `input` on the subcommand's stdin, e.g.
 /// `gateway_cli_with_input(["hash-token"], "s3cret\n")`.
 pub fn gateway_cli_with_input<I, S>(args: I, input: &str) -> Result<Output>

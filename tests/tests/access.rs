@@ -13,7 +13,6 @@
     reason = "test code: a panic with the captured output is the failure report, helpers included"
 )]
 
-use std::ffi::OsStr;
 use std::fs;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -21,7 +20,7 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use kinvoke_tests::{
     AuditRecord, CLUSTER, Client, ClientCert, Gateway, GatewayOptions, Output, Pki, TcpRelay,
-    TestIssuer, USER, gateway_cli, gateway_cli_with_input, proxy_v1_header, unix_now,
+    TestIssuer, USER, check_config, gateway_cli_with_input, proxy_v1_header, unix_now,
     unsigned_token,
 };
 use serde_json::{Value, json};
@@ -1203,18 +1202,6 @@ scope = "clusters/reports"
 // ---------------------------------------------------------------------------------------
 // check-config
 
-/// Writes `text` as a gateway config in `dir` and runs `check-config` on it.
-fn check_config(dir: &Path, name: &str, text: &str) -> Output {
-    let path = dir.join(name);
-    fs::write(&path, text).unwrap();
-    gateway_cli([
-        OsStr::new("check-config"),
-        OsStr::new("--config"),
-        path.as_os_str(),
-    ])
-    .unwrap()
-}
-
 #[test]
 fn check_config_warns_about_a_public_listener_open_to_every_address() {
     // check-config reads the certificates but binds nothing, so no gateway runs here
@@ -1224,7 +1211,7 @@ fn check_config_warns_about_a_public_listener_open_to_every_address() {
     let open = GatewayOptions::default()
         .listener_toml("exposure = \"public\"")
         .render();
-    let out = check_config(dir.path(), "open.toml", &open);
+    let out = check_config(dir.path(), "open.toml", &open).unwrap();
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("config OK"), "{out}");
     let warning = out
@@ -1239,7 +1226,7 @@ fn check_config_warns_about_a_public_listener_open_to_every_address() {
         .listener_toml("exposure = \"public\"")
         .listener_toml(r#"authorized_ip_ranges = ["203.0.113.0/24"]"#)
         .render();
-    let out = check_config(dir.path(), "restricted.toml", &restricted);
+    let out = check_config(dir.path(), "restricted.toml", &restricted).unwrap();
     assert_eq!(out.code, Some(0), "{out}");
     assert!(!out.stdout.contains("open to every address"), "{out}");
 }
@@ -1252,7 +1239,7 @@ fn check_config_rejects_a_private_listener_that_admits_public_addresses() {
     let everyone = GatewayOptions::default()
         .listener_toml(r#"authorized_ip_ranges = ["0.0.0.0/0"]"#)
         .render();
-    let out = check_config(dir.path(), "everyone.toml", &everyone);
+    let out = check_config(dir.path(), "everyone.toml", &everyone).unwrap();
     assert_eq!(out.code, Some(1), "{out}");
     assert!(
         out.stderr.contains("listener[0].authorized_ip_ranges"),
@@ -1265,7 +1252,7 @@ fn check_config_rejects_a_private_listener_that_admits_public_addresses() {
     let private = GatewayOptions::default()
         .listener_toml(r#"authorized_ip_ranges = ["127.0.0.0/8", "10.0.0.0/8"]"#)
         .render();
-    let out = check_config(dir.path(), "private.toml", &private);
+    let out = check_config(dir.path(), "private.toml", &private).unwrap();
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("config OK"), "{out}");
 }

@@ -10,20 +10,18 @@
     reason = "test code: a panic with the captured output is the failure report, helpers included"
 )]
 
-use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use kinvoke_proto::v1::{AttachedFile, InvokeCommandRequest, ListCommandsRequest};
 use kinvoke_tests::{
-    CLUSTER, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, command_id_from_tsv,
-    gateway_cli, parse_header,
+    CLUSTER, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, check_config,
+    command_id_from_tsv, parse_header,
 };
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -697,62 +695,40 @@ fn a_missing_attachment_is_a_usage_error() {
     assert!(out.stderr.starts_with("kinvoke: "), "{out}");
 }
 
-/// The services a gateway lists through server reflection v1 (`ListServices`).
-async fn reflected_services_v1(channel: Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// `reflected_services!(v1, channel)`: the services a gateway lists through server
+/// reflection `ListServices`, in the protocol version given (v1 and v1alpha have the same
+/// shape in different generated modules).
+macro_rules! reflected_services {
+    ($version:ident, $channel:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
 
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection v1 answers")
-        .into_inner();
-    let response = responses
-        .message()
-        .await
-        .expect("reflection v1 streams a response")
-        .expect("reflection v1 sends one response");
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
+        let version = stringify!($version);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new($channel)
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap_or_else(|e| panic!("reflection {version} answers: {e}"))
+            .into_inner();
+        let response = responses
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("reflection {version} streams a response: {e}"))
+            .unwrap_or_else(|| panic!("reflection {version} sends one response"));
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("reflection {version} did not list services: {other:?}"),
         }
-        other => panic!("reflection v1 did not list services: {other:?}"),
-    }
-}
-
-/// The services a gateway lists through server reflection v1alpha (`ListServices`).
-async fn reflected_services_v1alpha(channel: Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel)
-        .server_reflection_info(tokio_stream::iter([request]))
-        .await
-        .expect("reflection v1alpha answers")
-        .into_inner();
-    let response = responses
-        .message()
-        .await
-        .expect("reflection v1alpha streams a response")
-        .expect("reflection v1alpha sends one response");
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            list.service.into_iter().map(|s| s.name).collect()
-        }
-        other => panic!("reflection v1alpha did not list services: {other:?}"),
-    }
+    }};
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -776,29 +752,17 @@ async fn the_gateway_serves_grpc_health_and_reflection() {
         );
     }
 
-    let v1 = reflected_services_v1(channel.clone()).await;
+    let v1 = reflected_services!(v1, channel.clone());
     for service in [COMMAND_SERVICE, HEALTH_SERVICE] {
         assert!(v1.iter().any(|s| s == service), "{service} missing: {v1:?}");
     }
-    let v1alpha = reflected_services_v1alpha(channel).await;
+    let v1alpha = reflected_services!(v1alpha, channel);
     for service in [COMMAND_SERVICE, HEALTH_SERVICE] {
         assert!(
             v1alpha.iter().any(|s| s == service),
             "{service} missing: {v1alpha:?}"
         );
     }
-}
-
-/// Writes `text` as a gateway config in `dir` and runs `check-config` on it.
-fn check_config(dir: &Path, name: &str, text: &str) -> Output {
-    let path = dir.join(name);
-    fs::write(&path, text).unwrap();
-    gateway_cli([
-        OsStr::new("check-config"),
-        OsStr::new("--config"),
-        path.as_os_str(),
-    ])
-    .unwrap()
 }
 
 #[test]
@@ -808,7 +772,7 @@ fn check_config_accepts_a_valid_file_and_names_the_key_of_an_invalid_one() {
     Pki::new(&dir.path().join("pki"), "kinvoke test CA").unwrap();
     let valid = GatewayOptions::default().render();
 
-    let out = check_config(dir.path(), "valid.toml", &valid);
+    let out = check_config(dir.path(), "valid.toml", &valid).unwrap();
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("config OK"), "{out}");
     assert!(
@@ -819,7 +783,7 @@ fn check_config_accepts_a_valid_file_and_names_the_key_of_an_invalid_one() {
     let unknown_key = GatewayOptions::default()
         .extra_toml("[[cluster]]\nname = \"typo\"\nmod = \"argv\"")
         .render();
-    let out = check_config(dir.path(), "unknown-key.toml", &unknown_key);
+    let out = check_config(dir.path(), "unknown-key.toml", &unknown_key).unwrap();
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("`mod`"), "{out}");
     assert!(!out.stdout.contains("config OK"), "{out}");
@@ -829,7 +793,7 @@ fn check_config_accepts_a_valid_file_and_names_the_key_of_an_invalid_one() {
         hostname, valid,
         "the rendered config has no listener address"
     );
-    let out = check_config(dir.path(), "hostname.toml", &hostname);
+    let out = check_config(dir.path(), "hostname.toml", &hostname).unwrap();
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("listener[0].address"), "{out}");
     assert!(!out.stdout.contains("config OK"), "{out}");
@@ -839,7 +803,7 @@ fn check_config_accepts_a_valid_file_and_names_the_key_of_an_invalid_one() {
         missing_cert, valid,
         "the rendered config has no server certificate"
     );
-    let out = check_config(dir.path(), "missing-cert.toml", &missing_cert);
+    let out = check_config(dir.path(), "missing-cert.toml", &missing_cert).unwrap();
     assert_eq!(out.code, Some(1), "{out}");
     assert!(out.stderr.contains("missing.crt"), "{out}");
     assert!(!out.stdout.contains("config OK"), "{out}");
