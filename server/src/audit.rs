@@ -20,6 +20,11 @@ use tokio::sync::{oneshot, watch};
 
 use chain::{ChainFile, Head};
 
+/// A duration in whole milliseconds, as audit events carry it.
+pub fn duration_ms(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// How often the file is made durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {

@@ -213,7 +213,7 @@ impl BreakGlass {
                 principal: grant.principal.clone(),
                 source: who.source.to_string(),
                 justification: grant.justification.clone(),
-                duration_ms: millis(duration),
+                duration_ms: crate::audit::duration_ms(duration),
                 state: grant.state.as_str(),
                 approval_from: grant.approval_from.clone(),
             })
@@ -373,10 +373,6 @@ impl BreakGlass {
             }
         });
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// RFC 3339 text of a time.

@@ -225,12 +225,20 @@ impl Guard {
     /// may run or read. `only` narrows to one cluster.
     pub fn visibility(&self, who: &Principal, only: Option<&str>) -> Vec<Visibility> {
         let mut out = Vec::new();
+        // the caller's grants and the time once, for every cluster and action
+        let grants = self.breakglass.grants_of(&who.id);
+        let now = std::time::SystemTime::now();
         for c in &self.config.clusters {
             let name = c.name.as_str();
             if only.is_some_and(|o| o != name) {
                 continue;
             }
-            let allowed = |a| matches!(self.check(who, a, name), Decision::Allow { .. });
+            let allowed = |a| {
+                matches!(
+                    self.config.policy.check_with(who, a, name, &grants, now),
+                    Decision::Allow { .. }
+                )
+            };
             if allowed(Action::ReadAllResults) {
                 out.push(Visibility {
                     cluster: name.to_owned(),

@@ -349,7 +349,7 @@ impl Relay {
                     path,
                     namespace,
                     status: 502,
-                    duration_ms: millis(started.elapsed()),
+                    duration_ms: crate::audit::duration_ms(started.elapsed()),
                 });
                 return status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &reason);
             }
@@ -362,7 +362,7 @@ impl Relay {
             path,
             namespace,
             status: response.status().as_u16(),
-            duration_ms: millis(started.elapsed()),
+            duration_ms: crate::audit::duration_ms(started.elapsed()),
         });
         let (mut parts, body) = response.into_parts();
         for name in HOP_BY_HOP {
@@ -470,10 +470,6 @@ fn token_key(token: &str) -> String {
     hex(digest(&SHA256, token.as_bytes()).as_ref())
 }
 
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
 /// A Kubernetes `Status` error body, so kubectl prints `Error from server (Reason): ...`.
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<RelayBody> {
     let body = serde_json::json!({
@@ -485,15 +481,7 @@ fn status(code: StatusCode, reason: &str, message: &str) -> Response<RelayBody> 
         "reason": reason,
         "code": code.as_u16(),
     });
-    let mut response = Response::new(UnsyncBoxBody::new(
-        Full::new(Bytes::from(body.to_string())).map_err(|never| match never {}),
-    ));
-    *response.status_mut() = code;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    respond(code, "application/json", body.to_string())
 }
 
 /// True for discovery and version paths (`/api`, `/apis/<g>/<v>`, `/version`, `/openapi/...`).
@@ -509,13 +497,18 @@ fn is_discovery(path: &str) -> bool {
 
 /// A plain-text error body.
 fn plain(code: StatusCode, message: &str) -> Response<RelayBody> {
+    respond(code, "text/plain; charset=utf-8", message.to_owned())
+}
+
+/// A small, fully known response body.
+fn respond(code: StatusCode, content_type: &'static str, body: String) -> Response<RelayBody> {
     let mut response = Response::new(UnsyncBoxBody::new(
-        Full::new(Bytes::from(message.to_owned())).map_err(|never| match never {}),
+        Full::new(Bytes::from(body)).map_err(|never| match never {}),
     ));
     *response.status_mut() = code;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static(content_type),
     );
     response
 }

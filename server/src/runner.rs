@@ -217,7 +217,7 @@ impl Runner {
                         sha256: f.sha256.clone(),
                     })
                     .collect(),
-                timeout_ms: u64::try_from(record.timeout.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms: crate::audit::duration_ms(record.timeout),
                 break_glass: record.break_glass.as_ref().map(|g| AuditGrantUse {
                     grant_id: g.id.clone(),
                     justification: g.justification.clone(),
@@ -325,7 +325,7 @@ impl Runner {
             duration_ms: record
                 .finished_at
                 .and_then(|f| f.duration_since(record.started_at).ok())
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .map(crate::audit::duration_ms)
                 .unwrap_or_default(),
             output_bytes: output.total,
             output_sha256: output.sha256.unwrap_or_default(),
@@ -341,7 +341,7 @@ impl Runner {
             state = record.state.as_str(),
             exit_code = ?record.exit_code,
             output_bytes = record.output_size,
-            duration_ms = elapsed.as_millis() as u64,
+            duration_ms = crate::audit::duration_ms(elapsed),
             reason = %record.reason,
             "command finished"
         );

@@ -27,13 +27,13 @@ impl AccessApi {
     fn clusters_of(&self, who: &Principal) -> Vec<pb::ClusterAccess> {
         let config = self.guard.config();
         let policy = &config.policy;
+        let grants = self.guard.breakglass().grants_of(&who.id);
+        let now = std::time::SystemTime::now();
         config
             .clusters
             .iter()
             .filter(|c| policy.holds_any(who, c.name.as_str()))
             .map(|c| {
-                let grants = self.guard.breakglass().grants_of(&who.id);
-                let now = std::time::SystemTime::now();
                 let actions = policy.effective_actions(who, c.name.as_str(), &grants, now);
                 let grant_ids = grants
                     .iter()
