@@ -493,6 +493,23 @@ enum LineWait {
 
 /// Receives lines until one (without its newline) satisfies `found`, and returns it.
 /// Every line received, the found one included, is appended to `seen`.
+/// Why a process did not print its readiness line: it exited (reaped here) or the guard
+/// expired (killed here), with what it printed for the failure message.
+fn not_ready(wait: LineWait, proc: &mut Proc, what: &str, printed: &str) -> anyhow::Error {
+    match wait {
+        LineWait::Closed => match proc.wait_timeout(PROCESS_TIMEOUT) {
+            Ok(status) => anyhow!("{what} exited ({status}) before it was ready; {printed}"),
+            Err(err) => err.context(format!(
+                "{what} closed its output before it was ready; {printed}"
+            )),
+        },
+        LineWait::TimedOut => {
+            let _ = proc.kill();
+            anyhow!("{what} was not ready within {READY_TIMEOUT:?}; {printed}")
+        }
+    }
+}
+
 fn next_line_until(
     lines: &Receiver<String>,
     deadline: Instant,
@@ -966,23 +983,14 @@ impl Gateway {
         let ready = next_line_until(&lines, deadline, &mut String::new(), |line| {
             serving_addr(line).is_some()
         });
-        let line = match ready {
-            Ok(line) => line,
-            Err(LineWait::Closed) => {
-                let status = proc.wait_timeout(PROCESS_TIMEOUT)?;
-                bail!(
-                    "the gateway exited ({status}) before serving; its stderr:\n{}",
-                    self.stderr_log()
-                );
-            }
-            Err(LineWait::TimedOut) => {
-                let _ = proc.kill();
-                bail!(
-                    "the gateway printed no readiness line within {READY_TIMEOUT:?}; its stderr:\n{}",
-                    self.stderr_log()
-                );
-            }
-        };
+        let line = ready.map_err(|wait| {
+            not_ready(
+                wait,
+                &mut proc,
+                "the gateway",
+                &format!("its stderr:\n{}", self.stderr_log()),
+            )
+        })?;
         self.addr = serving_addr(&line).context("the readiness line went missing")??;
         self.proc = Some(proc);
         self.write_client_config()
@@ -1196,6 +1204,14 @@ impl Gateway {
         Ok(self.bare_client()?.arg("--config").arg(&self.client_config))
     }
 
+    /// `kinvoke logs --cluster CLUSTER --command-id ID --follow` as the test user, in the
+    /// background.
+    pub fn follow(&self, cluster: &str, id: &str) -> Result<Background> {
+        self.client()?
+            .args(["logs", "--cluster", cluster, "--command-id", id, "--follow"])
+            .spawn()
+    }
+
     /// Starts `command` on the `local` cluster with `--no-wait` and returns its id
     /// (the first field of the `-o tsv` line).
     pub fn start_command(&self, command: &str) -> Result<String> {
@@ -1382,23 +1398,14 @@ impl DevGateway {
             })?;
             Ok((serving, try_command))
         });
-        let (serving, try_command) = match serving {
-            Ok(found) => found,
-            Err(LineWait::Closed) => {
-                let status = proc.wait_timeout(PROCESS_TIMEOUT)?;
-                bail!(
-                    "the dev gateway exited ({status}) before it was ready; stdout:\n{banner}\nstderr:\n{}",
-                    dev.stderr_log()
-                );
-            }
-            Err(LineWait::TimedOut) => {
-                let _ = proc.kill();
-                bail!(
-                    "the dev gateway was not ready within {READY_TIMEOUT:?}; stdout:\n{banner}\nstderr:\n{}",
-                    dev.stderr_log()
-                );
-            }
-        };
+        let (serving, try_command) = serving.map_err(|wait| {
+            not_ready(
+                wait,
+                &mut proc,
+                "the dev gateway",
+                &format!("stdout:\n{banner}\nstderr:\n{}", dev.stderr_log()),
+            )
+        })?;
         dev.addr = serving_addr(&serving).context("the readiness line went missing")??;
         dev.banner = banner;
         dev.try_command = try_command.trim().to_owned();

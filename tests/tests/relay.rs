@@ -114,6 +114,20 @@ impl Kube {
         (out, id, logs)
     }
 
+    /// The first `kinvoke::audit` event named `event` for which `matches` holds; `what`
+    /// names it in the failure message.
+    fn audit_event(
+        &self,
+        event: &str,
+        what: &str,
+        matches: impl Fn(&AuditRecord) -> bool,
+    ) -> AuditRecord {
+        self.audit_events(event)
+            .into_iter()
+            .find(|e| matches(e))
+            .unwrap_or_else(|| panic!("no {event} for {what}:\n{}", self.gw.stderr_log()))
+    }
+
     /// The `kinvoke::audit` events named `event` logged so far.
     fn audit_events(&self, event: &str) -> Vec<AuditRecord> {
         self.gw
@@ -195,16 +209,9 @@ fn kubectl_get_pods_through_the_gateway_prints_the_clusters_table() {
     }
 
     // the list went through the relay, audited with who asked and who the cluster saw
-    let listed = kube
-        .audit_events("relay_request")
-        .into_iter()
-        .find(|e| e.get("path") == Some("/api/v1/namespaces/demo/pods"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no relay_request for the pod list:\n{}",
-                kube.gw.stderr_log()
-            )
-        });
+    let listed = kube.audit_event("relay_request", "the pod list", |e| {
+        e.get("path") == Some("/api/v1/namespaces/demo/pods")
+    });
     assert_eq!(listed.get("verb"), Some("list"), "{listed}");
     assert_eq!(listed.get("namespace"), Some("demo"), "{listed}");
     assert_eq!(listed.get("status"), Some("200"), "{listed}");
@@ -376,11 +383,9 @@ fn impersonation_by_the_command_is_refused_audited_and_never_reaches_the_cluster
         ),
         "{out}"
     );
-    let refused = kube
-        .audit_events("relay_refused")
-        .into_iter()
-        .find(|e| e.get("command_id") == Some(id.as_str()))
-        .unwrap_or_else(|| panic!("no relay_refused for {id}:\n{}", kube.gw.stderr_log()));
+    let refused = kube.audit_event("relay_refused", &id, |e| {
+        e.get("command_id") == Some(id.as_str())
+    });
     assert_eq!(refused.get("principal"), Some(USER), "{refused}");
     assert_eq!(refused.get("verb"), Some("list"), "{refused}");
     assert_eq!(
@@ -505,16 +510,9 @@ fn a_token_used_after_its_command_ended_is_refused() {
         "the refused request reached the cluster"
     );
 
-    let refused = kube
-        .audit_events("relay_refused")
-        .into_iter()
-        .find(|e| e.get("path") == Some("/api/v1/namespaces/demo/pods"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no relay_refused for the stolen token:\n{}",
-                kube.gw.stderr_log()
-            )
-        });
+    let refused = kube.audit_event("relay_refused", "the stolen token", |e| {
+        e.get("path") == Some("/api/v1/namespaces/demo/pods")
+    });
     assert_eq!(refused.get("verb"), Some("list"), "{refused}");
     // an unknown token names no command or principal: nothing vouches for them
     assert_eq!(refused.get("command_id"), None, "{refused}");
@@ -544,16 +542,9 @@ fn a_caller_the_cluster_denies_gets_kubectls_forbidden_error_and_exit_code() {
         )),
         "{out}"
     );
-    let denied = kube
-        .audit_events("relay_request")
-        .into_iter()
-        .find(|e| e.get("path") == Some("/api/v1/namespaces/demo/pods"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no relay_request for the pod list:\n{}",
-                kube.gw.stderr_log()
-            )
-        });
+    let denied = kube.audit_event("relay_request", "the pod list", |e| {
+        e.get("path") == Some("/api/v1/namespaces/demo/pods")
+    });
     assert_eq!(denied.get("status"), Some("403"), "{denied}");
 }
 
@@ -581,11 +572,7 @@ fn a_watch_streams_new_pods_live_until_it_is_canceled() {
         .unwrap_or_else(|| panic!("no id in the json output:\n{started}"))
         .to_owned();
 
-    let mut follower = kube
-        .client()
-        .args(["logs", "--cluster", KUBE, "--command-id", &id, "--follow"])
-        .spawn()
-        .unwrap();
+    let mut follower = kube.gw.follow(KUBE, &id).unwrap();
     follower
         .wait_for_line_where("the table header", |l| row_of(l, "NAME"))
         .unwrap();
@@ -626,11 +613,9 @@ fn a_watch_streams_new_pods_live_until_it_is_canceled() {
     let followed = follower.wait().unwrap();
     assert_eq!(followed.code, Some(EXIT_CANCELED), "{followed}");
 
-    let watch = kube
-        .audit_events("relay_request")
-        .into_iter()
-        .find(|e| e.get("verb") == Some("watch") && e.get("command_id") == Some(id.as_str()))
-        .unwrap_or_else(|| panic!("no relay_request for the watch:\n{}", kube.gw.stderr_log()));
+    let watch = kube.audit_event("relay_request", "the watch", |e| {
+        e.get("verb") == Some("watch") && e.get("command_id") == Some(id.as_str())
+    });
     assert_eq!(watch.get("status"), Some("200"), "{watch}");
 }
 
@@ -674,11 +659,9 @@ fn kubectl_exec_is_refused_with_a_clear_message() {
         "{out}"
     );
     let path = format!("/api/v1/namespaces/demo/pods/{pod}/exec");
-    let refused = kube
-        .audit_events("relay_refused")
-        .into_iter()
-        .find(|e| e.get("path") == Some(path.as_str()))
-        .unwrap_or_else(|| panic!("no relay_refused for the exec:\n{}", kube.gw.stderr_log()));
+    let refused = kube.audit_event("relay_refused", "the exec", |e| {
+        e.get("path") == Some(path.as_str())
+    });
     assert_eq!(refused.get("principal"), Some(USER), "{refused}");
     assert_eq!(refused.get("reason"), Some(UPGRADE_REFUSED), "{refused}");
     let reached: Vec<_> = relayed_requests(&kube.sim)

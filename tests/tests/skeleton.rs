@@ -239,19 +239,7 @@ fn logs_follow_streams_output_while_the_command_runs() {
         .start_command(&wait_for_go("first", &go, "second"))
         .unwrap();
 
-    let mut follower = gw
-        .client()
-        .unwrap()
-        .args([
-            "logs",
-            "--cluster",
-            CLUSTER,
-            "--command-id",
-            &id,
-            "--follow",
-        ])
-        .spawn()
-        .unwrap();
+    let mut follower = gw.follow(CLUSTER, &id).unwrap();
     follower.wait_for_line("first").unwrap();
     // the command cannot end before `go` exists, so `first` arrived live
     let (_, running) = result_json(&gw, &id, false);
@@ -413,19 +401,7 @@ fn a_command_interrupted_by_a_gateway_crash_is_marked_failed_after_restart() {
             pid_file.display()
         ))
         .unwrap();
-    let mut follower = gw
-        .client()
-        .unwrap()
-        .args([
-            "logs",
-            "--cluster",
-            CLUSTER,
-            "--command-id",
-            &id,
-            "--follow",
-        ])
-        .spawn()
-        .unwrap();
+    let mut follower = gw.follow(CLUSTER, &id).unwrap();
     follower.wait_for_line("started").unwrap();
     follower.kill().unwrap();
     // the command is its own process group, led by the shell
