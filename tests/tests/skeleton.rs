@@ -917,3 +917,65 @@ fn a_command_line_longer_than_the_limit_is_refused() {
     assert_eq!(out.code, Some(EXIT_REJECTED), "{out}");
     assert!(out.stderr.contains("limits.max_command_bytes"), "{out}");
 }
+
+#[test]
+fn json_log_format_writes_one_json_object_per_line() {
+    let gw = Gateway::start_with(GatewayOptions::default().json_logs()).unwrap();
+    let out = invoke(&gw, "echo logged", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let log = gw.stderr_log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.starts_with("===== kinvoke-e2e"))
+        .collect();
+    assert!(!lines.is_empty(), "no log lines");
+    for line in &lines {
+        let value: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{log}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("command finished")),
+        "no command log:\n{log}"
+    );
+}
+
+#[test]
+fn the_spinner_shows_only_when_stderr_is_a_terminal() {
+    let gw = gateway();
+    let command = "sleep 0.5; echo done";
+    // not a terminal (the harness captures stderr): nothing but the result
+    let plain = invoke(&gw, command, &[]);
+    assert_eq!(plain.code, Some(0), "{plain}");
+    assert_eq!(plain.stderr, "", "{plain}");
+
+    // a terminal: `script` runs the real client under a pseudo-terminal
+    let kinvoke = kinvoke_tests::binary("kinvoke").unwrap();
+    let line = [
+        kinvoke.display().to_string(),
+        "--config".into(),
+        gw.client_config().display().to_string(),
+        "invoke".into(),
+        "--cluster".into(),
+        CLUSTER.into(),
+        "--command".into(),
+        format!("'{command}'"),
+    ]
+    .join(" ");
+    let out = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .env("HOME", gw.dir().join("home"))
+        .env_remove("KINVOKE_CONFIG")
+        .output()
+        .expect("script runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("waiting for the command"),
+        "no spinner on a terminal:\n{text}"
+    );
+    assert!(text.contains("done"), "{text}");
+}
