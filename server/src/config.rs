@@ -13,6 +13,7 @@ use crate::access::authz::{ClusterGate, Policy};
 use crate::access::cidr::CidrSet;
 use crate::authn::ListenerAuth;
 use crate::command::ClusterName;
+use crate::sandbox::{LabeledPath, SandboxMode, SandboxSettings};
 
 mod access;
 
@@ -83,6 +84,10 @@ pub struct Config {
     pub webhook: Option<Webhook>,
     /// The relay's listener.
     pub relay: RelayConfig,
+    /// What sandboxed commands may read, and the users they run as.
+    pub sandbox: SandboxSettings,
+    /// The file this config was read from (`None` when parsed from text).
+    pub source: Option<PathBuf>,
 }
 
 /// Where results are kept and for how long.
@@ -201,6 +206,8 @@ pub struct ClusterConfig {
     pub disable_run_command: bool,
     /// Caller addresses allowed for this cluster, besides the listener's; empty = no extra limit.
     pub authorized_ip_ranges: CidrSet,
+    /// Whether its commands run in the sandbox (default: they do).
+    pub sandbox: SandboxMode,
 }
 
 /// The gateway's own way to the API server (never given to commands).
@@ -279,6 +286,17 @@ struct RawConfig {
     break_glass: RawBreakGlass,
     #[serde(default)]
     relay: RawRelay,
+    #[serde(default)]
+    sandbox: RawSandbox,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSandbox {
+    read_only_paths: Option<Vec<PathBuf>>,
+    #[serde(default)]
+    extra_read_only_paths: Vec<PathBuf>,
+    run_as_uids: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -379,6 +397,8 @@ struct RawCluster {
     disable_run_command: bool,
     #[serde(default)]
     authorized_ip_ranges: Vec<String>,
+    #[serde(default)]
+    sandbox: SandboxMode,
 }
 
 #[derive(Debug, Deserialize)]
@@ -414,13 +434,16 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, base).map_err(|err| match err {
+        let mut config = Self::parse(&text, base).map_err(|err| match err {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 message,
             },
             other => other,
-        })
+        })?;
+        config.source = Some(path.to_owned());
+        config.check_sandbox_exposure()?;
+        Ok(config)
     }
 
     /// Parses config text; relative paths are resolved against `base`.
@@ -564,7 +587,16 @@ impl Config {
                 shell: c.shell.unwrap_or_else(|| PathBuf::from("bash")),
                 disable_run_command: c.disable_run_command,
                 authorized_ip_ranges,
+                sandbox: c.sandbox,
             });
+            if c.sandbox == SandboxMode::Off {
+                warnings.push(format!(
+                    "cluster \"{}\" runs commands WITHOUT the sandbox ({key}.sandbox = \"off\"): \
+                     a command can read this gateway's config, kubeconfigs, TLS keys, store and audit log \
+                     and act as the gateway; use it only where the kernel cannot sandbox",
+                    c.name
+                ));
+            }
         }
 
         let roles = access::parse_roles(raw.roles)?;
@@ -638,6 +670,8 @@ impl Config {
                     })?,
                 },
             },
+            sandbox: parse_sandbox(raw.sandbox, &resolve, limits.max_concurrent_commands)?,
+            source: None,
             state_dir,
             store,
             limits,
@@ -648,6 +682,81 @@ impl Config {
             policy,
             warnings,
         })
+    }
+
+    /// Every path this config names that a command must never read: the config file
+    /// itself, the state directory, store and audit log, TLS keys and certificates, CA
+    /// bundles, JWKS files, kubeconfigs, and the Pod service-account directory.
+    pub fn secret_paths(&self) -> Vec<LabeledPath> {
+        let mut out = vec![
+            LabeledPath::new(
+                crate::sandbox::SERVICE_ACCOUNT_DIR,
+                "the Pod's service account",
+            ),
+            LabeledPath::new(&self.state_dir, "state_dir"),
+            LabeledPath::new(&self.store.path, "store.path"),
+            LabeledPath::new(&self.audit.path, "audit.path"),
+        ];
+        if let Some(source) = &self.source {
+            out.push(LabeledPath::new(source, "the config file"));
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            out.push(LabeledPath::new(
+                &l.tls_cert,
+                format!("listener[{i}].tls.cert"),
+            ));
+            out.push(LabeledPath::new(
+                &l.tls_key,
+                format!("listener[{i}].tls.key"),
+            ));
+            if let Some(ca) = &l.client_ca {
+                out.push(LabeledPath::new(ca, format!("listener[{i}].tls.client_ca")));
+            }
+        }
+        for (i, c) in self.clusters.iter().enumerate() {
+            if let Some(ApiServer::Kubeconfig { path, .. }) = &c.api {
+                out.push(LabeledPath::new(path, format!("cluster[{i}].kubeconfig")));
+            }
+        }
+        for (i, issuer) in self.authn.issuers.iter().enumerate() {
+            match &issuer.jwks {
+                crate::authn::jwt::JwksSource::File(path) => {
+                    out.push(LabeledPath::new(path, format!("authn.oidc[{i}].jwks_file")));
+                }
+                crate::authn::jwt::JwksSource::Url {
+                    ca_cert: Some(path),
+                    ..
+                } => out.push(LabeledPath::new(
+                    path,
+                    format!("authn.oidc[{i}].jwks_ca_cert"),
+                )),
+                crate::authn::jwt::JwksSource::Url { ca_cert: None, .. } => {}
+            }
+        }
+        if let Some(Webhook {
+            ca_cert: Some(path),
+            ..
+        }) = &self.webhook
+        {
+            out.push(LabeledPath::new(path, "break_glass.webhook_ca_cert"));
+        }
+        out
+    }
+
+    /// Refuses a sandbox whose readable paths (for any sandboxed cluster) contain a
+    /// secret path, naming both.
+    pub fn check_sandbox_exposure(&self) -> Result<(), ConfigError> {
+        let secrets = self.secret_paths();
+        for (i, c) in self.clusters.iter().enumerate() {
+            if c.sandbox == SandboxMode::Off {
+                continue;
+            }
+            let key = format!("cluster[{i}]");
+            let readable = crate::sandbox::readable_paths(&self.sandbox, &c.path, &c.shell, &key);
+            crate::sandbox::check_exposure(&readable, &secrets)
+                .map_err(|e| invalid(e.readable_source.clone(), e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// The configured cluster with this name, if any.
@@ -855,6 +964,45 @@ fn parse_listener_access(
             require_client_cert,
         },
     })
+}
+
+fn parse_sandbox(
+    raw: RawSandbox,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    max_concurrent_commands: usize,
+) -> Result<SandboxSettings, ConfigError> {
+    let mut settings = SandboxSettings::default();
+    if let Some(paths) = raw.read_only_paths {
+        settings.read_only_paths = paths;
+    }
+    settings.read_only_paths.extend(raw.extra_read_only_paths);
+    for (i, p) in settings.read_only_paths.iter_mut().enumerate() {
+        if !p.is_absolute() {
+            return Err(invalid(
+                format!("sandbox.read_only_paths[{i}]"),
+                format!("\"{}\" must be an absolute path", p.display()),
+            ));
+        }
+        *p = resolve(p);
+    }
+    if let Some(text) = raw.run_as_uids {
+        let range = crate::sandbox::parse_uid_range(&text)
+            .map_err(|message| invalid("sandbox.run_as_uids", message))?;
+        let size = usize::try_from(range.end() - range.start())
+            .unwrap_or(usize::MAX)
+            .saturating_add(1);
+        if size < max_concurrent_commands {
+            return Err(invalid(
+                "sandbox.run_as_uids",
+                format!(
+                    "holds {size} user id(s) but limits.max_concurrent_commands is {max_concurrent_commands}; \
+                     every running command needs its own"
+                ),
+            ));
+        }
+        settings.run_as_uids = Some(range);
+    }
+    Ok(settings)
 }
 
 fn parse_identity(key: &str, raw: Option<RawIdentity>) -> Result<IdentityMapping, ConfigError> {

@@ -22,6 +22,7 @@ pub mod ingress;
 pub mod pki;
 pub mod relay;
 pub mod runner;
+pub mod sandbox;
 pub mod service;
 pub mod status;
 pub mod store;
@@ -45,6 +46,8 @@ use crate::guard::Guard;
 use crate::ingress::BoundListener;
 use crate::relay::Relay;
 use crate::runner::Runner;
+use crate::sandbox::SandboxMode;
+use crate::sandbox::launch::Sandbox;
 use crate::service::{AccessApi, CommandApi};
 use crate::store::Store;
 
@@ -72,6 +75,12 @@ pub enum GatewayError {
     /// The relay could not start.
     #[error(transparent)]
     Relay(#[from] relay::RelayError),
+    /// A cluster wants its commands sandboxed and this host cannot sandbox them.
+    #[error(
+        "cannot sandbox commands on this host: {0}; fix the host, or set sandbox = \"off\" on the \
+         clusters whose commands may then read this gateway's secrets"
+    )]
+    Sandbox(String),
     /// Server reflection could not be built.
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -138,7 +147,8 @@ impl Gateway {
             audit.clone(),
             breakglass.clone(),
         ));
-        let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None));
+        let sandbox = open_sandbox(&config).await?;
+        let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None, sandbox));
         let clusters = kube_clients(&config).await?;
         let relay = if clusters.is_empty() {
             None
@@ -314,6 +324,29 @@ impl Gateway {
         tracing::info!("gateway stopped");
         Ok(())
     }
+}
+
+/// The command sandbox, when a cluster wants one: probed first, so a host that cannot
+/// sandbox refuses to start instead of running commands unconfined.
+pub async fn open_sandbox(config: &Config) -> Result<Option<Arc<Sandbox>>, GatewayError> {
+    let sandboxed: Vec<&str> = config
+        .clusters
+        .iter()
+        .filter(|c| c.sandbox == SandboxMode::On)
+        .map(|c| c.name.as_str())
+        .collect();
+    if sandboxed.is_empty() {
+        return Ok(None);
+    }
+    let sandbox = Sandbox::new(config.sandbox.clone());
+    let features = sandbox.probe().await.map_err(GatewayError::Sandbox)?;
+    tracing::info!(clusters = %sandboxed.join(", "), "commands run sandboxed: {features}");
+    if !features.landlock_full {
+        tracing::warn!(
+            "this kernel enforces only part of the Landlock rules kinvoke asks for; upgrade to Linux 6.12+ for all of them"
+        );
+    }
+    Ok(Some(Arc::new(sandbox)))
 }
 
 /// A client for each cluster with an API server configured, with the gateway's own

@@ -77,6 +77,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // the command sandbox's launcher stages are this executable too; they must run
+    // before anything else (a user namespace can only be entered single-threaded)
+    if let Some(code) = kinvoke_gateway::sandbox::stage::dispatch() {
+        return code;
+    }
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     // exactly one crypto provider (ring) for every rustls user in the process
@@ -87,6 +92,25 @@ fn main() -> ExitCode {
             eprintln!("kinvoke-gateway: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Probes the sandbox when a cluster wants one: prints what this host gives commands, or
+/// the problem that would stop `serve`.
+async fn check_sandbox(cfg: &Config) -> Option<String> {
+    match kinvoke_gateway::open_sandbox(cfg).await {
+        Ok(None) => {
+            println!("sandbox: not used (every cluster has sandbox = \"off\")");
+            None
+        }
+        Ok(Some(sandbox)) => match sandbox.probe().await {
+            Ok(features) => {
+                println!("sandbox: {features}");
+                None
+            }
+            Err(reason) => Some(reason),
+        },
+        Err(err) => Some(err.to_string()),
     }
 }
 
@@ -123,6 +147,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     }
                 }
                 problems.extend(runtime()?.block_on(check_clusters(&cfg)));
+                problems.extend(runtime()?.block_on(check_sandbox(&cfg)));
                 if problems.is_empty() {
                     println!("config OK: {}", config.display());
                     Ok(ExitCode::SUCCESS)

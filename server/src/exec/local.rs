@@ -11,6 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -20,12 +21,15 @@ use tokio::process::{Child, Command};
 
 use super::{Executor, Job, Outcome};
 use crate::command::{Attachment, CommandState};
+use crate::sandbox::launch::{Launched, Sandbox};
+use crate::sandbox::{DEVICES, LaunchSpec, Report, SandboxMode, command_dirs};
 
-/// Runs commands as local child processes.
+/// Runs commands as local child processes, sandboxed unless a cluster says otherwise.
 #[derive(Debug, Clone)]
 pub struct LocalExecutor {
     kill_grace: Duration,
     work_root: Option<PathBuf>,
+    sandbox: Option<Arc<Sandbox>>,
 }
 
 /// Why the process was stopped by us rather than exiting on its own.
@@ -35,50 +39,139 @@ enum Stop {
     Cancel,
 }
 
+/// How the command's main process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ended {
+    Code(i32),
+    Signal(i32),
+    /// It never ran, or could not be waited for.
+    Failed(String),
+}
+
+/// What an editor or pager started by a command runs instead (`EDITOR`, `VISUAL`,
+/// `KUBE_EDITOR`, `PAGER`): there is no terminal, so it fails at once and says why.
+const NO_TERMINAL_SCRIPT: &str = "#!/bin/sh\n\
+echo \"kinvoke: commands run without a terminal, so an editor or pager cannot start ($0); \
+use kubectl apply, patch, set or create instead of edit\" >&2\n\
+exit 1\n";
+
+/// kubectl's preferences for commands (`$HOME/.kube/kuberc`, read by kubectl 1.35+):
+/// credential plugins may not run, so a kubeconfig cannot make kubectl start a program.
+const KUBERC: &str = "apiVersion: kubectl.config.k8s.io/v1beta1\n\
+kind: Preference\n\
+credentialPluginPolicy: DenyAll\n";
+
+/// The per-command directory tree, created fresh for each command and removed after it:
+///
+/// ```text
+/// ROOT/          0711, the gateway's: commands can pass through it, not list it
+///   work/        the working directory, holding the attached files
+///   home/        HOME: .kube/config (the relay kubeconfig, 0600), .kube/kuberc
+///   tmp/         TMPDIR, and /tmp inside the sandbox
+///   kinvoke/     read-only for the command: the no-terminal editor
+/// ```
+struct CommandDirs {
+    root: tempfile::TempDir,
+}
+
+impl CommandDirs {
+    fn work(&self) -> PathBuf {
+        self.root.path().join("work")
+    }
+    fn home(&self) -> PathBuf {
+        self.root.path().join("home")
+    }
+    fn tmp(&self) -> PathBuf {
+        self.root.path().join("tmp")
+    }
+    fn no_terminal(&self) -> PathBuf {
+        self.root.path().join("kinvoke").join("no-terminal")
+    }
+}
+
 impl LocalExecutor {
-    /// An executor that waits `kill_grace` between SIGTERM and SIGKILL and creates work
-    /// directories under `work_root` (the system temp dir when `None`).
-    pub fn new(kill_grace: Duration, work_root: Option<PathBuf>) -> Self {
+    /// An executor that waits `kill_grace` between SIGTERM and SIGKILL, creates work
+    /// directories under `work_root` (the system temp dir when `None`), and runs the
+    /// commands of sandboxed clusters in `sandbox` (a sandboxed cluster's command fails
+    /// when there is none).
+    pub fn new(
+        kill_grace: Duration,
+        work_root: Option<PathBuf>,
+        sandbox: Option<Arc<Sandbox>>,
+    ) -> Self {
         Self {
             kill_grace,
             work_root,
+            sandbox,
         }
     }
 
     async fn run_job(&self, job: Job) -> Outcome {
-        let dir = match self.prepare(&job).await {
-            Ok(dir) => dir,
+        let sandbox = match (job.cluster.sandbox, &self.sandbox) {
+            (SandboxMode::Off, _) => None,
+            (SandboxMode::On, Some(sandbox)) => Some(sandbox.as_ref()),
+            (SandboxMode::On, None) => {
+                // fail closed: never run a command unsandboxed that should not be
+                return failed(format!(
+                    "cluster \"{}\" runs commands sandboxed, but this gateway has no sandbox",
+                    job.cluster.name
+                ));
+            }
+        };
+        let lease = match sandbox.map(Sandbox::lease_uid).transpose() {
+            Ok(lease) => lease.flatten(),
             Err(reason) => return failed(reason),
         };
-        let outcome = self.spawn_and_wait(&job, dir.path()).await;
-        let path = dir.path().to_owned();
+        let owner = lease.as_ref().map(|l| l.uid);
+        let dirs = match self.prepare(&job, owner).await {
+            Ok(dirs) => dirs,
+            Err(reason) => return failed(reason),
+        };
+        let outcome = self.spawn_and_wait(&job, &dirs, sandbox, owner).await;
+        drop(lease);
+        let path = dirs.root.path().to_owned();
         // removing a large tree is blocking I/O: keep it off the runtime threads
-        let removed = tokio::task::spawn_blocking(move || dir.close()).await;
+        let removed = tokio::task::spawn_blocking(move || dirs.root.close()).await;
         if !matches!(removed, Ok(Ok(()))) {
             tracing::warn!(command_id = %job.id, dir = %path.display(), "could not remove the command's work directory");
         }
         outcome
     }
 
-    /// Creates `ROOT/work` (cwd, attached files) and `ROOT/home` (HOME).
-    async fn prepare(&self, job: &Job) -> Result<tempfile::TempDir, String> {
+    /// Creates the command's directory tree (see [`CommandDirs`]), owned by `owner` when
+    /// the command runs as a user of its own.
+    async fn prepare(&self, job: &Job, owner: Option<u32>) -> Result<CommandDirs, String> {
         let mut builder = tempfile::Builder::new();
         builder.prefix("kinvoke-");
-        let dir = match &self.work_root {
+        let root = match &self.work_root {
             Some(root) => builder.tempdir_in(root),
             None => builder.tempdir(),
         }
         .map_err(|err| format!("could not create a work directory: {err}"))?;
-        let work = dir.path().join("work");
-        let home = dir.path().join("home");
+        let dirs = CommandDirs { root };
+        let (work, home, tmp, no_terminal) =
+            (dirs.work(), dirs.home(), dirs.tmp(), dirs.no_terminal());
+        let root = dirs.root.path().to_owned();
         let files = job.spec.files.clone();
         let kubeconfig = job.kubeconfig.as_ref().map(|k| k.0.clone());
         let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            std::fs::create_dir(&work)
-                .and_then(|()| std::fs::create_dir(&home))
-                .map_err(|err| format!("could not create a work directory: {err}"))?;
+            let create = |e: io::Error| format!("could not create a work directory: {e}");
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+                .map_err(create)?;
+            for dir in [&work, &home, &tmp] {
+                std::fs::create_dir(dir).map_err(create)?;
+            }
+            if let Some(bin) = no_terminal.parent() {
+                std::fs::create_dir(bin).map_err(create)?;
+                std::fs::set_permissions(bin, std::fs::Permissions::from_mode(0o755))
+                    .map_err(create)?;
+            }
+            write_file(&no_terminal, NO_TERMINAL_SCRIPT.as_bytes(), 0o755).map_err(create)?;
+            let kube = home.join(".kube");
+            std::fs::create_dir(&kube).map_err(create)?;
+            write_file(&kube.join("kuberc"), KUBERC.as_bytes(), 0o600).map_err(create)?;
             if let Some(text) = kubeconfig {
-                write_private(&home.join(".kube").join("config"), text.as_bytes())
+                write_file(&kube.join("config"), text.as_bytes(), 0o600)
                     .map_err(|err| format!("could not write the command's kubeconfig: {err}"))?;
             }
             for file in &files {
@@ -89,20 +182,53 @@ impl LocalExecutor {
                     )
                 })?;
             }
+            if let Some(uid) = owner {
+                for dir in [&work, &home, &tmp] {
+                    chown_tree(dir, uid).map_err(|err| {
+                        format!("could not give the work directory to user {uid}: {err}")
+                    })?;
+                }
+            }
             Ok(())
         })
         .await
         .map_err(|err| format!("could not prepare the work directory: {err}"))?;
         written?;
-        Ok(dir)
+        Ok(dirs)
     }
 
-    async fn spawn_and_wait(&self, job: &Job, root: &Path) -> Outcome {
-        let work = root.join("work");
-        let home = root.join("home");
-        // the relay's kubeconfig, if the cluster has an API server (written by prepare)
-        let kubeconfig = home.join(".kube").join("config");
+    /// The command's environment: nothing of the gateway's.
+    fn environment(job: &Job, dirs: &CommandDirs) -> Vec<(String, String)> {
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let no_terminal = path(dirs.no_terminal());
+        let mut env = vec![
+            ("PATH".to_owned(), job.cluster.path.clone()),
+            ("HOME".to_owned(), path(dirs.home())),
+            ("TMPDIR".to_owned(), path(dirs.tmp())),
+            ("KINVOKE_COMMAND_ID".to_owned(), job.id.as_str().to_owned()),
+            ("LANG".to_owned(), "C.UTF-8".to_owned()),
+            // no terminal: programs must not wait for one
+            ("TERM".to_owned(), "dumb".to_owned()),
+        ];
+        for editor in ["EDITOR", "VISUAL", "KUBE_EDITOR", "PAGER"] {
+            env.push((editor.to_owned(), no_terminal.clone()));
+        }
+        if job.kubeconfig.is_some() {
+            env.push((
+                "KUBECONFIG".to_owned(),
+                path(dirs.home().join(".kube").join("config")),
+            ));
+        }
+        env
+    }
 
+    async fn spawn_and_wait(
+        &self,
+        job: &Job,
+        dirs: &CommandDirs,
+        sandbox: Option<&Sandbox>,
+        owner: Option<u32>,
+    ) -> Outcome {
         let (reader, writer) = match io::pipe() {
             Ok(pipe) => pipe,
             Err(err) => return failed(format!("could not create an output pipe: {err}")),
@@ -111,29 +237,57 @@ impl LocalExecutor {
             Ok(w) => w,
             Err(err) => return failed(format!("could not create an output pipe: {err}")),
         };
-        let Some((program, args)) = job.argv.split_first() else {
-            return failed("empty command".to_owned());
-        };
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env_clear()
-            .env("PATH", &job.cluster.path)
-            .env("HOME", &home)
-            .env("KUBECONFIG", &kubeconfig)
-            .env("KINVOKE_COMMAND_ID", job.id.as_str())
-            .env("LANG", "C.UTF-8")
-            .current_dir(&work)
-            .stdin(Stdio::null())
-            .stdout(writer)
-            .stderr(writer_err)
-            // own group: a timeout or cancel signals everything the command started
-            .process_group(0);
-        let spawned = cmd.spawn();
-        // drop our copies of the pipe's write end, or the reader never sees EOF
-        drop(cmd);
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(err) => return failed(format!("could not start \"{program}\": {err}")),
+        let env = Self::environment(job, dirs);
+        let (mut child, mut reporter) = match sandbox {
+            Some(sandbox) => {
+                let spec = LaunchSpec {
+                    argv: job.argv.clone(),
+                    env,
+                    cwd: dirs.work(),
+                    read_only: sandbox
+                        .settings()
+                        .read_only_paths
+                        .iter()
+                        .cloned()
+                        .chain(command_dirs(&job.cluster.path, &job.cluster.shell))
+                        .chain([dirs.no_terminal()])
+                        .collect(),
+                    writable: vec![dirs.work(), dirs.home(), dirs.tmp()],
+                    devices: DEVICES.iter().map(PathBuf::from).collect(),
+                    private_tmp: Some(dirs.tmp()),
+                    run_as: owner.map(|uid| (uid, uid)),
+                    probe: false,
+                };
+                match sandbox.spawn(&spec, writer, writer_err).await {
+                    Ok(Launched { child, reporter }) => (child, Some(reporter)),
+                    Err(err) => {
+                        return failed(format!("could not start the command's sandbox: {err}"));
+                    }
+                }
+            }
+            None => {
+                let Some((program, args)) = job.argv.split_first() else {
+                    return failed("empty command".to_owned());
+                };
+                let mut cmd = Command::new(program);
+                cmd.args(args)
+                    .env_clear()
+                    .envs(env)
+                    .current_dir(dirs.work())
+                    .stdin(Stdio::null())
+                    .stdout(writer)
+                    .stderr(writer_err)
+                    // own group: a timeout or cancel signals everything the command started
+                    .process_group(0)
+                    .kill_on_drop(true);
+                let spawned = cmd.spawn();
+                // drop our copies of the pipe's write end, or the reader never sees EOF
+                drop(cmd);
+                match spawned {
+                    Ok(child) => (child, None),
+                    Err(err) => return failed(format!("could not start \"{program}\": {err}")),
+                }
+            }
         };
         let Some(pgid) = child
             .id()
@@ -176,10 +330,25 @@ impl LocalExecutor {
             Ok(status) => (status, None),
             Err(stop) => (self.terminate(&mut child, pgid).await, Some(stop)),
         };
-        // whatever the command left running in its group (background jobs) ends with it
-        let _ = killpg(pgid, Signal::SIGKILL);
-        // the group is gone, so the pipe's last writers are too; a process that escaped
-        // with setsid could hold it open, so bound the wait
+        let ended = match reporter.as_mut() {
+            // the sandbox's init ended, and the kernel took every process of the command
+            // with it; the launcher says how the main process ended
+            Some(reporter) => match reporter.report().await {
+                Some(Report::Exited(code)) => Ended::Code(code),
+                Some(Report::Signaled(signal)) => Ended::Signal(signal),
+                Some(Report::Failed(reason)) => Ended::Failed(reason),
+                Some(Report::Probed(_)) => Ended::Failed("the sandbox ran a probe".to_owned()),
+                None => ended_of(status),
+            },
+            None => {
+                // whatever the command left running in its group (background jobs) ends
+                // with it
+                let _ = killpg(pgid, Signal::SIGKILL);
+                ended_of(status)
+            }
+        };
+        // the processes are gone, so the pipe's last writers are too; an unsandboxed
+        // process that escaped its group with setsid could hold it open, so bound the wait
         let mut reader_task = reader_task;
         if tokio::time::timeout(self.kill_grace, &mut reader_task)
             .await
@@ -188,7 +357,7 @@ impl LocalExecutor {
             reader_task.abort();
             tracing::warn!(command_id = %job.id, "a process outside the command's group kept its output open; stopped reading");
         }
-        outcome_of(status, stop, job.spec.timeout)
+        outcome_of(ended, stop, job.spec.timeout)
     }
 
     /// SIGTERM the group, then SIGKILL once the grace period is over.
@@ -218,16 +387,25 @@ fn failed(reason: String) -> Outcome {
     }
 }
 
-fn outcome_of(status: io::Result<ExitStatus>, stop: Option<Stop>, timeout: Duration) -> Outcome {
-    let status = match status {
-        Ok(status) => status,
-        Err(err) => return failed(format!("could not wait for the command: {err}")),
+fn ended_of(status: io::Result<ExitStatus>) -> Ended {
+    match status {
+        Ok(status) => match (status.code(), status.signal()) {
+            (Some(code), _) => Ended::Code(code),
+            (None, Some(signal)) => Ended::Signal(signal),
+            (None, None) => Ended::Failed("the command ended in an unknown way".to_owned()),
+        },
+        Err(err) => Ended::Failed(format!("could not wait for the command: {err}")),
+    }
+}
+
+fn outcome_of(ended: Ended, stop: Option<Stop>, timeout: Duration) -> Outcome {
+    let exit_code = match &ended {
+        Ended::Code(code) => Some(*code),
+        Ended::Signal(signal) => Some(128 + signal),
+        Ended::Failed(_) => None,
     };
-    let exit_code = status
-        .code()
-        .or_else(|| status.signal().map(|signal| 128 + signal));
-    match stop {
-        Some(Stop::Timeout) => Outcome {
+    match (stop, ended) {
+        (Some(Stop::Timeout), _) => Outcome {
             state: CommandState::TimedOut,
             exit_code,
             reason: format!(
@@ -235,40 +413,46 @@ fn outcome_of(status: io::Result<ExitStatus>, stop: Option<Stop>, timeout: Durat
                 humantime::format_duration(timeout)
             ),
         },
-        Some(Stop::Cancel) => Outcome {
+        (Some(Stop::Cancel), _) => Outcome {
             state: CommandState::Canceled,
             exit_code,
             reason: "command was canceled".to_owned(),
         },
-        None => match status.code() {
-            Some(code) => Outcome {
-                state: CommandState::Succeeded,
-                exit_code: Some(code),
-                reason: String::new(),
-            },
-            None => Outcome {
-                state: CommandState::Failed,
-                exit_code,
-                reason: format!(
-                    "command was killed by signal {}",
-                    status.signal().unwrap_or_default()
-                ),
-            },
+        (None, Ended::Code(code)) => Outcome {
+            state: CommandState::Succeeded,
+            exit_code: Some(code),
+            reason: String::new(),
         },
+        (None, Ended::Signal(signal)) => Outcome {
+            state: CommandState::Failed,
+            exit_code,
+            reason: format!("command was killed by signal {signal}"),
+        },
+        (None, Ended::Failed(reason)) => failed(reason),
     }
 }
 
-/// Writes a file only its owner can read (the command's relay token).
-fn write_private(path: &Path, content: &[u8]) -> io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
+/// Writes a file with `mode`, failing if it exists.
+fn write_file(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)?;
-    io::Write::write_all(&mut f, content)
+    io::Write::write_all(&mut f, content)?;
+    // the umask may have narrowed the mode
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+/// Gives a tree to `uid` (group `uid` too), without following symbolic links.
+fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes one attached file below `work`; the path was validated to stay inside it, and
@@ -310,6 +494,7 @@ mod tests {
             shell: "bash".into(),
             disable_run_command: false,
             authorized_ip_ranges: Default::default(),
+            sandbox: crate::sandbox::SandboxMode::Off,
         };
         Job {
             id: CommandId::random().unwrap(),
@@ -328,7 +513,7 @@ mod tests {
     }
 
     fn executor() -> LocalExecutor {
-        LocalExecutor::new(Duration::from_secs(2), None)
+        LocalExecutor::new(Duration::from_secs(2), None, None)
     }
 
     async fn run(job: Job) -> (Outcome, String) {
@@ -399,7 +584,7 @@ mod tests {
         let output = j.output.clone();
         let mut sub = output.subscribe();
         j.spec.timeout = Duration::from_secs(60);
-        let exec = LocalExecutor::new(Duration::from_millis(100), None);
+        let exec = LocalExecutor::new(Duration::from_millis(100), None, None);
         let run = tokio::spawn(async move { exec.run(j).await });
         // wait for the trap to be in place before canceling
         sub.live.recv().await.unwrap();

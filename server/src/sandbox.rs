@@ -1,0 +1,542 @@
+//! The command sandbox of the local executor: what a command may touch, and the
+//! machinery that makes it so.
+//!
+//! A command is untrusted code (see SECURITY.md). The gateway never runs it directly: it
+//! starts its own executable again as a small launcher ([`stage`]) that
+//!
+//! 1. optionally becomes a per-command Unix user from a configured range (when the
+//!    gateway runs as root),
+//! 2. enters new user, PID, mount and IPC namespaces,
+//! 3. starts an init process (PID 1 of the new PID namespace) that mounts a private
+//!    `/proc` and a private `/tmp`, restricts itself with Landlock (read and execute on
+//!    the system paths, read-write on the command's own directories, no signals or
+//!    abstract sockets beyond its own domain), drops every capability, and only then
+//!    starts the command.
+//!
+//! When the command's main process ends, init ends, and the kernel kills everything left
+//! in the namespace: nothing the command started outlives it.
+//!
+//! [`launch`] is the gateway's side (spawn, report, stop); [`stage`] is what runs in the
+//! launcher processes. This file holds the settings, the specification handed to the
+//! launcher, and the pure checks: which paths are readable and whether one of them
+//! exposes a secret of the gateway.
+
+pub mod launch;
+pub mod stage;
+
+use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+/// Read-only paths a sandboxed command gets by default: the system's programs and
+/// libraries, and the few files under `/etc` that name resolution, TLS and locale need.
+/// `/etc` as a whole is left out on purpose: gateways keep their config in `/etc/kinvoke`.
+/// Paths that do not exist on this machine are skipped.
+pub const DEFAULT_READ_ONLY_PATHS: &[&str] = &[
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/alternatives",
+    "/etc/ca-certificates",
+    "/etc/ssl",
+    "/etc/pki",
+    "/etc/group",
+    "/etc/passwd",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/resolv.conf",
+    "/etc/gai.conf",
+    "/etc/protocols",
+    "/etc/services",
+    "/etc/localtime",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/mime.types",
+];
+
+/// Device files a command may read and write.
+pub const DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// Where Kubernetes mounts a Pod's service-account token: always secret, whatever the
+/// config says.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Whether a cluster's commands run in the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxMode {
+    /// Sandboxed; the gateway refuses to start if the kernel cannot sandbox.
+    #[default]
+    On,
+    /// Not sandboxed: commands run as the gateway's user and can read its secrets. Only
+    /// for hosts whose kernel cannot sandbox; `check-config` warns about it.
+    Off,
+}
+
+/// The sandbox settings (`[sandbox]` in the config), validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSettings {
+    /// Paths a command may read and execute (directories cover what is below them).
+    pub read_only_paths: Vec<PathBuf>,
+    /// Unix user ids handed out one per running command (group id = user id), when the
+    /// gateway runs as root; `None` = commands keep the gateway's user, mapped to root of
+    /// their own user namespace.
+    pub run_as_uids: Option<RangeInclusive<u32>>,
+}
+
+impl Default for SandboxSettings {
+    fn default() -> Self {
+        Self {
+            read_only_paths: DEFAULT_READ_ONLY_PATHS.iter().map(PathBuf::from).collect(),
+            run_as_uids: None,
+        }
+    }
+}
+
+/// A secret path exposed by a readable path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the sandbox lets commands read {readable} ({readable_source}), which holds {secret} ({secret_source}); \
+     move the secret out of it or narrow sandbox.read_only_paths"
+)]
+pub struct SecretExposed {
+    /// The readable path.
+    pub readable: String,
+    /// Where it comes from (a config key or "default").
+    pub readable_source: String,
+    /// The secret path.
+    pub secret: String,
+    /// Which config key names it.
+    pub secret_source: String,
+}
+
+/// A path and the reason it is listed (a config key, "default", ...), for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabeledPath {
+    /// The path as configured.
+    pub path: PathBuf,
+    /// Where it comes from.
+    pub source: String,
+}
+
+impl LabeledPath {
+    /// A path with its source.
+    pub fn new(path: impl Into<PathBuf>, source: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// The readable paths for a cluster: the configured read-only paths, each directory on
+/// the commands' `PATH`, and the directory of the shell when it is given as a path.
+pub fn readable_paths(
+    settings: &SandboxSettings,
+    command_path: &str,
+    shell: &Path,
+    cluster_key: &str,
+) -> Vec<LabeledPath> {
+    let mut out: Vec<LabeledPath> = settings
+        .read_only_paths
+        .iter()
+        .map(|p| LabeledPath::new(p, "sandbox.read_only_paths"))
+        .collect();
+    for dir in command_path.split(':').filter(|d| d.starts_with('/')) {
+        out.push(LabeledPath::new(dir, format!("{cluster_key}.path")));
+    }
+    if let Some(dir) = shell_dir(shell) {
+        out.push(LabeledPath::new(dir, format!("{cluster_key}.shell")));
+    }
+    out
+}
+
+/// The directories a cluster's commands need besides the read-only paths: each absolute
+/// directory on their `PATH` and the shell's directory (relative entries are skipped:
+/// they would name a directory inside the command's own).
+pub fn command_dirs(command_path: &str, shell: &Path) -> Vec<PathBuf> {
+    command_path
+        .split(':')
+        .filter(|d| d.starts_with('/'))
+        .map(PathBuf::from)
+        .chain(shell_dir(shell).map(Path::to_owned))
+        .collect()
+}
+
+fn shell_dir(shell: &Path) -> Option<&Path> {
+    shell.parent().filter(|_| shell.is_absolute())
+}
+
+/// Refuses a readable path that is, or contains, a secret path. Both sides are compared
+/// after resolving symbolic links where the path exists (so `/opt/tools` → `/etc` is
+/// seen), lexically otherwise.
+pub fn check_exposure(
+    readable: &[LabeledPath],
+    secrets: &[LabeledPath],
+) -> Result<(), SecretExposed> {
+    for r in readable {
+        let rp = resolved(&r.path);
+        for s in secrets {
+            let sp = resolved(&s.path);
+            if sp.starts_with(&rp) {
+                return Err(SecretExposed {
+                    readable: r.path.display().to_string(),
+                    readable_source: r.source.clone(),
+                    secret: s.path.display().to_string(),
+                    secret_source: s.source.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The path with symbolic links resolved as far as it exists, `.` and `..` removed.
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    // resolve the longest existing prefix, then append the rest lexically
+    let mut existing = path.to_owned();
+    let mut rest = Vec::new();
+    while let Some(parent) = existing.parent().map(Path::to_owned) {
+        if let Some(name) = existing.file_name() {
+            rest.push(name.to_owned());
+        }
+        existing = parent;
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for name in rest.iter().rev() {
+                out.push(name);
+            }
+            return normalized(&out);
+        }
+    }
+    normalized(path)
+}
+
+fn normalized(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Parses `"START-END"` (inclusive) into a uid range; refuses ids below 1000 (system
+/// users) and ranges that are empty.
+pub fn parse_uid_range(text: &str) -> Result<RangeInclusive<u32>, String> {
+    let (a, b) = text.split_once('-').ok_or_else(|| {
+        format!("\"{text}\" is not a range; write it as START-END, e.g. \"200000-200999\"")
+    })?;
+    let start: u32 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{a}\" is not a user id"))?;
+    let end: u32 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{b}\" is not a user id"))?;
+    if start > end {
+        return Err(format!("the range {start}-{end} is empty"));
+    }
+    if start < 1000 {
+        return Err(format!(
+            "user id {start} is below 1000 (system users); pick ids no other user or service has"
+        ));
+    }
+    if end == u32::MAX {
+        return Err("user id 4294967295 is reserved (-1)".to_owned());
+    }
+    Ok(start..=end)
+}
+
+/// Hands out one Unix user id per running command, so that no two commands share one.
+#[derive(Debug)]
+pub struct UidPool {
+    free: Mutex<BTreeSet<u32>>,
+}
+
+/// A user id taken from a [`UidPool`]; given back when dropped.
+#[derive(Debug)]
+pub struct UidLease<'a> {
+    pool: &'a UidPool,
+    /// The id.
+    pub uid: u32,
+}
+
+impl UidPool {
+    /// A pool of every id in `range`.
+    pub fn new(range: RangeInclusive<u32>) -> Self {
+        Self {
+            free: Mutex::new(range.collect()),
+        }
+    }
+
+    /// Takes a free id, or `None` when every id is in use.
+    pub fn take(&self) -> Option<UidLease<'_>> {
+        let uid = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop_first()?;
+        Some(UidLease { pool: self, uid })
+    }
+}
+
+impl Drop for UidLease<'_> {
+    fn drop(&mut self) {
+        self.pool
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(self.uid);
+    }
+}
+
+/// Everything the launcher needs to run one command in the sandbox; sent to it as one
+/// JSON line on its standard input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// Program and arguments; the program is looked up on `PATH` from `env`.
+    pub argv: Vec<String>,
+    /// The command's whole environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory (the attachments are here).
+    pub cwd: PathBuf,
+    /// Paths the command may read and execute.
+    pub read_only: Vec<PathBuf>,
+    /// Paths the command may read, write, create and delete below.
+    pub writable: Vec<PathBuf>,
+    /// Device files the command may read and write.
+    pub devices: Vec<PathBuf>,
+    /// Mounted over `/tmp` inside the sandbox.
+    pub private_tmp: Option<PathBuf>,
+    /// Become this user and group before entering the namespaces.
+    pub run_as: Option<(u32, u32)>,
+    /// Set everything up, report what worked, and run nothing.
+    pub probe: bool,
+}
+
+/// What the launcher reports back, as one JSON line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Report {
+    /// The command's main process exited with this code.
+    Exited(i32),
+    /// The command's main process was killed by this signal.
+    Signaled(i32),
+    /// The sandbox could not be set up, or the program could not be started.
+    Failed(String),
+    /// The probe ran: what the kernel gave.
+    Probed(Features),
+}
+
+/// Which protections a sandboxed command gets on this host, as found by a probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Features {
+    /// Landlock enforces every requested restriction (else only some, on an older kernel).
+    pub landlock_full: bool,
+    /// Landlock's signal and abstract-socket scoping is in force (ABI 6+).
+    pub landlock_scoped: bool,
+    /// The command sees a `/proc` of its own PID namespace only.
+    pub private_proc: bool,
+    /// The command's `/tmp` is its own directory.
+    pub private_tmp: bool,
+    /// The command holds no capabilities, even in its own user namespace.
+    pub capabilities_dropped: bool,
+}
+
+impl std::fmt::Display for Features {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        write!(
+            f,
+            "Landlock {}{}, user/PID/mount/IPC namespaces, private /proc: {}, private /tmp: {}, capabilities dropped: {}",
+            if self.landlock_full {
+                "fully enforced"
+            } else {
+                "partially enforced (older kernel)"
+            },
+            if self.landlock_scoped {
+                " with signal and socket scoping"
+            } else {
+                ""
+            },
+            yes_no(self.private_proc),
+            yes_no(self.private_tmp),
+            yes_no(self.capabilities_dropped),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labeled(paths: &[&str]) -> Vec<LabeledPath> {
+        paths.iter().map(|p| LabeledPath::new(p, "test")).collect()
+    }
+
+    #[test]
+    fn a_readable_directory_holding_a_secret_is_refused_naming_both() {
+        let cases = [
+            (&["/etc"][..], "/etc/kinvoke/prod.kubeconfig", true),
+            (
+                &["/usr", "/etc/ssl"][..],
+                "/etc/kinvoke/prod.kubeconfig",
+                false,
+            ),
+            (&["/var/lib"][..], "/var/lib/kinvoke/state", true),
+            (
+                &["/var/lib/kinvoke/state"][..],
+                "/var/lib/kinvoke/state",
+                true,
+            ),
+            (
+                &["/var/lib/kinvoke/state/sub"][..],
+                "/var/lib/kinvoke/state",
+                false,
+            ),
+            (&["/opt/a"][..], "/opt/ab/secret", false),
+            (&["/opt/x/../etc"][..], "/opt/etc/secret", true),
+            (&["/"][..], "/anything", true),
+        ];
+        for (readable, secret, refused) in cases {
+            let result = check_exposure(&labeled(readable), &labeled(&[secret]));
+            assert_eq!(result.is_err(), refused, "{readable:?} vs {secret}");
+            if let Err(err) = result {
+                let msg = err.to_string();
+                assert!(msg.contains(secret), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn symbolic_links_are_followed_before_comparing() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).unwrap();
+        let link = dir.path().join("tools");
+        std::os::unix::fs::symlink(&secrets, &link).unwrap();
+        let err = check_exposure(
+            &[LabeledPath::new(&link, "cluster[0].path")],
+            &[LabeledPath::new(
+                secrets.join("key.pem"),
+                "listener[0].tls.key",
+            )],
+        )
+        .unwrap_err();
+        assert_eq!(err.readable_source, "cluster[0].path");
+        assert_eq!(err.secret_source, "listener[0].tls.key");
+    }
+
+    #[test]
+    fn the_default_paths_leave_etc_kinvoke_and_the_service_account_out() {
+        let readable: Vec<LabeledPath> = DEFAULT_READ_ONLY_PATHS
+            .iter()
+            .map(|p| LabeledPath::new(p, "default"))
+            .collect();
+        let secrets = labeled(&[
+            "/etc/kinvoke/gateway.toml",
+            SERVICE_ACCOUNT_DIR,
+            "/var/lib/kinvoke",
+        ]);
+        assert_eq!(check_exposure(&readable, &secrets), Ok(()));
+    }
+
+    #[test]
+    fn readable_paths_add_the_command_path_and_the_shell_directory() {
+        let paths = readable_paths(
+            &SandboxSettings {
+                read_only_paths: vec!["/usr".into()],
+                run_as_uids: None,
+            },
+            "/opt/kube/bin:relative:/usr/bin",
+            Path::new("/opt/shells/bash"),
+            "cluster[2]",
+        );
+        let shown: Vec<(String, String)> = paths
+            .iter()
+            .map(|p| (p.path.display().to_string(), p.source.clone()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("/usr".into(), "sandbox.read_only_paths".into()),
+                ("/opt/kube/bin".into(), "cluster[2].path".into()),
+                ("/usr/bin".into(), "cluster[2].path".into()),
+                ("/opt/shells".into(), "cluster[2].shell".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn uid_ranges_are_parsed_and_checked() {
+        assert_eq!(parse_uid_range("200000-200009"), Ok(200000..=200009));
+        for (text, expected) in [
+            ("200000", "START-END"),
+            ("5-10", "below 1000"),
+            ("3000-2000", "empty"),
+            ("a-2000", "not a user id"),
+            ("2000-4294967295", "reserved"),
+        ] {
+            let err = parse_uid_range(text).unwrap_err();
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_uid_is_lent_to_one_command_at_a_time() {
+        let pool = UidPool::new(5000..=5001);
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        assert_ne!(a.uid, b.uid);
+        assert!(pool.take().is_none());
+        let freed = a.uid;
+        drop(a);
+        assert_eq!(pool.take().unwrap().uid, freed);
+    }
+
+    #[test]
+    fn the_spec_and_reports_round_trip_as_json() {
+        let spec = LaunchSpec {
+            argv: vec!["bash".into(), "-c".into(), "echo 'a\nb'".into()],
+            env: vec![("PATH".into(), "/usr/bin".into())],
+            cwd: "/w".into(),
+            read_only: vec!["/usr".into()],
+            writable: vec!["/w".into()],
+            devices: vec!["/dev/null".into()],
+            private_tmp: Some("/t".into()),
+            run_as: Some((5000, 5000)),
+            probe: false,
+        };
+        let line = serde_json::to_string(&spec).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<LaunchSpec>(&line).unwrap(), spec);
+        let report = Report::Failed("x".into());
+        let line = serde_json::to_string(&report).unwrap();
+        assert_eq!(serde_json::from_str::<Report>(&line).unwrap(), report);
+    }
+}

@@ -1,0 +1,159 @@
+//! The gateway's side of the sandbox: start the launcher with a [`LaunchSpec`], and read
+//! its [`Report`] once it has ended.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use super::stage::{LAUNCHER_ARG, SELF_EXE};
+use super::{Features, LaunchSpec, Report, SandboxSettings, UidLease, UidPool};
+
+/// Largest report line read back from the launcher.
+const MAX_REPORT_BYTES: u64 = 64 * 1024;
+
+/// Runs commands in the sandbox; one per gateway.
+#[derive(Debug)]
+pub struct Sandbox {
+    settings: SandboxSettings,
+    program: PathBuf,
+    uids: Option<UidPool>,
+}
+
+/// A launcher that is running a command.
+#[derive(Debug)]
+pub struct Launched {
+    /// The launcher process, leader of the command's process group.
+    pub child: Child,
+    /// Where its report comes from.
+    pub reporter: Reporter,
+}
+
+/// The launcher's end of the control socket, read once the launcher has exited.
+#[derive(Debug)]
+pub struct Reporter {
+    control: UnixStream,
+}
+
+impl Sandbox {
+    /// A sandbox with these settings, whose launcher is this very executable.
+    pub fn new(settings: SandboxSettings) -> Self {
+        Self::with_launcher(settings, PathBuf::from(SELF_EXE))
+    }
+
+    /// A sandbox whose launcher is `program` (a `kinvoke-gateway` executable): for tests,
+    /// whose own executable is the test harness.
+    pub fn with_launcher(settings: SandboxSettings, program: PathBuf) -> Self {
+        let uids = settings.run_as_uids.clone().map(UidPool::new);
+        Self {
+            settings,
+            program,
+            uids,
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &SandboxSettings {
+        &self.settings
+    }
+
+    /// A user id of its own for the next command, when a range is configured; `Err` when
+    /// every id of the range is in use.
+    pub fn lease_uid(&self) -> Result<Option<UidLease<'_>>, String> {
+        match &self.uids {
+            None => Ok(None),
+            Some(pool) => pool.take().map(Some).ok_or_else(|| {
+                "every user id of sandbox.run_as_uids is in use by a running command; \
+                 widen the range or lower limits.max_concurrent_commands"
+                    .to_owned()
+            }),
+        }
+    }
+
+    /// Starts the launcher for `spec` in a process group of its own, with the command's
+    /// standard output and error on `stdout` and `stderr`.
+    pub async fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        stdout: impl Into<Stdio>,
+        stderr: impl Into<Stdio>,
+    ) -> io::Result<Launched> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut cmd = Command::new(&self.program);
+        cmd.arg0("kinvoke-sandbox")
+            .arg(LAUNCHER_ARG)
+            .env_clear()
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(stdout)
+            .stderr(stderr)
+            // own group: a stop signals the launcher, init and the command alike
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = cmd.spawn()?;
+        drop(cmd);
+        ours.set_nonblocking(true)?;
+        let mut control = UnixStream::from_std(ours)?;
+        let mut line = serde_json::to_vec(spec).map_err(io::Error::other)?;
+        line.push(b'\n');
+        control.write_all(&line).await?;
+        Ok(Launched {
+            child,
+            reporter: Reporter { control },
+        })
+    }
+
+    /// Sets a sandbox up for nothing and reports what this host's kernel gave it; fails
+    /// naming what is missing (no Landlock, no user namespaces, ...).
+    pub async fn probe(&self) -> Result<Features, String> {
+        let root = tempfile::Builder::new()
+            .prefix("kinvoke-probe-")
+            .tempdir()
+            .map_err(|e| format!("sandbox probe: cannot create a directory: {e}"))?;
+        let spec = LaunchSpec {
+            argv: vec!["true".to_owned()],
+            env: Vec::new(),
+            cwd: root.path().to_owned(),
+            read_only: self.settings.read_only_paths.clone(),
+            writable: vec![root.path().to_owned()],
+            devices: super::DEVICES.iter().map(PathBuf::from).collect(),
+            private_tmp: Some(root.path().to_owned()),
+            run_as: None,
+            probe: true,
+        };
+        let mut launched = self
+            .spawn(&spec, Stdio::null(), Stdio::piped())
+            .await
+            .map_err(|e| format!("sandbox probe: cannot start the launcher: {e}"))?;
+        let mut stderr = String::new();
+        if let Some(mut pipe) = launched.child.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr).await;
+        }
+        let _ = launched.child.wait().await;
+        match launched.reporter.report().await {
+            Some(Report::Probed(features)) => Ok(features),
+            Some(Report::Failed(reason)) => Err(reason),
+            other => Err(format!(
+                "sandbox probe: unexpected answer {other:?} from the launcher{}",
+                if stderr.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", stderr.trim())
+                }
+            )),
+        }
+    }
+}
+
+impl Reporter {
+    /// The launcher's report, once it has exited; `None` if it died without one (killed).
+    pub async fn report(&mut self) -> Option<Report> {
+        let mut line = String::new();
+        let mut reader = BufReader::new((&mut self.control).take(MAX_REPORT_BYTES));
+        reader.read_line(&mut line).await.ok()?;
+        serde_json::from_str(&line).ok()
+    }
+}

@@ -1,0 +1,466 @@
+//! The two launcher stages, run in processes of their own (the gateway's executable
+//! started again with a hidden first argument, see [`dispatch`]):
+//!
+//! - **launcher**: reads the [`LaunchSpec`] from the gateway, optionally becomes the
+//!   command's own Unix user, enters new user, PID, mount and IPC namespaces, starts
+//!   init, waits for it and reports how the command ended. If the gateway goes away, it
+//!   kills init (and so the whole namespace).
+//! - **init**: PID 1 of the new namespace. Mounts a private `/proc` and `/tmp`, restricts
+//!   itself with Landlock, drops every capability, starts the command, reaps orphans,
+//!   passes stop signals on to every process in the namespace, and exits as soon as the
+//!   command's main process has: the kernel then kills whatever is left.
+//!
+//! Both stages are single-threaded (unsharing a user namespace requires it) and talk to
+//! their parent over a Unix socket on their standard input: one JSON line down (the spec)
+//! and one up (the [`Report`]). End of file on that socket means the parent died.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use landlock::{
+    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
+    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+};
+use nix::mount::{MsFlags, mount};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::{CloneFlags, unshare};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{Gid, Pid, Uid};
+
+use super::{Features, LaunchSpec, Report};
+
+/// First argument that makes the gateway's executable act as the launcher.
+pub const LAUNCHER_ARG: &str = "__kinvoke-sandbox-launch";
+/// First argument that makes it act as the sandbox's init.
+const INIT_ARG: &str = "__kinvoke-sandbox-init";
+/// The executable to start again: the running one, even if its file was replaced since.
+pub const SELF_EXE: &str = "/proc/self/exe";
+/// Largest spec line accepted (the command line is capped far below this).
+const MAX_SPEC_BYTES: u64 = 4 * 1024 * 1024;
+/// The newest Landlock ABI whose rights this code asks for and is tested against.
+const LANDLOCK_ABI: ABI = ABI::V7;
+
+/// Runs a launcher stage when the process was started as one; call first thing in
+/// `main`, before any thread exists. `None` = a normal start, go on.
+pub fn dispatch() -> Option<ExitCode> {
+    let stage = std::env::args_os().nth(1)?;
+    if stage == LAUNCHER_ARG {
+        Some(launcher())
+    } else if stage == INIT_ARG {
+        Some(init())
+    } else {
+        None
+    }
+}
+
+/// The parent's socket, which is this stage's standard input.
+fn control_socket() -> Result<UnixStream, String> {
+    let fd: OwnedFd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("sandbox: no control socket: {e}"))?;
+    Ok(UnixStream::from(fd))
+}
+
+fn read_spec(control: &UnixStream) -> Result<LaunchSpec, String> {
+    let mut line = String::new();
+    BufReader::new(control.take(MAX_SPEC_BYTES))
+        .read_line(&mut line)
+        .map_err(|e| format!("sandbox: cannot read the launch spec: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("sandbox: malformed launch spec: {e}"))
+}
+
+fn send(mut control: &UnixStream, report: &Report) {
+    if let Ok(mut line) = serde_json::to_vec(report) {
+        line.push(b'\n');
+        // the parent may be gone already; nobody is left to tell then
+        let _ = control.write_all(&line);
+    }
+}
+
+/// Blocks the signals this stage handles itself, so they queue for its signalfd instead
+/// of killing it (and, for init, so the kernel does not drop them: PID 1 ignores signals
+/// it has no handler for, but never blocked ones).
+fn signal_fd(signals: &[Signal]) -> Result<SignalFd, String> {
+    let mut mask = SigSet::empty();
+    for s in signals {
+        mask.add(*s);
+    }
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+        .map_err(|e| format!("sandbox: cannot block signals: {e}"))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| format!("sandbox: cannot create a signalfd: {e}"))
+}
+
+// ---- stage 1: the launcher ----
+
+fn launcher() -> ExitCode {
+    let control = match control_socket() {
+        Ok(c) => c,
+        Err(reason) => {
+            eprintln!("kinvoke: {reason}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = read_spec(&control).and_then(|spec| launch(&spec, &control));
+    send(&control, &report.unwrap_or_else(Report::Failed));
+    ExitCode::SUCCESS
+}
+
+fn launch(spec: &LaunchSpec, control: &UnixStream) -> Result<Report, String> {
+    // stop signals reach init through the process group; the launcher waits for it
+    let signals = signal_fd(&[
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ])?;
+    if let Some((uid, gid)) = spec.run_as {
+        become_user(uid, gid)?;
+    }
+    let (outer_uid, outer_gid) = (Uid::current(), Gid::current());
+    unshare(
+        CloneFlags::CLONE_NEWUSER
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWIPC,
+    )
+    .map_err(|e| {
+        format!(
+            "sandbox: cannot create user, PID and mount namespaces: {e}; the kernel must allow \
+             unprivileged user namespaces (user.max_user_namespaces > 0, and on Debian/Ubuntu \
+             kernel.unprivileged_userns_clone = 1, kernel.apparmor_restrict_unprivileged_userns = 0)"
+        )
+    })?;
+    // root inside the namespace (so init may mount), the launcher's own user outside
+    write_proc("/proc/self/setgroups", "deny")?;
+    write_proc("/proc/self/uid_map", &format!("0 {outer_uid} 1"))?;
+    write_proc("/proc/self/gid_map", &format!("0 {outer_gid} 1"))?;
+
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| format!("sandbox: cannot create a socket: {e}"))?;
+    let mut init = Command::new(SELF_EXE)
+        .arg0("kinvoke-sandbox-init")
+        .arg(INIT_ARG)
+        .env_clear()
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .spawn()
+        .map_err(|e| format!("sandbox: cannot start init: {e}"))?;
+    let init_pid = Pid::from_raw(i32::try_from(init.id()).unwrap_or(i32::MAX));
+    let mut line =
+        serde_json::to_vec(spec).map_err(|e| format!("sandbox: cannot encode the spec: {e}"))?;
+    line.push(b'\n');
+    if let Err(e) = (&ours).write_all(&line) {
+        let _ = init.kill();
+        let _ = init.wait();
+        return Err(format!("sandbox: cannot hand the spec to init: {e}"));
+    }
+
+    let mut parent_alive = true;
+    let status = loop {
+        if let Ok(Some(status)) = init.try_wait() {
+            break status;
+        }
+        let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+        if parent_alive {
+            fds.push(PollFd::new(control.as_fd(), PollFlags::POLLIN));
+        }
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let parent_event = fds.get(1).and_then(PollFd::revents).is_some_and(|r| {
+            r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+        });
+        drop(fds);
+        while let Ok(Some(_)) = signals.read_signal() {}
+        if parent_event && parent_gone(control) {
+            // the gateway died: nothing may outlive it
+            parent_alive = false;
+            let _ = kill(init_pid, Signal::SIGKILL);
+        }
+    };
+    let mut reply = String::new();
+    let _ = BufReader::new((&ours).take(MAX_SPEC_BYTES)).read_line(&mut reply);
+    match serde_json::from_str::<Report>(&reply) {
+        Ok(report) => Ok(report),
+        Err(_) => match (status.code(), status.signal()) {
+            (_, Some(signal)) => Ok(Report::Signaled(signal)),
+            (code, None) => Err(format!(
+                "sandbox: init ended (exit code {code:?}) without saying how the command ended"
+            )),
+        },
+    }
+}
+
+/// True when the parent's end of the socket is closed (a read returns end of file).
+fn parent_gone(control: &UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    let _ = control.set_nonblocking(true);
+    let gone = matches!((&*control).read(&mut buf), Ok(0));
+    let _ = control.set_nonblocking(false);
+    gone
+}
+
+fn become_user(uid: u32, gid: u32) -> Result<(), String> {
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    nix::unistd::setgroups(&[])
+        .and_then(|()| nix::unistd::setresgid(gid, gid, gid))
+        .and_then(|()| nix::unistd::setresuid(uid, uid, uid))
+        .map_err(|e| {
+            format!(
+                "sandbox: cannot become user {uid} (sandbox.run_as_uids): {e}; only a gateway \
+                 running as root can give commands users of their own"
+            )
+        })
+}
+
+fn write_proc(path: &str, content: &str) -> Result<(), String> {
+    std::fs::write(path, content).map_err(|e| format!("sandbox: cannot write {path}: {e}"))
+}
+
+// ---- stage 2: init, PID 1 of the command's namespace ----
+
+fn init() -> ExitCode {
+    // the launcher is this process's only link to the gateway: die with it
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let control = match control_socket() {
+        Ok(c) => c,
+        Err(reason) => {
+            eprintln!("kinvoke: {reason}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = read_spec(&control).and_then(|spec| supervise(&spec, &control));
+    send(&control, &report.unwrap_or_else(Report::Failed));
+    // returning ends PID 1: the kernel kills every process left in the namespace
+    ExitCode::SUCCESS
+}
+
+/// Signals that init passes on to every process in the namespace.
+const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+fn supervise(spec: &LaunchSpec, control: &UnixStream) -> Result<Report, String> {
+    let mut handled = FORWARDED.to_vec();
+    handled.push(Signal::SIGCHLD);
+    let signals = signal_fd(&handled)?;
+    let mut features = Features {
+        landlock_full: false,
+        landlock_scoped: false,
+        private_proc: false,
+        private_tmp: false,
+        capabilities_dropped: false,
+    };
+    private_mounts(spec, &mut features)?;
+    restrict(spec, &mut features)?;
+    drop_capabilities()?;
+    features.capabilities_dropped = true;
+    if spec.probe {
+        return Ok(Report::Probed(features));
+    }
+
+    let (program, args) = spec
+        .argv
+        .split_first()
+        .ok_or_else(|| "empty command".to_owned())?;
+    let main = Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("could not start \"{program}\": {e}"))?;
+    let main_pid = Pid::from_raw(i32::try_from(main.id()).unwrap_or(i32::MAX));
+    // the Child handle is not needed: init reaps every process itself
+    drop(main);
+
+    loop {
+        let mut fds = [
+            PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+            PollFd::new(control.as_fd(), PollFlags::POLLIN),
+        ];
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let parent_event = fds[1].revents().is_some_and(|r| {
+            r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+        });
+        if parent_event && parent_gone(control) {
+            // the launcher died (killed): end the namespace with it
+            return Ok(Report::Failed(
+                "the sandbox's launcher ended before the command".to_owned(),
+            ));
+        }
+        while let Ok(Some(info)) = signals.read_signal() {
+            let Ok(signal) = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0)) else {
+                continue;
+            };
+            if signal != Signal::SIGCHLD {
+                // -1 from PID 1: every process of the namespace but init
+                let _ = kill(Pid::from_raw(-1), signal);
+            }
+        }
+        // reap everything that ended: the command and orphans re-parented to init
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == main_pid => {
+                    return Ok(Report::Exited(code));
+                }
+                Ok(WaitStatus::Signaled(pid, signal, _)) if pid == main_pid => {
+                    return Ok(Report::Signaled(signal as i32));
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// Makes every mount private to this namespace, then mounts a `/proc` that shows only
+/// this PID namespace and the command's own directory over `/tmp`. A kernel or container
+/// that forbids either leaves the host's view, which Landlock still confines.
+fn private_mounts(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("sandbox: cannot make the mount namespace private: {e}"))?;
+    features.private_proc = mount(
+        Some("proc"),
+        "/proc",
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .is_ok();
+    // a command directory below /tmp would vanish under the bind mount: then the
+    // command has its TMPDIR only, and Landlock keeps it out of the host's /tmp
+    let below_tmp = spec.cwd.starts_with("/tmp")
+        || std::fs::canonicalize(&spec.cwd).is_ok_and(|p| p.starts_with("/tmp"));
+    if let Some(tmp) = spec.private_tmp.as_ref().filter(|_| !below_tmp) {
+        features.private_tmp = mount(
+            Some(tmp.as_path()),
+            "/tmp",
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .is_ok();
+    }
+    Ok(())
+}
+
+/// Landlock: read and execute on the read-only paths, everything on the command's own
+/// directories, read and write on a few devices, reading `/proc`; nothing else. Signals
+/// and abstract Unix sockets stay inside the sandbox's own domain where the kernel can
+/// scope them (ABI 6+). Landlock also denies `ptrace` and `/proc/PID/{mem,environ,fd}` of
+/// processes outside the domain, whatever `/proc` shows.
+fn restrict(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
+    let fail = |e: &dyn std::fmt::Display| format!("sandbox: Landlock: {e}");
+    let read_exec = AccessFs::Execute | AccessFs::ReadFile | AccessFs::ReadDir;
+    let read_file = AccessFs::Execute | AccessFs::ReadFile;
+    let all = AccessFs::from_all(LANDLOCK_ABI);
+    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
+
+    // (path, rights) first: a host that lacks a configured path simply grants nothing
+    let mut rules: Vec<(PathBuf, BitFlags<AccessFs>)> = Vec::new();
+    let mut grant = |path: &Path, dir_access: BitFlags<AccessFs>, file_access| {
+        if let Ok(meta) = std::fs::metadata(path) {
+            rules.push((
+                path.to_owned(),
+                if meta.is_dir() {
+                    dir_access
+                } else {
+                    file_access
+                },
+            ));
+        }
+    };
+    for p in &spec.read_only {
+        grant(p, read_exec, read_file);
+    }
+    for p in &spec.writable {
+        grant(p, all, AccessFs::from_file(LANDLOCK_ABI));
+    }
+    if features.private_tmp {
+        grant(Path::new("/tmp"), all, AccessFs::from_file(LANDLOCK_ABI));
+    }
+    for p in &spec.devices {
+        grant(p, device, device);
+    }
+    grant(
+        Path::new("/proc"),
+        AccessFs::ReadFile | AccessFs::ReadDir,
+        AccessFs::ReadFile.into(),
+    );
+
+    let mut ruleset = Ruleset::default()
+        // Landlock itself is required; rights of newer ABIs are taken where available
+        .set_compatibility(CompatLevel::HardRequirement)
+        .handle_access(AccessFs::from_all(ABI::V1))
+        .map_err(|e| fail(&e))?
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(all)
+        .map_err(|e| fail(&e))?
+        .scope(Scope::from_all(LANDLOCK_ABI))
+        .map_err(|e| fail(&e))?
+        .create()
+        .map_err(|e| fail(&e))?;
+    for (path, access) in rules {
+        let fd = PathFd::new(&path).map_err(|e| fail(&e))?;
+        ruleset = ruleset
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(|e| fail(&e))?;
+    }
+    let status = ruleset.restrict_self().map_err(|e| fail(&e))?;
+    match status.ruleset {
+        RulesetStatus::NotEnforced => {
+            return Err(
+                "sandbox: Landlock is not enforced by this kernel (needs Linux 5.13+ with \
+                 landlock in the lsm= boot list)"
+                    .to_owned(),
+            );
+        }
+        RulesetStatus::FullyEnforced => features.landlock_full = true,
+        RulesetStatus::PartiallyEnforced => features.landlock_full = false,
+    }
+    features.landlock_scoped = matches!(
+        status.landlock,
+        LandlockStatus::Available { effective_abi, .. } if effective_abi >= ABI::V6
+    );
+    if !status.no_new_privs {
+        return Err("sandbox: no_new_privs could not be set".to_owned());
+    }
+    Ok(())
+}
+
+/// Root of the user namespace keeps no capability across `exec`: the bounding and
+/// inheritable sets are emptied, so the command starts with none.
+fn drop_capabilities() -> Result<(), String> {
+    for set in [
+        caps::CapSet::Ambient,
+        caps::CapSet::Inheritable,
+        caps::CapSet::Bounding,
+    ] {
+        caps::clear(None, set)
+            .map_err(|e| format!("sandbox: cannot drop capabilities ({set:?}): {e}"))?;
+    }
+    Ok(())
+}
