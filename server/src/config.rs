@@ -296,6 +296,8 @@ struct RawSandbox {
     read_only_paths: Option<Vec<PathBuf>>,
     #[serde(default)]
     extra_read_only_paths: Vec<PathBuf>,
+    #[serde(default)]
+    writable_paths: Vec<PathBuf>,
     run_as_uids: Option<String>,
 }
 
@@ -976,15 +978,10 @@ fn parse_sandbox(
         settings.read_only_paths = paths;
     }
     settings.read_only_paths.extend(raw.extra_read_only_paths);
-    for (i, p) in settings.read_only_paths.iter_mut().enumerate() {
-        if !p.is_absolute() {
-            return Err(invalid(
-                format!("sandbox.read_only_paths[{i}]"),
-                format!("\"{}\" must be an absolute path", p.display()),
-            ));
-        }
+    for p in settings.read_only_paths.iter_mut() {
         *p = resolve(p);
     }
+    settings.writable_paths = raw.writable_paths.iter().map(|p| resolve(p)).collect();
     if let Some(text) = raw.run_as_uids {
         let range = crate::sandbox::parse_uid_range(&text)
             .map_err(|message| invalid("sandbox.run_as_uids", message))?;

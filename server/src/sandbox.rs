@@ -8,10 +8,10 @@
 //!    gateway runs as root),
 //! 2. enters new user, PID, mount and IPC namespaces,
 //! 3. starts an init process (PID 1 of the new PID namespace) that mounts a private
-//!    `/proc` and a private `/tmp`, restricts itself with Landlock (read and execute on
-//!    the system paths, read-write on the command's own directories, no signals or
-//!    abstract sockets beyond its own domain), drops every capability, and only then
-//!    starts the command.
+//!    `/proc` and a private `/tmp` and starts a last stage that restricts itself with
+//!    Landlock (read and execute on the system paths, read-write on the command's own
+//!    directories, no signals or abstract sockets beyond its own domain), drops every
+//!    capability, and only then becomes the command.
 //!
 //! When the command's main process ends, init ends, and the kernel kills everything left
 //! in the namespace: nothing the command started outlives it.
@@ -93,6 +93,9 @@ pub enum SandboxMode {
 pub struct SandboxSettings {
     /// Paths a command may read and execute (directories cover what is below them).
     pub read_only_paths: Vec<PathBuf>,
+    /// Directories every command may also write (shared by all of them: a cache, a
+    /// drop box); empty by default.
+    pub writable_paths: Vec<PathBuf>,
     /// Unix user ids handed out one per running command (group id = user id), when the
     /// gateway runs as root; `None` = commands keep the gateway's user, mapped to root of
     /// their own user namespace.
@@ -103,6 +106,7 @@ impl Default for SandboxSettings {
     fn default() -> Self {
         Self {
             read_only_paths: DEFAULT_READ_ONLY_PATHS.iter().map(PathBuf::from).collect(),
+            writable_paths: Vec::new(),
             run_as_uids: None,
         }
     }
@@ -144,8 +148,9 @@ impl LabeledPath {
     }
 }
 
-/// The readable paths for a cluster: the configured read-only paths, each directory on
-/// the commands' `PATH`, and the directory of the shell when it is given as a path.
+/// The readable paths for a cluster: the configured read-only and writable paths, each
+/// directory on the commands' `PATH`, and the directory of the shell when it is given as
+/// a path.
 pub fn readable_paths(
     settings: &SandboxSettings,
     command_path: &str,
@@ -156,6 +161,12 @@ pub fn readable_paths(
         .read_only_paths
         .iter()
         .map(|p| LabeledPath::new(p, "sandbox.read_only_paths"))
+        .chain(
+            settings
+                .writable_paths
+                .iter()
+                .map(|p| LabeledPath::new(p, "sandbox.writable_paths")),
+        )
         .collect();
     for dir in command_path.split(':').filter(|d| d.starts_with('/')) {
         out.push(LabeledPath::new(dir, format!("{cluster_key}.path")));
@@ -211,6 +222,7 @@ fn resolved(path: &Path) -> PathBuf {
     if let Ok(real) = std::fs::canonicalize(path) {
         return real;
     }
+    let path = &normalized(path);
     // resolve the longest existing prefix, then append the rest lexically
     let mut existing = path.to_owned();
     let mut rest = Vec::new();
@@ -224,10 +236,10 @@ fn resolved(path: &Path) -> PathBuf {
             for name in rest.iter().rev() {
                 out.push(name);
             }
-            return normalized(&out);
+            return out;
         }
     }
-    normalized(path)
+    path.to_owned()
 }
 
 fn normalized(path: &Path) -> PathBuf {
@@ -471,6 +483,7 @@ mod tests {
         let paths = readable_paths(
             &SandboxSettings {
                 read_only_paths: vec!["/usr".into()],
+                writable_paths: vec!["/srv/cache".into()],
                 run_as_uids: None,
             },
             "/opt/kube/bin:relative:/usr/bin",
@@ -485,6 +498,7 @@ mod tests {
             shown,
             [
                 ("/usr".into(), "sandbox.read_only_paths".into()),
+                ("/srv/cache".into(), "sandbox.writable_paths".into()),
                 ("/opt/kube/bin".into(), "cluster[2].path".into()),
                 ("/usr/bin".into(), "cluster[2].path".into()),
                 ("/opt/shells".into(), "cluster[2].shell".into()),

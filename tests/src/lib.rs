@@ -885,6 +885,8 @@ impl GatewayOptions {
              mode = \"shell\"\n\n",
         );
         text.push_str(&self.extra_toml);
+        // commands may leave marker files for the test in scratch/ (and wait for go-files)
+        text.push_str("\n[sandbox]\nwritable_paths = [\"scratch\"]\n");
         if self.admin_assignment {
             text.push_str(&format!(
                 "\n[[assignment]]\nname = \"test-admin\"\nprincipal = \"{USER}\"\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\n"
@@ -1286,6 +1288,11 @@ impl Gateway {
             .connect()
             .await
             .with_context(|| format!("cannot connect to {}", self.endpoint()))
+    }
+
+    /// The gateway's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::id)
     }
 
     /// Whether the gateway process is running (started and not yet seen to exit).

@@ -19,8 +19,6 @@ use kinvoke_tests::{
     CLUSTER, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, check_config,
     command_id_from_tsv, parse_header,
 };
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use serde_json::Value;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -111,17 +109,6 @@ fn all_files(dir: &Path) -> Vec<PathBuf> {
         }
     }
     found
-}
-
-/// Kills a process group on drop, for commands a crashed gateway left behind.
-struct KillGroupOnDrop(Option<Pid>);
-
-impl Drop for KillGroupOnDrop {
-    fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            let _ = killpg(pgid, Signal::SIGKILL);
-        }
-    }
 }
 
 #[test]
@@ -391,29 +378,37 @@ async fn a_file_path_that_leaves_the_work_directory_is_rejected() {
     assert!(listed.commands.is_empty(), "{:?}", listed.commands);
 }
 
+/// Whether a host process runs `sleep ARG`.
+fn sleeping(arg: &str) -> bool {
+    let wanted = format!("sleep\0{arg}\0");
+    fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        fs::read(entry.path().join("cmdline")).is_ok_and(|cmdline| cmdline == wanted.as_bytes())
+    })
+}
+
 #[test]
 fn a_command_interrupted_by_a_gateway_crash_is_marked_failed_after_restart() {
     let mut gw = gateway();
-    let pid_file = gw.scratch("pid");
+    // a sleep no other process has, to find the command's processes on the host
+    let marker = format!("60.{}", std::process::id());
     let id = gw
-        .start_command(&format!(
-            "echo $$ > '{}'; echo started; sleep 60",
-            pid_file.display()
-        ))
+        .start_command(&format!("echo started; sleep {marker}"))
         .unwrap();
     let mut follower = gw.follow(CLUSTER, &id).unwrap();
     follower.wait_for_line("started").unwrap();
     follower.kill().unwrap();
-    // the command is its own process group, led by the shell
-    let pgid: i32 = fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let orphans = KillGroupOnDrop(Some(Pid::from_raw(pgid)));
+    assert!(sleeping(&marker), "the command runs");
 
     gw.kill().unwrap();
-    drop(orphans);
+    // the sandbox's launcher sees the gateway gone and takes the command with it
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sleeping(&marker) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command outlived the crashed gateway"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     gw.restart().unwrap();
 
     let out = gw

@@ -252,7 +252,10 @@ impl LocalExecutor {
                         .chain(command_dirs(&job.cluster.path, &job.cluster.shell))
                         .chain([dirs.no_terminal()])
                         .collect(),
-                    writable: vec![dirs.work(), dirs.home(), dirs.tmp()],
+                    writable: [dirs.work(), dirs.home(), dirs.tmp()]
+                        .into_iter()
+                        .chain(sandbox.settings().writable_paths.iter().cloned())
+                        .collect(),
                     devices: DEVICES.iter().map(PathBuf::from).collect(),
                     private_tmp: Some(dirs.tmp()),
                     run_as: owner.map(|uid| (uid, uid)),

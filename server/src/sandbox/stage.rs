@@ -1,18 +1,23 @@
-//! The two launcher stages, run in processes of their own (the gateway's executable
+//! The three launcher stages, run in processes of their own (the gateway's executable
 //! started again with a hidden first argument, see [`dispatch`]):
 //!
 //! - **launcher**: reads the [`LaunchSpec`] from the gateway, optionally becomes the
 //!   command's own Unix user, enters new user, PID, mount and IPC namespaces, starts
 //!   init, waits for it and reports how the command ended. If the gateway goes away, it
 //!   kills init (and so the whole namespace).
-//! - **init**: PID 1 of the new namespace. Mounts a private `/proc` and `/tmp`, restricts
-//!   itself with Landlock, drops every capability, starts the command, reaps orphans,
-//!   passes stop signals on to every process in the namespace, and exits as soon as the
-//!   command's main process has: the kernel then kills whatever is left.
+//! - **init**: PID 1 of the new namespace. Mounts a private `/proc` and `/tmp`, starts
+//!   the exec stage, reaps orphans, passes stop signals on to every process in the
+//!   namespace, and exits as soon as the command's main process has: the kernel then
+//!   kills whatever is left. Init stays outside the command's Landlock domain, so the
+//!   command can neither signal nor trace it.
+//! - **exec**: unblocks the signals init blocked, restricts itself with Landlock, drops
+//!   every capability, and replaces itself with the command (same process: the command's
+//!   main process).
 //!
-//! Both stages are single-threaded (unsharing a user namespace requires it) and talk to
-//! their parent over a Unix socket on their standard input: one JSON line down (the spec)
-//! and one up (the [`Report`]). End of file on that socket means the parent died.
+//! Every stage is single-threaded (unsharing a user namespace requires it) and talks to
+//! its parent over a Unix socket on its standard input: one JSON line down (the spec)
+//! and one up (the [`Report`]). End of file on that socket means the parent died, or,
+//! for the exec stage, that it became the command.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,6 +44,9 @@ use super::{Features, LaunchSpec, Report};
 pub const LAUNCHER_ARG: &str = "__kinvoke-sandbox-launch";
 /// First argument that makes it act as the sandbox's init.
 const INIT_ARG: &str = "__kinvoke-sandbox-init";
+/// First argument that makes it act as the stage that confines itself and becomes the
+/// command.
+const EXEC_ARG: &str = "__kinvoke-sandbox-exec";
 /// The executable to start again: the running one, even if its file was replaced since.
 pub const SELF_EXE: &str = "/proc/self/exe";
 /// Largest spec line accepted (the command line is capped far below this).
@@ -54,6 +62,8 @@ pub fn dispatch() -> Option<ExitCode> {
         Some(launcher())
     } else if stage == INIT_ARG {
         Some(init())
+    } else if stage == EXEC_ARG {
+        Some(exec_stage())
     } else {
         None
     }
@@ -213,6 +223,9 @@ fn become_user(uid: u32, gid: u32) -> Result<(), String> {
     nix::unistd::setgroups(&[])
         .and_then(|()| nix::unistd::setresgid(gid, gid, gid))
         .and_then(|()| nix::unistd::setresuid(uid, uid, uid))
+        // changing user makes a process undumpable, which makes its /proc/self files
+        // root's: the uid_map write that follows would be refused
+        .and_then(|()| nix::sys::prctl::set_dumpable(true))
         .map_err(|e| {
             format!(
                 "sandbox: cannot become user {uid} (sandbox.run_as_uids): {e}; only a gateway \
@@ -265,28 +278,49 @@ fn supervise(spec: &LaunchSpec, control: &UnixStream) -> Result<Report, String> 
         capabilities_dropped: false,
     };
     private_mounts(spec, &mut features)?;
-    restrict(spec, &mut features)?;
-    drop_capabilities()?;
-    features.capabilities_dropped = true;
-    if spec.probe {
-        return Ok(Report::Probed(features));
+    let mut spec = spec.clone();
+    if !features.private_tmp {
+        spec.private_tmp = None;
     }
 
-    let (program, args) = spec
-        .argv
-        .split_first()
-        .ok_or_else(|| "empty command".to_owned())?;
-    let main = Command::new(program)
-        .args(args)
+    // the exec stage confines itself and becomes the command; init itself stays outside
+    // the Landlock domain, so no command can signal, trace or read it
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| format!("sandbox: cannot create a socket: {e}"))?;
+    let main = Command::new(SELF_EXE)
+        .arg0("kinvoke-sandbox-exec")
+        .arg(EXEC_ARG)
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd)
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
         .spawn()
-        .map_err(|e| format!("could not start \"{program}\": {e}"))?;
+        .map_err(|e| format!("sandbox: cannot start the exec stage: {e}"))?;
     let main_pid = Pid::from_raw(i32::try_from(main.id()).unwrap_or(i32::MAX));
     // the Child handle is not needed: init reaps every process itself
     drop(main);
+    let mut line =
+        serde_json::to_vec(&spec).map_err(|e| format!("sandbox: cannot encode the spec: {e}"))?;
+    line.push(b'\n');
+    (&ours)
+        .write_all(&line)
+        .map_err(|e| format!("sandbox: cannot hand the spec to the exec stage: {e}"))?;
+    // end of file: the exec stage became the command (its end of the socket is closed on
+    // exec); a line: it could not, or it was a probe
+    let mut reply = String::new();
+    let _ = BufReader::new((&ours).take(MAX_SPEC_BYTES)).read_line(&mut reply);
+    if !reply.is_empty() {
+        let _ = waitpid(main_pid, None);
+        return match serde_json::from_str::<Report>(&reply) {
+            Ok(Report::Probed(confined)) => Ok(Report::Probed(Features {
+                private_proc: features.private_proc,
+                private_tmp: features.private_tmp,
+                ..confined
+            })),
+            Ok(report) => Ok(report),
+            Err(e) => Err(format!(
+                "sandbox: malformed answer from the exec stage: {e}"
+            )),
+        };
+    }
 
     loop {
         let mut fds = [
@@ -328,6 +362,53 @@ fn supervise(spec: &LaunchSpec, control: &UnixStream) -> Result<Report, String> 
             }
         }
     }
+}
+
+// ---- stage 3: the exec stage, which confines itself and becomes the command ----
+
+fn exec_stage() -> ExitCode {
+    let control = match control_socket() {
+        Ok(c) => c,
+        Err(reason) => {
+            eprintln!("kinvoke: {reason}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = read_spec(&control).and_then(|spec| confine_and_exec(&spec));
+    send(&control, &report.unwrap_or_else(Report::Failed));
+    ExitCode::FAILURE
+}
+
+/// Returns only when the command could not be started (or for a probe).
+fn confine_and_exec(spec: &LaunchSpec) -> Result<Report, String> {
+    // init blocks the signals it handles; the command must start with none blocked
+    sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|e| format!("sandbox: cannot unblock signals: {e}"))?;
+    let mut features = Features {
+        landlock_full: false,
+        landlock_scoped: false,
+        private_proc: false,
+        private_tmp: spec.private_tmp.is_some(),
+        capabilities_dropped: false,
+    };
+    restrict(spec, &mut features)?;
+    drop_capabilities()?;
+    features.capabilities_dropped = true;
+    if spec.probe {
+        return Ok(Report::Probed(features));
+    }
+    let (program, args) = spec
+        .argv
+        .split_first()
+        .ok_or_else(|| "empty command".to_owned())?;
+    let err = Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .exec();
+    Err(format!("could not start \"{program}\": {err}"))
 }
 
 /// Makes every mount private to this namespace, then mounts a `/proc` that shows only

@@ -1,0 +1,588 @@
+//! Command isolation, end to end: hostile commands run through the real gateway and
+//! client against a simulated cluster (`kinvoke-simcluster`, a test double) with the
+//! pinned kubectl, and each test asserts the refusal or the absence: the secret is not
+//! printed, the file is unchanged, the process is gone, the gateway still runs. One table
+//! per property of SECURITY.md (P1 secrets out of reach, P2 writes confined, P3 no
+//! signals, P4 nothing outlives the command, P6 never interactive).
+//!
+//! These run for real on a kernel with Landlock and user namespaces (CI's has both); a
+//! gateway that cannot sandbox refuses to start, so they cannot pass unsandboxed.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic with the captured output is the failure report, helpers included"
+)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kinvoke_simcluster::{SimCluster, SimOptions};
+use kinvoke_tests::{
+    ClientCert, Gateway, GatewayOptions, Output, audit_verify, check_config, kube_tools,
+    kube_tools_path,
+};
+
+/// The shell-mode cluster whose API server is the simulated one.
+const KUBE: &str = "kube";
+
+/// What a hostile command prints only if its attack worked.
+const LEAKED: &str = "LEAKED";
+
+/// A gateway with a sandboxed cluster [`KUBE`] in front of a simulated cluster, and a
+/// second caller, bob, who may run commands there too.
+struct Sandboxed {
+    gw: Gateway,
+    _sim: SimCluster,
+    bob: ClientCert,
+}
+
+impl Sandboxed {
+    fn start() -> Option<Self> {
+        let tools = kube_tools().unwrap()?;
+        let sim = SimCluster::spawn(SimOptions::default()).expect("the simulated cluster starts");
+        let options = GatewayOptions::default()
+            .kube_cluster(KUBE, &sim.admin_kubeconfig(), &kube_tools_path(&tools))
+            // a command whose main process ends must not wait for stragglers: with a
+            // grace this long, a test that waited for it would hit the client's timeout
+            .limit("kill_grace", "10m")
+            .extra_toml(
+                "\n[[assignment]]\nprincipal = \"bob\"\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\n",
+            );
+        let gw = Gateway::start_with(options).expect("the gateway starts");
+        let bob = gw.pki().client_cert("bob").unwrap();
+        Some(Self { gw, _sim: sim, bob })
+    }
+
+    /// `kinvoke invoke --cluster kube --command COMMAND EXTRA...` as the test user.
+    fn invoke(&self, command: &str, extra: &[&str]) -> Output {
+        self.gw
+            .client()
+            .unwrap()
+            .args(["invoke", "--cluster", KUBE, "--command", command])
+            .args(extra)
+            .run()
+            .unwrap()
+    }
+
+    /// Replaces the placeholders a hostile command names its targets with.
+    fn expand(&self, template: &str) -> String {
+        template
+            .replace("{gw}", &self.gw.dir().display().to_string())
+            .replace("{pid}", &self.gw.pid().unwrap().to_string())
+            .replace("{work_root}", &self.gw.work_root().display().to_string())
+    }
+}
+
+/// Runs each `(name, command)` and asserts that none printed [`LEAKED`] nor any of
+/// `secrets`, and that the gateway survived.
+fn assert_all_refused(env: &Sandboxed, cases: &[(&str, &str)], secrets: &[&str]) {
+    for (name, template) in cases {
+        let command = env.expand(template);
+        let out = env.invoke(&command, &[]);
+        assert!(
+            out.stdout
+                .lines()
+                .next()
+                .is_some_and(|l| l.starts_with("command started at")),
+            "{name}: the command did not run: {out}"
+        );
+        assert!(
+            !out.stdout.contains(LEAKED),
+            "{name}: `{command}` worked:\n{out}"
+        );
+        for secret in secrets {
+            assert!(
+                !out.stdout.contains(secret),
+                "{name}: `{command}` printed {secret:?}:\n{out}"
+            );
+        }
+    }
+    assert!(env.gw.is_running(), "the gateway died");
+}
+
+#[test]
+fn p1_no_command_reads_the_gateways_secrets() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    // what would show if a read worked: the key's PEM header, the admin token's line, the
+    // config's first line, an audit line's field
+    let secrets = [
+        "PRIVATE KEY",
+        "token:",
+        "# written by kinvoke-tests",
+        "\"prev_sha256\"",
+        "SQLite format",
+        "KINVOKE_",
+        "state_dir",
+    ];
+    let cases = [
+        ("config file", "cat {gw}/gateway.toml && echo LEAKED"),
+        (
+            "gateway's kubeconfig",
+            "cat {gw}/kube.kubeconfig && echo LEAKED",
+        ),
+        (
+            "gateway's kubeconfig through kubectl",
+            "kubectl --kubeconfig {gw}/kube.kubeconfig auth whoami && echo LEAKED",
+        ),
+        ("TLS private key", "cat {gw}/pki/server.key && echo LEAKED"),
+        ("client CA", "cat {gw}/pki/ca.crt && echo LEAKED"),
+        ("result store", "cat {gw}/state/kinvoke.db* && echo LEAKED"),
+        ("audit log", "cat {gw}/state/audit.jsonl && echo LEAKED"),
+        ("state directory listing", "ls {gw}/state && echo LEAKED"),
+        ("gateway directory listing", "ls {gw} && echo LEAKED"),
+        (
+            "gateway environment",
+            "cat /proc/{pid}/environ && echo LEAKED",
+        ),
+        (
+            "gateway memory",
+            "head -c 64 /proc/{pid}/mem > \"$TMPDIR/mem\" && echo LEAKED",
+        ),
+        (
+            "gateway command line",
+            "cat /proc/{pid}/cmdline && echo LEAKED",
+        ),
+        ("gateway open files", "ls -l /proc/{pid}/fd && echo LEAKED"),
+        (
+            "gateway working directory",
+            "ls /proc/{pid}/cwd/ && echo LEAKED",
+        ),
+        (
+            "other commands' directories",
+            "ls {work_root} && echo LEAKED",
+        ),
+        ("the host's /tmp", "ls /tmp/ && echo LEAKED"),
+        (
+            "the host's /var (service-account tokens live below)",
+            "ls /var/run/ && echo LEAKED",
+        ),
+        (
+            "the host's /etc beyond what programs need",
+            "cat /etc/shadow && echo LEAKED",
+        ),
+        ("the whole file system", "ls / && echo LEAKED"),
+    ];
+    assert_all_refused(&env, &cases, &secrets);
+
+    // and what the command may read works: its own files, its relay kubeconfig
+    let out = env.invoke("cat \"$KUBECONFIG\" >/dev/null && kubectl auth whoami -o jsonpath='{.status.userInfo.username}'", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("test-user"), "{out}");
+}
+
+#[test]
+fn p1_the_process_list_shows_only_the_command_itself() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let out = env.invoke("ls /proc | grep -E '^[0-9]+$' | tr '\\n' ' '", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let pids: Vec<u32> = out.lines()[1]
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    // init, bash, ls, grep, tr: nothing of the host's
+    assert!(pids.len() <= 8, "{out}");
+    assert!(!pids.contains(&env.gw.pid().unwrap()), "{out}");
+}
+
+#[test]
+fn p2_writes_outside_the_commands_own_directories_fail() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let audit = env.gw.audit_path();
+    let marker = format!("kinvoke-p2-{}", std::process::id());
+    let cases = [
+        (
+            "append to the audit log",
+            "echo forged >> {gw}/state/audit.jsonl && echo LEAKED",
+        ),
+        (
+            "edit the audit log in place",
+            "sed -i 1d {gw}/state/audit.jsonl && echo LEAKED",
+        ),
+        (
+            "delete the audit log",
+            "rm -f {gw}/state/audit.jsonl && echo LEAKED",
+        ),
+        (
+            "replace the config",
+            "echo x > {gw}/gateway.toml && echo LEAKED",
+        ),
+        (
+            "write the state directory",
+            "touch {gw}/state/planted && echo LEAKED",
+        ),
+        ("write /etc", "touch /etc/MARKER && echo LEAKED"),
+        ("write the host's /tmp", "touch /tmp/MARKER && echo LEAKED"),
+        (
+            "write next to other commands",
+            "mkdir {work_root}/MARKER && echo LEAKED",
+        ),
+        ("write /usr", "touch /usr/MARKER && echo LEAKED"),
+    ];
+    let cases: Vec<(&str, String)> = cases
+        .iter()
+        .map(|(name, cmd)| (*name, cmd.replace("MARKER", &marker)))
+        .collect();
+    let borrowed: Vec<(&str, &str)> = cases.iter().map(|(n, c)| (*n, c.as_str())).collect();
+    assert_all_refused(&env, &borrowed, &[]);
+    for path in [
+        PathBuf::from("/etc").join(&marker),
+        PathBuf::from("/tmp").join(&marker),
+        PathBuf::from("/usr").join(&marker),
+        env.gw.work_root().join(&marker),
+        env.gw.state_dir().join("planted"),
+    ] {
+        assert!(!path.exists(), "{} was created", path.display());
+    }
+    assert!(
+        fs::read_to_string(env.gw.config())
+            .unwrap()
+            .contains("kinvoke-tests"),
+        "the config was replaced"
+    );
+    // the audit chain is whole: no command could touch it
+    let verified = audit_verify(&[&audit]).unwrap();
+    assert_eq!(verified.code, Some(0), "{verified}");
+
+    // the command's own directories, its TMPDIR and /dev/null are writable
+    let out = env.invoke(
+        "touch ./a \"$HOME/b\" \"$TMPDIR/c\" && mkdir -p \"$HOME/.cache/x\" && echo ok > /dev/null && echo WROTE",
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("WROTE"), "{out}");
+}
+
+#[test]
+fn p3_no_command_signals_the_gateway() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let cases = [
+        ("SIGTERM the gateway", "kill -TERM {pid} && echo LEAKED"),
+        ("SIGKILL the gateway", "kill -KILL {pid} && echo LEAKED"),
+        ("SIGSTOP the gateway", "kill -STOP {pid} && echo LEAKED"),
+        (
+            "signal every process it can",
+            "kill -TERM -1; echo survived",
+        ),
+    ];
+    assert_all_refused(&env, &cases, &[]);
+    // still serving
+    let out = env.invoke("echo alive", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+}
+
+/// Host processes running `sleep ARG`, as `pid: command line`.
+fn processes_with(arg: &str) -> Vec<String> {
+    let wanted = format!("sleep\0{arg}\0");
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(bytes) = fs::read(entry.path().join("cmdline"))
+            && bytes == wanted.as_bytes()
+        {
+            found.push(format!(
+                "{}: sleep {arg}",
+                entry.file_name().to_string_lossy()
+            ));
+        }
+    }
+    found
+}
+
+/// A `sleep` argument no other process has: `300.<pid><n>` seconds.
+fn unique_sleep(n: u32) -> String {
+    format!("300.{}{n}", std::process::id())
+}
+
+#[test]
+fn p4_nothing_a_command_starts_outlives_it() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let s: Vec<String> = (1..=6).map(unique_sleep).collect();
+    // every way of leaving a process behind; the command itself ends at once, and with a
+    // ten-minute kill grace the client would time out if the gateway waited for them
+    let command = format!(
+        "setsid sleep {} & (set -m; sleep {} &); ( (sleep {} &) & ); nohup sleep {} >/dev/null 2>&1 & \
+         (trap '' TERM HUP; exec sleep {}) & setsid -f sh -c 'sleep {}' ; echo started",
+        s[0], s[1], s[2], s[3], s[4], s[5]
+    );
+    let out = env.invoke(&command, &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("started"), "{out}");
+    for sleep in &s {
+        assert_eq!(processes_with(sleep), Vec::<String>::new(), "left behind");
+    }
+}
+
+#[test]
+fn p4_a_timed_out_or_canceled_command_takes_its_daemons_with_it() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let (a, b) = (unique_sleep(7), unique_sleep(8));
+    let out = env.invoke(
+        &format!("setsid sleep {a} & (trap '' TERM; exec sleep {b}) & sleep 300"),
+        &["--timeout", "1s"],
+    );
+    assert_eq!(out.code, Some(124), "timed out: {out}");
+    assert_eq!(processes_with(&a), Vec::<String>::new(), "left behind");
+    assert_eq!(processes_with(&b), Vec::<String>::new(), "left behind");
+
+    let c = unique_sleep(9);
+    let started = env
+        .gw
+        .client()
+        .unwrap()
+        .args([
+            "-o",
+            "tsv",
+            "invoke",
+            "--cluster",
+            KUBE,
+            "--no-wait",
+            "--command",
+        ])
+        .arg(format!("setsid sleep {c} & echo ready; sleep 300"))
+        .run()
+        .unwrap();
+    assert_eq!(started.code, Some(0), "{started}");
+    let id = started.stdout.split('\t').next().unwrap().trim().to_owned();
+    let mut follow = env.gw.follow(KUBE, &id).unwrap();
+    follow.wait_for_line("ready").unwrap();
+    assert_eq!(
+        processes_with(&c).len(),
+        1,
+        "the daemon runs while the command does"
+    );
+    let cancel = env
+        .gw
+        .client()
+        .unwrap()
+        .args(["cancel", "--cluster", KUBE, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(cancel.code, Some(0), "{cancel}");
+    let followed = follow.wait().unwrap();
+    assert_eq!(followed.code, Some(130), "canceled: {followed}");
+    assert_eq!(processes_with(&c), Vec::<String>::new(), "left behind");
+}
+
+#[test]
+fn p6_editors_and_pagers_fail_at_once_saying_there_is_no_terminal() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    // with a ten-minute default timeout, an editor waiting for a terminal would hit the
+    // client's own timeout long before the command's
+    let out = env.invoke(
+        "echo \"term=$TERM\"; kubectl edit namespace demo; echo \"edit=$?\"; git --version >/dev/null 2>&1; $EDITOR x; $PAGER y; echo done",
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("term=dumb"), "{out}");
+    assert!(
+        out.stdout.contains(
+            "kinvoke: commands run without a terminal, so an editor or pager cannot start"
+        ),
+        "{out}"
+    );
+    assert!(out.stdout.contains("edit=1"), "{out}");
+    assert!(out.stdout.contains("done"), "{out}");
+}
+
+#[test]
+fn a_kubeconfig_credential_plugin_never_runs() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let scratch = env.gw.scratch("evil");
+    fs::create_dir_all(&scratch).unwrap();
+    let evil = scratch.join("evil.kubeconfig");
+    fs::write(
+        &evil,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:1\"}\n\
+         users:\n- name: u\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      \
+         command: /bin/sh\n      args: [\"-c\", \"echo PLUGIN-RAN-$((6*7)) >&2\"]\n      interactiveMode: Never\n\
+         contexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let out = env.invoke(
+        "kubectl --kubeconfig evil.kubeconfig get ns --request-timeout=5s; echo done",
+        &["--file", evil.to_str().unwrap()],
+    );
+    assert!(out.stdout.contains("done"), "{out}");
+    assert!(
+        !out.stdout.contains("PLUGIN-RAN-42"),
+        "the plugin ran:\n{out}"
+    );
+    assert!(out.stdout.contains("DenyAll"), "kubectl says why:\n{out}");
+}
+
+#[test]
+fn one_caller_cannot_read_or_signal_another_callers_running_command() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let marker = unique_sleep(10);
+    // alice (the test user) runs a command that holds its relay kubeconfig
+    let started = env
+        .gw
+        .client()
+        .unwrap()
+        .args([
+            "-o",
+            "tsv",
+            "invoke",
+            "--cluster",
+            KUBE,
+            "--no-wait",
+            "--command",
+        ])
+        .arg(format!("echo ready; sleep {marker}; echo alice-finished"))
+        .arg("--timeout")
+        .arg("2m")
+        .run()
+        .unwrap();
+    assert_eq!(started.code, Some(0), "{started}");
+    let id = started.stdout.split('\t').next().unwrap().trim().to_owned();
+    let mut follow = env.gw.follow(KUBE, &id).unwrap();
+    follow.wait_for_line("ready").unwrap();
+
+    // the test (not sandboxed) knows where alice's directory is and which pid her sleep has
+    let dirs: Vec<PathBuf> = fs::read_dir(env.gw.work_root())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let alice_dir = &dirs[0];
+    let alice_kubeconfig = alice_dir.join("home/.kube/config");
+    assert!(alice_kubeconfig.exists());
+    let token = relay_token(&alice_kubeconfig);
+    let sleep_pid = processes_with(&marker)
+        .first()
+        .and_then(|l| l.split(':').next().map(str::to_owned))
+        .unwrap();
+
+    let cases = [
+        format!("cat {}", alice_kubeconfig.display()),
+        format!("ls {}/work", alice_dir.display()),
+        format!("touch {}/work/planted", alice_dir.display()),
+        format!("kill -9 {sleep_pid}"),
+    ];
+    for case in &cases {
+        let out = env
+            .gw
+            .client_as(&env.bob)
+            .unwrap()
+            .args(["invoke", "--cluster", KUBE, "--command"])
+            .arg(format!("{case} && echo {LEAKED}"))
+            .run()
+            .unwrap();
+        assert!(!out.stdout.contains(LEAKED), "bob: `{case}` worked:\n{out}");
+        assert!(
+            !out.stdout.contains(&token),
+            "bob saw alice's token:\n{out}"
+        );
+    }
+    assert!(!alice_dir.join("work/planted").exists());
+    // alice's command was untouched: cancel it and see it was still sleeping
+    assert_eq!(
+        processes_with(&marker).len(),
+        1,
+        "bob's kill reached alice's sleep"
+    );
+    let cancel = env
+        .gw
+        .client()
+        .unwrap()
+        .args(["cancel", "--cluster", KUBE, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(cancel.code, Some(0), "{cancel}");
+    assert_eq!(follow.wait().unwrap().code, Some(130));
+}
+
+/// The bearer token in a relay kubeconfig kinvoke wrote.
+fn relay_token(kubeconfig: &Path) -> String {
+    let text = fs::read_to_string(kubeconfig).unwrap();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("token:"))
+        .map(|t| t.trim().trim_matches('"').to_owned())
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| panic!("no token in {text}"))
+}
+
+#[test]
+fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let conf = dir.path().join("conf");
+    for d in [&secrets, &conf] {
+        fs::create_dir(d).unwrap();
+    }
+    fs::write(secrets.join("prod.kubeconfig"), "not read").unwrap();
+    let root = dir.path().display().to_string();
+    let base = |extra: &str| {
+        format!(
+            "state_dir = \"{root}/state\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             tls = {{ cert = \"{root}/pki/server.crt\", key = \"{root}/pki/server.key\", client_ca = \"{root}/pki/ca.crt\" }}\n\n\
+             [[cluster]]\nname = \"prod\"\nkubeconfig = \"{root}/secrets/prod.kubeconfig\"\n{extra}"
+        )
+    };
+    let cases = [
+        (
+            format!("\n[sandbox]\nextra_read_only_paths = [\"{root}/secrets\"]\n"),
+            "sandbox.read_only_paths",
+            "cluster[0].kubeconfig",
+            format!("{root}/secrets"),
+        ),
+        (
+            format!("path = \"{root}/secrets:/usr/bin\"\n"),
+            "cluster[0].path",
+            "cluster[0].kubeconfig",
+            format!("{root}/secrets/prod.kubeconfig"),
+        ),
+        (
+            format!("path = \"{root}/conf:/usr/bin\"\n"),
+            "cluster[0].path",
+            "the config file",
+            format!("{root}/conf/gateway.toml"),
+        ),
+        (
+            format!("path = \"/usr/bin\"\nshell = \"{root}/state/bash\"\n"),
+            "cluster[0].shell",
+            "state_dir",
+            format!("{root}/state"),
+        ),
+    ];
+    for (extra, readable_key, secret_key, named) in cases {
+        let out = check_config(&conf, "gateway.toml", &base(&extra)).unwrap();
+        assert_eq!(out.code, Some(1), "{extra}: {out}");
+        assert!(out.stderr.contains(readable_key), "{extra}: {out}");
+        assert!(out.stderr.contains(secret_key), "{extra}: {out}");
+        assert!(out.stderr.contains(&named), "{extra}: {out}");
+    }
+
+    // the same cluster with the sandbox off is accepted, with a loud warning
+    let out = check_config(
+        &conf,
+        "gateway.toml",
+        &base(&format!(
+            "sandbox = \"off\"\npath = \"{root}/secrets:/usr/bin\"\n"
+        )),
+    )
+    .unwrap();
+    assert!(
+        out.stdout.contains("WITHOUT the sandbox"),
+        "check-config warns: {out}"
+    );
+}
