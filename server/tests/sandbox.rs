@@ -207,3 +207,20 @@ async fn a_sandboxed_cluster_never_runs_a_command_without_the_sandbox() {
     assert!(outcome.reason.contains("no sandbox"), "{}", outcome.reason);
     assert_eq!(out, "");
 }
+
+#[tokio::test]
+async fn the_probe_runs_as_a_user_of_the_range_when_one_is_configured() {
+    if !nix::unistd::getuid().is_root() {
+        println!("SKIPPED: needs root");
+        return;
+    }
+    let sandbox = Sandbox::with_launcher(
+        SandboxSettings {
+            run_as_uids: Some(4_000_200..=4_000_200),
+            ..SandboxSettings::default()
+        },
+        PathBuf::from(env!("CARGO_BIN_EXE_kinvoke-gateway")),
+    );
+    let features = sandbox.probe().await.unwrap();
+    assert!(features.landlock_full, "{features}");
+}

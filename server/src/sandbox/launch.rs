@@ -109,10 +109,32 @@ impl Sandbox {
     /// Sets a sandbox up for nothing and reports what this host's kernel gave it; fails
     /// naming what is missing (no Landlock, no user namespaces, ...).
     pub async fn probe(&self) -> Result<Features, String> {
+        let work_root = std::env::temp_dir();
+        let lease = self.lease_uid()?;
+        if lease.is_some() {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(
+                    "sandbox.run_as_uids is set, but only a gateway running as root can give \
+                     commands users of their own; remove it or run the gateway as root"
+                        .to_owned(),
+                );
+            }
+            traversable_by_others(&work_root)?;
+        }
         let root = tempfile::Builder::new()
             .prefix("kinvoke-probe-")
-            .tempdir()
+            .tempdir_in(&work_root)
             .map_err(|e| format!("sandbox probe: cannot create a directory: {e}"))?;
+        if let Some(lease) = &lease {
+            std::os::unix::fs::chown(root.path(), Some(lease.uid), Some(lease.uid)).map_err(
+                |e| {
+                    format!(
+                        "sandbox probe: cannot give its directory to user {}: {e}",
+                        lease.uid
+                    )
+                },
+            )?;
+        }
         let spec = LaunchSpec {
             argv: vec!["true".to_owned()],
             env: Vec::new(),
@@ -121,7 +143,7 @@ impl Sandbox {
             writable: vec![root.path().to_owned()],
             devices: super::DEVICES.iter().map(PathBuf::from).collect(),
             private_tmp: Some(root.path().to_owned()),
-            run_as: None,
+            run_as: lease.as_ref().map(|l| (l.uid, l.uid)),
             probe: true,
         };
         let mut launched = self
@@ -148,6 +170,31 @@ impl Sandbox {
     }
 }
 
+/// Checks that a user other than the gateway's can reach directories below `dir`: every
+/// directory from `/` down must be searchable by others (`o+x`).
+fn traversable_by_others(dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let real = std::fs::canonicalize(dir)
+        .map_err(|e| format!("the commands' work directory {}: {e}", dir.display()))?;
+    for ancestor in real.ancestors() {
+        let mode = std::fs::metadata(ancestor)
+            .map_err(|e| format!("{}: {e}", ancestor.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "with sandbox.run_as_uids, commands run as other users, who cannot pass through {} \
+                 (mode {:o}) to reach their work directory below {}; chmod o+x it or set TMPDIR \
+                 to a directory they can reach",
+                ancestor.display(),
+                mode & 0o7777,
+                real.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Reporter {
     /// The launcher's report, once it has exited; `None` if it died without one (killed).
     pub async fn report(&mut self) -> Option<Report> {
@@ -155,5 +202,31 @@ impl Reporter {
         let mut reader = BufReader::new((&mut self.control).take(MAX_REPORT_BYTES));
         reader.read_line(&mut line).await.ok()?;
         serde_json::from_str(&line).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_work_root_others_cannot_pass_through_is_named() {
+        let outer = tempfile::tempdir().unwrap();
+        let inner = outer.path().join("work");
+        std::fs::create_dir(&inner).unwrap();
+        for (outer_mode, ok) in [(0o700, false), (0o711, true)] {
+            std::fs::set_permissions(outer.path(), std::fs::Permissions::from_mode(outer_mode))
+                .unwrap();
+            let result = traversable_by_others(&inner);
+            assert_eq!(result.is_ok(), ok, "{outer_mode:o}: {result:?}");
+            if let Err(message) = result {
+                assert!(
+                    message.contains(&outer.path().display().to_string()),
+                    "{message}"
+                );
+            }
+        }
     }
 }
