@@ -210,6 +210,28 @@ pub struct ClusterConfig {
     pub sandbox: SandboxMode,
 }
 
+impl ClusterConfig {
+    /// The programs its commands start by name: the shell in shell mode, the allowed
+    /// programs in argv mode.
+    pub fn programs(&self) -> Vec<crate::sandbox::NamedProgram<'_>> {
+        use crate::sandbox::NamedProgram;
+        match self.mode {
+            ExecMode::Shell => vec![NamedProgram {
+                path: &self.shell,
+                key: "shell",
+            }],
+            ExecMode::Argv => self
+                .allowed_programs
+                .iter()
+                .map(|p| NamedProgram {
+                    path: Path::new(p),
+                    key: "allowed_programs",
+                })
+                .collect(),
+        }
+    }
+}
+
 /// The gateway's own way to the API server (never given to commands).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiServer {
@@ -754,7 +776,8 @@ impl Config {
                 continue;
             }
             let key = format!("cluster[{i}]");
-            let readable = crate::sandbox::readable_paths(&self.sandbox, &c.path, &c.shell, &key);
+            let readable =
+                crate::sandbox::readable_paths(&self.sandbox, &c.path, &c.programs(), &key);
             crate::sandbox::check_exposure(&readable, &secrets)
                 .map_err(|e| invalid(e.readable_source.clone(), e.to_string()))?;
         }

@@ -148,13 +148,22 @@ impl LabeledPath {
     }
 }
 
-/// The readable paths for a cluster: the configured read-only and writable paths, each
-/// directory on the commands' `PATH`, and the directory of the shell when it is given as
-/// a path.
+/// A program a cluster's commands run, with the config key that names it: the shell
+/// (`cluster[i].shell`) or an argv-mode program (`cluster[i].allowed_programs`).
+#[derive(Debug, Clone, Copy)]
+pub struct NamedProgram<'a> {
+    /// The program as configured: a base name (found on `PATH`) or an absolute path.
+    pub path: &'a Path,
+    /// The key, after the cluster's own (`shell`, `allowed_programs`).
+    pub key: &'a str,
+}
+
+/// The readable paths for a cluster: the configured read-only and writable paths, and
+/// the directories of [`command_dirs`], each with the config key it comes from.
 pub fn readable_paths(
     settings: &SandboxSettings,
     command_path: &str,
-    shell: &Path,
+    programs: &[NamedProgram<'_>],
     cluster_key: &str,
 ) -> Vec<LabeledPath> {
     let mut out: Vec<LabeledPath> = settings
@@ -168,29 +177,42 @@ pub fn readable_paths(
                 .map(|p| LabeledPath::new(p, "sandbox.writable_paths")),
         )
         .collect();
-    for dir in command_path.split(':').filter(|d| d.starts_with('/')) {
+    for dir in path_dirs(command_path) {
         out.push(LabeledPath::new(dir, format!("{cluster_key}.path")));
     }
-    if let Some(dir) = shell_dir(shell) {
-        out.push(LabeledPath::new(dir, format!("{cluster_key}.shell")));
+    for program in programs {
+        if let Some(dir) = program_dir(program.path) {
+            out.push(LabeledPath::new(
+                dir,
+                format!("{cluster_key}.{}", program.key),
+            ));
+        }
     }
     out
 }
 
 /// The directories a cluster's commands need besides the read-only paths: each absolute
-/// directory on their `PATH` and the shell's directory (relative entries are skipped:
-/// they would name a directory inside the command's own).
-pub fn command_dirs(command_path: &str, shell: &Path) -> Vec<PathBuf> {
-    command_path
-        .split(':')
-        .filter(|d| d.starts_with('/'))
+/// directory on their `PATH` and the directory of each program named by an absolute path
+/// (relative `PATH` entries are skipped: they would name a directory inside the
+/// command's own).
+pub fn command_dirs(command_path: &str, programs: &[NamedProgram<'_>]) -> Vec<PathBuf> {
+    path_dirs(command_path)
         .map(PathBuf::from)
-        .chain(shell_dir(shell).map(Path::to_owned))
+        .chain(
+            programs
+                .iter()
+                .filter_map(|p| program_dir(p.path))
+                .map(Path::to_owned),
+        )
         .collect()
 }
 
-fn shell_dir(shell: &Path) -> Option<&Path> {
-    shell.parent().filter(|_| shell.is_absolute())
+fn path_dirs(command_path: &str) -> impl Iterator<Item = &str> {
+    command_path.split(':').filter(|d| d.starts_with('/'))
+}
+
+fn program_dir(program: &Path) -> Option<&Path> {
+    program.parent().filter(|_| program.is_absolute())
 }
 
 /// Refuses a readable path that is, or contains, a secret path. Both sides are compared
@@ -479,7 +501,7 @@ mod tests {
     }
 
     #[test]
-    fn readable_paths_add_the_command_path_and_the_shell_directory() {
+    fn readable_paths_add_the_command_path_and_the_programs_directories() {
         let paths = readable_paths(
             &SandboxSettings {
                 read_only_paths: vec!["/usr".into()],
@@ -487,7 +509,20 @@ mod tests {
                 run_as_uids: None,
             },
             "/opt/kube/bin:relative:/usr/bin",
-            Path::new("/opt/shells/bash"),
+            &[
+                NamedProgram {
+                    path: Path::new("/opt/shells/bash"),
+                    key: "shell",
+                },
+                NamedProgram {
+                    path: Path::new("kubectl"),
+                    key: "allowed_programs",
+                },
+                NamedProgram {
+                    path: Path::new("/srv/helm/helm"),
+                    key: "allowed_programs",
+                },
+            ],
             "cluster[2]",
         );
         let shown: Vec<(String, String)> = paths
@@ -502,6 +537,7 @@ mod tests {
                 ("/opt/kube/bin".into(), "cluster[2].path".into()),
                 ("/usr/bin".into(), "cluster[2].path".into()),
                 ("/opt/shells".into(), "cluster[2].shell".into()),
+                ("/srv/helm".into(), "cluster[2].allowed_programs".into()),
             ]
         );
     }

@@ -224,3 +224,25 @@ async fn the_probe_runs_as_a_user_of_the_range_when_one_is_configured() {
     let features = sandbox.probe().await.unwrap();
     assert!(features.landlock_full, "{features}");
 }
+
+#[tokio::test]
+async fn an_argv_program_named_by_its_path_outside_path_can_run() {
+    let tools = tempfile::tempdir().unwrap();
+    let program = tools.path().join("hello");
+    std::fs::write(&program, "#!/bin/sh\necho \"hello $1\"\n").unwrap();
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut cluster = cluster(SandboxMode::On);
+    cluster.mode = ExecMode::Argv;
+    let program = program.display().to_string();
+    cluster.allowed_programs = [program.clone()].into();
+    let mut j = job("x", vec![]);
+    j.argv = plan_argv(&cluster, &format!("{program} world")).unwrap();
+    j.cluster = cluster;
+    let (outcome, out) = run(j).await;
+    assert_eq!(outcome.exit_code, Some(0), "{outcome:?} {out}");
+    assert_eq!(out, "hello world\n");
+}

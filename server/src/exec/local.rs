@@ -249,7 +249,7 @@ impl LocalExecutor {
                         .read_only_paths
                         .iter()
                         .cloned()
-                        .chain(command_dirs(&job.cluster.path, &job.cluster.shell))
+                        .chain(command_dirs(&job.cluster.path, &job.cluster.programs()))
                         .chain([dirs.no_terminal()])
                         .collect(),
                     writable: [dirs.work(), dirs.home(), dirs.tmp()]
