@@ -812,6 +812,27 @@ fn dev_mode_creates_its_certificates_once_and_serves_the_local_cluster() {
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(&out.lines()[1..], ["HI"], "{out}");
 
+    // dev runs commands sandboxed like production: its keys and the simulated cluster's
+    // admin kubeconfig are out of the command's reach
+    assert!(
+        dev.stderr_log().contains("commands run sandboxed"),
+        "{}",
+        dev.stderr_log()
+    );
+    let peek = format!(
+        "cat {0}/client.key {0}/sandbox.kubeconfig {0}/gateway.toml && echo LEAKED",
+        state_dir.canonicalize().unwrap().display()
+    );
+    let out = dev
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command", &peek])
+        .run()
+        .unwrap();
+    assert!(out.stdout.contains("Permission denied"), "{out}");
+    assert!(!out.stdout.contains("LEAKED"), "{out}");
+    assert!(!out.stdout.contains("PRIVATE KEY"), "{out}");
+
     let status = dev.terminate().unwrap();
     assert!(status.success(), "dev exit: {status}\n{}", dev.stderr_log());
     let ca = fs::read(state_dir.join("ca.crt")).unwrap();
