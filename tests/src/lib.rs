@@ -2166,20 +2166,25 @@ pub fn closed_loopback_port() -> Result<u16> {
 /// The tools a relay test needs in [`kube_tools`]'s directory.
 const KUBE_TOOLS: [&str; 2] = ["kubectl", "helm"];
 
+/// Set to `1` by `scripts/test`: missing kubectl or helm fail the tests that need them.
+const REQUIRE_KUBE_TOOLS: &str = "KINVOKE_REQUIRE_KUBE_TOOLS";
+
 /// The script that fetches the pinned kubectl and helm.
 const FETCH_KUBE_TOOLS: &str = "scripts/fetch-kube-tools";
 
 /// The directory holding the pinned `kubectl` and `helm` that `scripts/fetch-kube-tools`
 /// downloads: `<repo>/.tools/bin`. `Ok(None)` when they are missing, after printing a
 /// `SKIPPED` line naming the script, so a developer without them can still run the other
-/// tests; under `CI=true` (or `CI=1`) missing tools are an error instead, so CI cannot
-/// pass by skipping.
+/// tests; under `CI=true` (or `CI=1`) or `KINVOKE_REQUIRE_KUBE_TOOLS=1` (set by
+/// `scripts/test`, the README's test command) missing tools are an error instead, so a
+/// green run cannot come from skipping.
 pub fn kube_tools() -> Result<Option<PathBuf>> {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("the tests crate has no parent directory")?;
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    kube_tools_in(&repo.join(".tools").join("bin"), ci)
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| v == "true" || v == "1");
+    let required = set("CI") || set(REQUIRE_KUBE_TOOLS);
+    kube_tools_in(&repo.join(".tools").join("bin"), required)
 }
 
 /// [`kube_tools`] for the directory `dir`, failing on missing tools when `ci`.
@@ -2197,7 +2202,7 @@ fn kube_tools_in(dir: &Path, ci: bool) -> Result<Option<PathBuf>> {
         dir.display()
     );
     if ci {
-        bail!("{what} (CI is set, so the tests that need them may not be skipped)");
+        bail!("{what} (CI or {REQUIRE_KUBE_TOOLS} is set, so the tests that need them may not be skipped)");
     }
     println!("SKIPPED: {what}");
     Ok(None)
