@@ -1450,6 +1450,64 @@ name = "prod-eu"
         .unwrap();
         assert!(worked.warnings.is_empty(), "{:?}", worked.warnings);
         assert_eq!(worked.listeners.len(), 2);
+
+        // the sandbox fragment: defaults, and a cluster that opts out with a warning
+        let fragment = &readme_toml("### The command sandbox")[0];
+        let config =
+            Config::parse(&format!("{MINIMAL}{fragment}"), Path::new("/etc/kinvoke")).unwrap();
+        assert_eq!(config.sandbox, SandboxSettings::default());
+        assert_eq!(config.cluster("legacy").unwrap().sandbox, SandboxMode::Off);
+        assert_eq!(config.cluster("prod-eu").unwrap().sandbox, SandboxMode::On);
+        assert!(
+            config
+                .warnings
+                .iter()
+                .any(|w| w.contains("WITHOUT the sandbox")),
+            "{:?}",
+            config.warnings
+        );
+    }
+
+    #[test]
+    fn sandbox_settings_are_validated_naming_the_key() {
+        let config = parse(&format!(
+            "{MINIMAL}[sandbox]\nextra_read_only_paths = [\"/opt/tools\"]\nwritable_paths = [\"cache\"]\nrun_as_uids = \"200000-200063\"\n"
+        ))
+        .unwrap();
+        assert!(
+            config
+                .sandbox
+                .read_only_paths
+                .contains(&PathBuf::from("/usr"))
+        );
+        assert!(
+            config
+                .sandbox
+                .read_only_paths
+                .contains(&PathBuf::from("/opt/tools"))
+        );
+        assert_eq!(
+            config.sandbox.writable_paths,
+            [PathBuf::from("/etc/kinvoke/cache")]
+        );
+        assert_eq!(config.sandbox.run_as_uids, Some(200000..=200063));
+        for (toml, key, message) in [
+            ("run_as_uids = \"5-9\"", "sandbox.run_as_uids", "below 1000"),
+            (
+                "run_as_uids = \"200000-200001\"",
+                "sandbox.run_as_uids",
+                "max_concurrent_commands is 64",
+            ),
+        ] {
+            let err = parse(&format!("{MINIMAL}[sandbox]\n{toml}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(message), "{toml}: {err}");
+        }
+        let err = parse(&format!("{MINIMAL}[sandbox]\nreadable = []\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("readable"), "{err}");
     }
 
     #[test]

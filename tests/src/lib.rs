@@ -2202,7 +2202,9 @@ fn kube_tools_in(dir: &Path, ci: bool) -> Result<Option<PathBuf>> {
         dir.display()
     );
     if ci {
-        bail!("{what} (CI or {REQUIRE_KUBE_TOOLS} is set, so the tests that need them may not be skipped)");
+        bail!(
+            "{what} (CI or {REQUIRE_KUBE_TOOLS} is set, so the tests that need them may not be skipped)"
+        );
     }
     println!("SKIPPED: {what}");
     Ok(None)
