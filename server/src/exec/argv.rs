@@ -198,8 +198,10 @@ pub const HELM_FLAGS: &[RefusedFlag] = &[
 /// kubectl's own commands (kubectl 1.35, `kubectl __complete ""` without plugins). Any
 /// other first word makes kubectl run `kubectl-<word>` from `PATH`, a program argv mode
 /// did not allow, so it is refused; so is `kubectl plugin`, which only lists such
-/// programs. `__complete` is not here either: it runs plugin completion programs. A
-/// newer kubectl's new commands are refused until they are added here.
+/// programs. `__complete` is not here either: it runs plugin completion programs; nor
+/// is `proxy`, which would lend the command's relay credentials (acting as the caller)
+/// to whoever reaches its port until the timeout, and serve files with `--www`. A newer
+/// kubectl's new commands are refused until they are added here.
 pub const KUBECTL_COMMANDS: &[&str] = &[
     "alpha",
     "annotate",
@@ -234,7 +236,6 @@ pub const KUBECTL_COMMANDS: &[&str] = &[
     "options",
     "patch",
     "port-forward",
-    "proxy",
     "replace",
     "rollout",
     "run",
@@ -519,6 +520,7 @@ fn check_subcommand(tool: Tool, subcommand: &str) -> Result<(), ArgvRefusal> {
     }
     let why = match (tool, subcommand) {
         (Tool::Kubectl, "plugin") => "kubectl plugins are programs of their own, which argv mode does not run, so there is nothing to list".to_owned(),
+        (Tool::Kubectl, "proxy") => "it would lend the command's credentials, which act as the caller, to whoever reaches its port; argv mode runs one-shot commands such as get, apply or logs".to_owned(),
         (Tool::Helm, "plugin") => "helm plugins are programs of their own, which argv mode does not install or run".to_owned(),
         (Tool::Kubectl, _) => format!(
             "\"{subcommand}\" is not a kubectl command, and kubectl would run it as the plugin program kubectl-{subcommand} from PATH; argv mode runs only the cluster's allowed_programs"
@@ -899,6 +901,10 @@ mod tests {
             ("helm -n demo plugin list", "\"helm plugin\""),
             ("helm --debug plugin list", "\"helm plugin\""),
             ("helm diff upgrade web ./chart", "\"helm diff\""),
+            (
+                "kubectl proxy --address=0.0.0.0 --accept-hosts=.*",
+                "\"kubectl proxy\"",
+            ),
         ];
         for (line, expected) in cases {
             let err = refusal_of(line);
