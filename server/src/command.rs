@@ -223,6 +223,9 @@ pub enum InvalidRequest {
         /// The measured value.
         got: String,
     },
+    /// argv mode refuses the command line: a shell operator, a flag, a plugin.
+    #[error(transparent)]
+    ArgvRefused(#[from] crate::exec::argv::ArgvRefusal),
 }
 
 impl InvalidRequest {

@@ -316,18 +316,11 @@ impl Relay {
             .path_and_query()
             .map(|pq| pq.as_str().to_owned())
             .unwrap_or_else(|| "/".to_owned());
-        let mut forward = Request::builder()
+        let mut forward = match Request::builder()
             .method(parts.method.clone())
-            .uri(path_and_query);
-        if let Some(headers) = forward.headers_mut() {
-            for (name, value) in &parts.headers {
-                if !is_dropped(name) {
-                    headers.append(name.clone(), value.clone());
-                }
-            }
-            add_identity(headers, &binding.identity);
-        }
-        let forward = match forward.body(kube::client::Body::from(body.to_vec())) {
+            .uri(path_and_query)
+            .body(kube::client::Body::from(body.to_vec()))
+        {
             Ok(r) => r,
             Err(err) => {
                 return refuse(
@@ -337,6 +330,32 @@ impl Relay {
                 );
             }
         };
+        let headers = forward.headers_mut();
+        for (name, value) in &parts.headers {
+            if !is_dropped(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        // a request the relay cannot attribute to the caller never leaves: without
+        // Impersonate-User it would act with the gateway's own credentials
+        let attributed = add_identity(headers, &binding.identity).and_then(|()| {
+            match headers.get("impersonate-user") {
+                Some(user) if !user.is_empty() => Ok(()),
+                _ => Err(UnsendableIdentity {
+                    header: "impersonate-user".to_owned(),
+                    problem: "it was not set".to_owned(),
+                }),
+            }
+        });
+        if let Err(err) = attributed {
+            return refuse(
+                format!(
+                    "{err}; the kinvoke relay forwards only requests it can attribute to the caller"
+                ),
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+            );
+        }
         let response = match client.send(forward).await {
             Ok(r) => r,
             Err(err) => {
@@ -449,21 +468,81 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"))
 }
 
-fn add_identity(headers: &mut HeaderMap, id: &KubeIdentity) {
-    if let Ok(v) = HeaderValue::from_str(&id.user) {
-        headers.insert("impersonate-user", v);
-    }
+/// An identity the relay cannot put into headers as it is (belt and braces:
+/// [`identity_for`] refuses such identities before a command starts).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the caller's identity cannot be sent as {header}: {problem}")]
+pub struct UnsendableIdentity {
+    /// The header that could not be set.
+    header: String,
+    /// Why.
+    problem: String,
+}
+
+/// Sets `Impersonate-User`, one `Impersonate-Group` per group and
+/// `Impersonate-Extra-<key>` per extra, or fails: a value is never skipped, since a
+/// request without them goes out with the gateway's own identity.
+fn add_identity(headers: &mut HeaderMap, id: &KubeIdentity) -> Result<(), UnsendableIdentity> {
+    let value = |header: &str, v: &str| {
+        let problem = if v.is_empty() {
+            Some("it is empty".to_owned())
+        } else {
+            unsendable(v)
+        };
+        match problem {
+            Some(problem) => Err(UnsendableIdentity {
+                header: header.to_owned(),
+                problem,
+            }),
+            // raw UTF-8 is what the API server reads; HeaderValue refuses only controls
+            None => HeaderValue::from_bytes(v.as_bytes()).map_err(|e| UnsendableIdentity {
+                header: header.to_owned(),
+                problem: e.to_string(),
+            }),
+        }
+    };
+    let user = value("impersonate-user", &id.user)?;
+    let mut groups = Vec::with_capacity(id.groups.len());
     for g in &id.groups {
-        if let Ok(v) = HeaderValue::from_str(g) {
-            headers.append("impersonate-group", v);
-        }
+        groups.push(value("impersonate-group", g)?);
     }
+    let mut extra = Vec::with_capacity(id.extra.len());
     for (k, v) in &id.extra {
-        let name = format!("impersonate-extra-{}", k.to_ascii_lowercase());
-        if let (Ok(name), Ok(v)) = (HeaderName::try_from(name), HeaderValue::from_str(v)) {
-            headers.append(name, v);
+        let name = format!("impersonate-extra-{}", extra_key_escape(k));
+        let header = HeaderName::try_from(name.as_str()).map_err(|e| UnsendableIdentity {
+            header: name.clone(),
+            problem: e.to_string(),
+        })?;
+        extra.push((header, value(&name, v)?));
+    }
+    // all or nothing: nothing is set until every value converted
+    headers.insert("impersonate-user", user);
+    for g in groups {
+        headers.append("impersonate-group", g);
+    }
+    for (name, v) in extra {
+        headers.append(name, v);
+    }
+    Ok(())
+}
+
+/// An extra key as a header-name suffix, the way client-go writes it
+/// (`transport.headerKeyEscape`) and the Kubernetes docs ask ("the extra name must be
+/// lower-case, and any characters which aren't legal in HTTP header labels MUST be utf8
+/// and percent-encoded"): lower-cased, then every byte that is not an RFC 7230 token
+/// character, and `%` itself, as `%xx` (lower-case hex, as HTTP/2 header names must
+/// be; the API server's `url.PathUnescape` reads either case).
+fn extra_key_escape(key: &str) -> String {
+    let is_token = |b: u8| b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b);
+    let mut out = String::with_capacity(key.len());
+    for b in key.to_lowercase().bytes() {
+        if is_token(b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02x}"));
         }
     }
+    out
 }
 
 fn token_key(token: &str) -> String {
@@ -673,53 +752,272 @@ mod tests {
                 groups: vec!["devs".into(), "ops".into()],
                 extra: vec![("Kinvoke-Command-Id".into(), "abc".into())],
             },
-        );
+        )
+        .unwrap();
         assert_eq!(headers["impersonate-user"], "alice");
         assert_eq!(headers.get_all("impersonate-group").iter().count(), 2);
         assert_eq!(headers["impersonate-extra-kinvoke-command-id"], "abc");
     }
+
+    #[test]
+    fn utf8_names_are_sent_as_raw_utf8_header_values() {
+        let mut headers = HeaderMap::new();
+        add_identity(
+            &mut headers,
+            &KubeIdentity {
+                user: "josé".into(),
+                groups: vec!["équipe".into()],
+                extra: vec![("kinvoke-source".into(), "10.0.0.7".into())],
+            },
+        )
+        .unwrap();
+        assert_eq!(headers["impersonate-user"].as_bytes(), "josé".as_bytes());
+        assert_eq!(headers["impersonate-group"].as_bytes(), "équipe".as_bytes());
+    }
+
+    #[test]
+    fn extra_keys_are_lower_cased_and_percent_encoded_like_client_go() {
+        let cases = [
+            ("kinvoke-command-id", "kinvoke-command-id"),
+            ("Kinvoke-Source", "kinvoke-source"),
+            ("example.com/ticket", "example.com%2fticket"),
+            ("a b", "a%20b"),
+            ("100%", "100%25"),
+            ("scopes:read", "scopes%3aread"),
+            ("clé", "cl%c3%a9"),
+        ];
+        for (key, escaped) in cases {
+            assert_eq!(extra_key_escape(key), escaped, "{key}");
+            let mut headers = HeaderMap::new();
+            add_identity(
+                &mut headers,
+                &KubeIdentity {
+                    user: "alice".into(),
+                    groups: vec![],
+                    extra: vec![(key.into(), "v".into())],
+                },
+            )
+            .unwrap();
+            assert_eq!(
+                headers[format!("impersonate-extra-{escaped}").as_str()],
+                "v"
+            );
+        }
+    }
+
+    #[test]
+    fn an_identity_that_cannot_be_sent_whole_sets_no_header_at_all() {
+        let alice = |f: &dyn Fn(&mut KubeIdentity)| {
+            let mut id = KubeIdentity {
+                user: "alice".into(),
+                groups: vec!["devs".into()],
+                extra: vec![("kinvoke-source".into(), "10.0.0.7".into())],
+            };
+            f(&mut id);
+            id
+        };
+        let cases: Vec<(KubeIdentity, &str)> = vec![
+            (
+                alice(&|id| id.user = String::new()),
+                "impersonate-user: it is empty",
+            ),
+            (alice(&|id| id.user = "alice\r\nx".into()), "U+000D"),
+            (alice(&|id| id.user = "alice\0".into()), "U+0000"),
+            (
+                alice(&|id| id.user = "alice ".into()),
+                "starts or ends with a space",
+            ),
+            (
+                alice(&|id| id.groups.push("ops\n".into())),
+                "impersonate-group",
+            ),
+            (
+                alice(&|id| id.extra[0].1 = "x\ty".into()),
+                "impersonate-extra-kinvoke-source",
+            ),
+        ];
+        for (id, expected) in cases {
+            let mut headers = HeaderMap::new();
+            let err = add_identity(&mut headers, &id).unwrap_err().to_string();
+            assert!(err.contains(expected), "{id:?}: {err}");
+            assert!(headers.is_empty(), "{id:?} left {headers:?}");
+        }
+    }
+}
+
+/// Why a caller cannot be given a Kubernetes identity the relay can send as it is. The
+/// command is refused (`PERMISSION_DENIED`) rather than run with a changed or missing
+/// identity: a value dropped from the `Impersonate-*` headers would leave the request
+/// to the gateway's own credentials, or to the API server's interpretation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The user template names a claim the caller's credential does not have.
+    #[error(
+        "the caller's credential has no \"{claim}\" claim, which template \"{template}\" maps to the Kubernetes user; the cluster's identity.user needs a claim every caller has"
+    )]
+    MissingClaim {
+        /// The claim.
+        claim: String,
+        /// The cluster's `identity.user`.
+        template: String,
+    },
+    /// The user template cannot be expanded (config validation refuses such templates).
+    #[error("the user template \"{template}\" {problem}; use {{id}} or {{claim:NAME}}")]
+    BadTemplate {
+        /// The cluster's `identity.user`.
+        template: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The mapped user is empty.
+    #[error(
+        "the Kubernetes user mapped from {from} by template \"{template}\" is empty; a command cannot run without a user to impersonate (the caller's credential must give it a value, or the cluster's identity.user must change)"
+    )]
+    EmptyUser {
+        /// The placeholders that gave nothing, e.g. `claim "nick"`.
+        from: String,
+        /// The cluster's `identity.user`.
+        template: String,
+    },
+    /// A value the relay would send holds what an HTTP header cannot carry as it is.
+    #[error(
+        "the Kubernetes {what} {value:?} mapped from {from} {problem}, which an {header} header cannot carry as it is; the command is refused rather than run as someone else"
+    )]
+    Unsendable {
+        /// `user`, `group` or `extra value`.
+        what: &'static str,
+        /// The value, printed escaped.
+        value: String,
+        /// Where it came from, e.g. `claim "sub" by template "{claim:sub}"`.
+        from: String,
+        /// What is wrong, e.g. `contains the control character U+000D`.
+        problem: String,
+        /// The header it was meant for.
+        header: &'static str,
+    },
+}
+
+/// What keeps `value` from being sent as it is in an HTTP header: a control character
+/// (`HeaderValue` refuses all but tab, and a CR or LF could forge headers elsewhere), or
+/// a space at either end (receivers strip it, so `"alice "` would arrive as `"alice"`).
+/// Raw UTF-8 is fine: Kubernetes reads header bytes as they come.
+fn unsendable(value: &str) -> Option<String> {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
+        return Some(format!(
+            "contains the control character U+{:04X}",
+            u32::from(c)
+        ));
+    }
+    if value.starts_with(' ') || value.ends_with(' ') {
+        return Some("starts or ends with a space, which HTTP drops".to_owned());
+    }
+    None
 }
 
 /// The Kubernetes identity of a principal on a cluster, per the cluster's mapping;
 /// the extras carry the command id, the caller's address and any break-glass grant.
+/// Every value is checked here, so the relay can always send all of them.
 pub fn identity_for(
     mapping: &crate::config::IdentityMapping,
     who: &crate::authn::Principal,
     command_id: &str,
     grant: Option<&crate::access::authz::GrantUse>,
-) -> Result<KubeIdentity, String> {
-    let mut user = String::new();
-    let mut rest = mapping.user.as_str();
+) -> Result<KubeIdentity, IdentityError> {
+    let template = mapping.user.as_str();
+    // each piece of the user with where it came from, to name the source in a refusal
+    let mut pieces: Vec<(String, String)> = Vec::new();
+    let mut rest = template;
     while let Some(start) = rest.find('{') {
-        user.push_str(&rest[..start]);
+        pieces.push(("the template's text".to_owned(), rest[..start].to_owned()));
         let end = rest[start..]
             .find('}')
-            .ok_or_else(|| "the user template has an unclosed '{'".to_owned())?;
+            .ok_or_else(|| IdentityError::BadTemplate {
+                template: template.to_owned(),
+                problem: "has an unclosed '{'".to_owned(),
+            })?;
         let placeholder = &rest[start + 1..start + end];
         if placeholder == "id" {
-            user.push_str(&who.id);
+            pieces.push(("the principal id".to_owned(), who.id.clone()));
         } else if let Some(claim) = placeholder.strip_prefix("claim:") {
             let value = who
                 .claims
                 .get(claim)
                 .and_then(|v| v.first())
-                .ok_or_else(|| format!("the caller's credential has no \"{claim}\" claim, which this cluster maps to its Kubernetes user"))?;
-            user.push_str(value);
+                .ok_or_else(|| IdentityError::MissingClaim {
+                    claim: claim.to_owned(),
+                    template: template.to_owned(),
+                })?;
+            pieces.push((format!("claim \"{claim}\""), value.clone()));
         } else {
-            return Err(format!(
-                "unknown placeholder {{{placeholder}}} in the user template"
-            ));
+            return Err(IdentityError::BadTemplate {
+                template: template.to_owned(),
+                problem: format!("has an unknown placeholder {{{placeholder}}}"),
+            });
         }
         rest = &rest[start + end + 1..];
     }
-    user.push_str(rest);
+    pieces.push(("the template's text".to_owned(), rest.to_owned()));
+    let user: String = pieces.iter().map(|(_, v)| v.as_str()).collect();
+    let placeholders = || {
+        let named: Vec<&str> = pieces
+            .iter()
+            .map(|(from, _)| from.as_str())
+            .filter(|from| *from != "the template's text")
+            .collect();
+        named.join(" and ")
+    };
+    if user.is_empty() {
+        return Err(IdentityError::EmptyUser {
+            from: placeholders(),
+            template: template.to_owned(),
+        });
+    }
+    if let Some(problem) = unsendable(&user) {
+        // name the piece holding the control character when there is one
+        let culprit = pieces
+            .iter()
+            .find(|(_, v)| v.chars().any(char::is_control))
+            .map_or_else(placeholders, |(from, _)| from.clone());
+        return Err(IdentityError::Unsendable {
+            what: "user",
+            value: user,
+            from: format!("{culprit} by template \"{template}\""),
+            problem,
+            header: "Impersonate-User",
+        });
+    }
+
     let mut groups: Vec<String> = Vec::new();
     let principal_groups = who
         .groups
         .iter()
         .filter(|_| mapping.include_groups)
-        .map(|g| format!("{}{g}", mapping.group_prefix));
-    for g in principal_groups.chain(mapping.extra_groups.iter().cloned()) {
+        .map(|g| {
+            (
+                format!("{}{g}", mapping.group_prefix),
+                "the caller's groups",
+            )
+        });
+    let extra_groups = mapping
+        .extra_groups
+        .iter()
+        .map(|g| (g.clone(), "the cluster's identity.extra_groups"));
+    for (g, from) in principal_groups.chain(extra_groups) {
+        // an empty group is as meaningless to RBAC as it is easy to drop by accident
+        let problem = if g.is_empty() {
+            Some("is empty".to_owned())
+        } else {
+            unsendable(&g)
+        };
+        if let Some(problem) = problem {
+            return Err(IdentityError::Unsendable {
+                what: "group",
+                value: g,
+                from: from.to_owned(),
+                problem,
+                header: "Impersonate-Group",
+            });
+        }
         if !groups.contains(&g) {
             groups.push(g);
         }
@@ -731,11 +1029,151 @@ pub fn identity_for(
     if let Some(g) = grant {
         extra.push(("kinvoke-break-glass-grant".to_owned(), g.id.clone()));
     }
+    for (key, value) in &extra {
+        if let Some(problem) = unsendable(value) {
+            return Err(IdentityError::Unsendable {
+                what: "extra value",
+                value: value.clone(),
+                from: format!("the gateway's {key}"),
+                problem,
+                header: "Impersonate-Extra-*",
+            });
+        }
+    }
     Ok(KubeIdentity {
         user,
         groups,
         extra,
     })
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use std::time::Duration;
+
+    use base64::Engine;
+    use rustls_pki_types::pem::PemObject;
+
+    use super::*;
+    use crate::audit::{AuditConfig, FsyncPolicy};
+
+    /// A relay in front of a cluster it must never reach: its API server address is a
+    /// closed port, so a request that got through would come back 502, not 403.
+    async fn relay(dir: &std::path::Path) -> (Arc<Relay>, Audit, AuditConfig) {
+        let config = AuditConfig {
+            path: dir.join("audit.jsonl"),
+            fsync: FsyncPolicy::Batch(Duration::from_millis(1)),
+            max_file_bytes: 1 << 20,
+            tracing: false,
+        };
+        let audit = Audit::open(&config).unwrap();
+        let unreachable = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(unreachable).unwrap();
+        let relay = Relay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            HashMap::from([("c".to_owned(), client)]),
+            audit.clone(),
+        )
+        .await
+        .unwrap();
+        (relay, audit, config)
+    }
+
+    /// The token and CA of an issued kubeconfig.
+    fn credentials(kubeconfig: &str) -> (String, Vec<u8>) {
+        let field = |name: &str| {
+            kubeconfig
+                .lines()
+                .find_map(|l| l.trim().strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        let ca = base64::engine::general_purpose::STANDARD
+            .decode(field("certificate-authority-data:"))
+            .unwrap();
+        (field("token:"), ca)
+    }
+
+    fn https_client(ca_pem: &[u8]) -> reqwest::Client {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_the_relay_cannot_give_an_impersonate_user_is_refused_and_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let (relay, audit, config) = relay(dir.path()).await;
+        // identities identity_for would have refused: the relay must not trust that
+        for (n, user) in ["", "alice\r\nImpersonate-User: system:admin", "alice\0"]
+            .into_iter()
+            .enumerate()
+        {
+            let command_id = format!("cmd-{n}");
+            let issued = relay
+                .issue(Binding {
+                    command_id: command_id.clone(),
+                    cluster: "c".into(),
+                    principal: "alice".into(),
+                    identity: KubeIdentity {
+                        user: user.to_owned(),
+                        groups: vec!["devs".into()],
+                        extra: vec![],
+                    },
+                    deadline: Instant::now() + Duration::from_secs(60),
+                })
+                .unwrap();
+            let (token, ca) = credentials(&issued.kubeconfig);
+            let response = https_client(&ca)
+                .get(format!("{}/api/v1/namespaces/demo/pods", relay.url()))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{user:?}");
+            let body: serde_json::Value =
+                serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+            assert_eq!(body["kind"], "Status", "{body}");
+            assert_eq!(body["reason"], "Forbidden", "{body}");
+            let message = body["message"].as_str().unwrap_or_default();
+            assert!(
+                message.starts_with("the caller's identity cannot be sent as impersonate-user: ")
+                    && message.ends_with(
+                        "the kinvoke relay forwards only requests it can attribute to the caller"
+                    ),
+                "{user:?}: {message}"
+            );
+            // durable after the refusal's line, so that line is in the file too
+            audit
+                .record_durable(AuditEvent::GatewayStopped {
+                    reason: "test".into(),
+                })
+                .await
+                .unwrap();
+            let text = std::fs::read_to_string(&config.path).unwrap();
+            let refused = text
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .find(|e| e["event"] == "relay_refused" && e["command_id"] == command_id.as_str())
+                .unwrap_or_else(|| panic!("no relay_refused for {user:?}:\n{text}"));
+            assert_eq!(refused["principal"], "alice", "{refused}");
+            assert_eq!(refused["path"], "/api/v1/namespaces/demo/pods", "{refused}");
+        }
+        relay.shutdown();
+    }
 }
 
 #[cfg(test)]
@@ -802,7 +1240,182 @@ mod identity_tests {
         assert!(
             identity_for(&missing, &alice(), "c1", None)
                 .unwrap_err()
+                .to_string()
                 .contains("\"upn\"")
         );
+    }
+
+    fn with_claim(name: &str, value: &str) -> Principal {
+        let mut who = alice();
+        who.claims.insert(name.to_owned(), vec![value.to_owned()]);
+        who
+    }
+
+    fn user_template(user: &str) -> IdentityMapping {
+        IdentityMapping {
+            user: user.to_owned(),
+            ..IdentityMapping::default()
+        }
+    }
+
+    #[test]
+    fn an_empty_mapped_user_is_refused_naming_the_claim_and_template() {
+        let err = identity_for(
+            &user_template("{claim:nick}"),
+            &with_claim("nick", ""),
+            "c1",
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            IdentityError::EmptyUser {
+                from: "claim \"nick\"".into(),
+                template: "{claim:nick}".into(),
+            }
+        );
+        assert!(
+            err.to_string().starts_with(
+                "the Kubernetes user mapped from claim \"nick\" by template \"{claim:nick}\" is empty; "
+            ),
+            "{err}"
+        );
+        let mut nobody = alice();
+        nobody.id = String::new();
+        assert!(matches!(
+            identity_for(&IdentityMapping::default(), &nobody, "c1", None),
+            Err(IdentityError::EmptyUser { .. })
+        ));
+    }
+
+    #[test]
+    fn a_mapped_user_with_control_characters_is_refused_never_trimmed() {
+        let cases = [
+            ("alice\r\nx", "U+000D"),
+            ("alice\nImpersonate-Group: system:masters", "U+000A"),
+            ("\0alice", "U+0000"),
+            ("alice\0", "U+0000"),
+            ("ali\x7fce", "U+007F"),
+            ("alice\u{85}", "U+0085"),
+            ("alice\t", "U+0009"),
+            (" alice", "starts or ends with a space"),
+            ("alice ", "starts or ends with a space"),
+        ];
+        for (sub, problem) in cases {
+            let err = identity_for(
+                &user_template("{claim:sub}"),
+                &with_claim("sub", sub),
+                "c1",
+                None,
+            )
+            .unwrap_err();
+            let IdentityError::Unsendable {
+                what, value, from, ..
+            } = &err
+            else {
+                panic!("{sub:?}: {err:?}");
+            };
+            assert_eq!((*what, value.as_str()), ("user", sub));
+            assert_eq!(from, "claim \"sub\" by template \"{claim:sub}\"");
+            let message = err.to_string();
+            assert!(message.contains(problem), "{sub:?}: {message}");
+            assert!(!message.chars().any(char::is_control), "{message:?}");
+        }
+        // the piece holding the control character is named, not the template's text
+        let err = identity_for(
+            &user_template("oidc:{id}/{claim:sub}"),
+            &with_claim("sub", "x\ny"),
+            "c1",
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("mapped from claim \"sub\" by template \"oidc:{id}/{claim:sub}\""),
+            "{err}"
+        );
+        // the principal id itself, through the default template
+        let mut who = alice();
+        who.id = "alice\r\n".into();
+        let err = identity_for(&IdentityMapping::default(), &who, "c1", None).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the principal id by template \"{id}\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn utf8_users_and_groups_are_kept_as_they_are() {
+        let mut who = with_claim("nick", "josé");
+        who.groups = vec!["équipe".into(), "開発".into()];
+        let id = identity_for(&user_template("{claim:nick}"), &who, "c1", None).unwrap();
+        assert_eq!(id.user, "josé");
+        assert_eq!(id.groups, ["équipe", "開発"]);
+    }
+
+    #[test]
+    fn groups_that_cannot_be_sent_are_refused_not_dropped() {
+        let mut who = alice();
+        who.groups = vec!["devs".into(), "ops\r\n".into()];
+        let err = identity_for(&IdentityMapping::default(), &who, "c1", None).unwrap_err();
+        assert!(
+            matches!(&err, IdentityError::Unsendable { what: "group", from, .. } if from == "the caller's groups"),
+            "{err:?}"
+        );
+        who.groups = vec![String::new()];
+        let err = identity_for(&IdentityMapping::default(), &who, "c1", None).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        // a caller's bad group does not matter where groups are not passed on
+        let mapping = IdentityMapping {
+            include_groups: false,
+            extra_groups: vec!["kinvoke:callers\0".into()],
+            ..IdentityMapping::default()
+        };
+        let err = identity_for(&mapping, &who, "c1", None).unwrap_err();
+        assert!(
+            matches!(&err, IdentityError::Unsendable { what: "group", from, .. } if from == "the cluster's identity.extra_groups"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn extra_values_that_cannot_be_sent_are_refused() {
+        let err = identity_for(&IdentityMapping::default(), &alice(), "c1\n", None).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                IdentityError::Unsendable {
+                    what: "extra value",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let grant = crate::access::authz::GrantUse {
+            id: "g\r9".into(),
+            justification: "x".into(),
+        };
+        assert!(identity_for(&IdentityMapping::default(), &alice(), "c1", Some(&grant)).is_err());
+    }
+
+    #[test]
+    fn every_identity_identity_for_accepts_can_be_sent_whole() {
+        let mut who = with_claim("nick", "josé");
+        who.groups = vec!["équipe".into(), "ops".into()];
+        let mapping = IdentityMapping {
+            user: "sso:{claim:nick}".into(),
+            include_groups: true,
+            group_prefix: "kinvoke:".into(),
+            extra_groups: vec!["kinvoke:callers".into()],
+        };
+        let id = identity_for(&mapping, &who, "c1", None).unwrap();
+        let mut headers = HeaderMap::new();
+        add_identity(&mut headers, &id).unwrap();
+        assert_eq!(
+            headers["impersonate-user"].as_bytes(),
+            "sso:josé".as_bytes()
+        );
+        assert_eq!(headers.get_all("impersonate-group").iter().count(), 3);
     }
 }

@@ -18,7 +18,7 @@ use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequ
 use crate::config::Config;
 use crate::exec::output::OutputLog;
 use crate::exec::{Executor, Job, Outcome, SecretText, plan_argv};
-use crate::relay::{Binding, Relay, identity_for};
+use crate::relay::{Binding, IdentityError, Relay, RelayError, identity_for};
 use crate::store::{CommandRecord, ListQuery, Store, StoreError};
 
 /// Reason recorded for commands stopped because the gateway shut down.
@@ -60,20 +60,49 @@ pub enum RunError {
     /// The result store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The caller cannot be mapped to a Kubernetes identity on this cluster.
-    #[error("cannot run as a Kubernetes identity on cluster \"{cluster}\": {reason}")]
+    /// The caller cannot be mapped to a Kubernetes identity the relay can send on this
+    /// cluster (PERMISSION_DENIED: the command must not run as anyone else).
+    #[error("cannot run as a Kubernetes identity on cluster \"{cluster}\": {source}")]
     NoKubeIdentity {
         /// The cluster.
         cluster: String,
         /// Why.
-        reason: String,
+        source: IdentityError,
     },
     /// The audit log cannot record the command, so it may not run (fail closed).
     #[error("audit log unavailable")]
     AuditUnavailable,
     /// The system random source failed.
-    #[error("cannot generate a command id: {0}")]
+    #[error("cannot generate a command id or relay token: {0}")]
     Random(getrandom::Error),
+    /// The relay could not issue the command's token.
+    #[error("the relay cannot issue a token: {0}")]
+    Relay(String),
+}
+
+/// A relay token issued for a command that has not started yet. Dropped before
+/// [`PendingToken::hand_over`] (a refused start, or a caller who went away while the
+/// start awaited the audit log or the store), it revokes the token, so none outlives a
+/// command that never ran.
+struct PendingToken {
+    relay: Arc<Relay>,
+    /// `None` once handed over.
+    key: Option<String>,
+}
+
+impl PendingToken {
+    /// The token's key, now the running command's to revoke.
+    fn hand_over(mut self) -> Option<String> {
+        self.key.take()
+    }
+}
+
+impl Drop for PendingToken {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            self.relay.revoke(key);
+        }
+    }
 }
 
 /// A command that is running now.
@@ -162,25 +191,56 @@ impl Runner {
                     limit: self.config.limits.max_concurrent_commands,
                 })?;
         let id = CommandId::random().map_err(RunError::Random)?;
-        // the command's own credentials: a relay token bound to this command, checked
-        // before anything is recorded so a mapping error refuses cleanly
+        // the command's own credentials: a relay token bound to this command and to an
+        // identity the relay can send whole, issued before anything is recorded so a
+        // caller who cannot be mapped is refused before the command exists
         let relay = self
             .relay
             .as_ref()
             .filter(|r| r.serves(cluster.name.as_str()));
-        let identity = match relay {
-            Some(_) => Some(
-                identity_for(
+        let issued = match relay {
+            Some(relay) => {
+                let identity = identity_for(
                     &cluster.identity,
                     principal,
                     id.as_str(),
                     break_glass.as_ref(),
                 )
-                .map_err(|reason| RunError::NoKubeIdentity {
-                    cluster: cluster.name.to_string(),
-                    reason,
-                })?,
-            ),
+                .map_err(|source| {
+                    tracing::info!(
+                        // Debug: the id may hold the very control characters refused here
+                        principal = ?principal.id,
+                        cluster = %cluster.name,
+                        error = %source,
+                        "command refused: no Kubernetes identity"
+                    );
+                    RunError::NoKubeIdentity {
+                        cluster: cluster.name.to_string(),
+                        source,
+                    }
+                })?;
+                let issued = relay
+                    .issue(Binding {
+                        command_id: id.to_string(),
+                        cluster: cluster.name.to_string(),
+                        principal: principal.id.clone(),
+                        identity,
+                        // revoked when the command ends; this bounds a token that is never revoked
+                        deadline: std::time::Instant::now()
+                            + spec.timeout
+                            + self.config.limits.kill_grace
+                            + Duration::from_secs(60),
+                    })
+                    .map_err(|err| match err {
+                        RelayError::Random(e) => RunError::Random(e),
+                        other => RunError::Relay(other.to_string()),
+                    })?;
+                let pending = PendingToken {
+                    relay: relay.clone(),
+                    key: Some(issued.key),
+                };
+                Some((pending, issued.kubeconfig))
+            }
             None => None,
         };
         let record = CommandRecord {
@@ -248,28 +308,11 @@ impl Runner {
             "command started"
         );
 
-        let issued = match (relay, identity) {
-            (Some(relay), Some(identity)) => Some(
-                relay
-                    .issue(Binding {
-                        command_id: id.to_string(),
-                        cluster: cluster.name.to_string(),
-                        principal: principal.id.clone(),
-                        identity,
-                        // revoked when the command ends; this bounds a token that is never revoked
-                        deadline: std::time::Instant::now()
-                            + spec.timeout
-                            + self.config.limits.kill_grace
-                            + Duration::from_secs(60),
-                    })
-                    .map_err(|e| RunError::NoKubeIdentity {
-                        cluster: cluster.name.to_string(),
-                        reason: e.to_string(),
-                    })?,
-            ),
-            _ => None,
+        // from here the command owns its token and revokes it when it ends
+        let (relay_key, kubeconfig) = match issued {
+            Some((pending, kubeconfig)) => (pending.hand_over(), Some(kubeconfig)),
+            None => (None, None),
         };
-        let relay_key = issued.as_ref().map(|i| i.key.clone());
         let job = Job {
             id: id.clone(),
             argv,
@@ -277,7 +320,7 @@ impl Runner {
             cluster,
             output,
             cancel,
-            kubeconfig: issued.map(|i| SecretText(i.kubeconfig)),
+            kubeconfig: kubeconfig.map(SecretText),
         };
         let this = self.clone();
         self.tasks.spawn(async move {

@@ -20,8 +20,10 @@ impl From<RunError> for Status {
             RunError::ClusterNotFound { .. } | RunError::CommandNotFound { .. } => Code::NotFound,
             RunError::TooManyCommands { .. } => Code::ResourceExhausted,
             RunError::ShuttingDown | RunError::AuditUnavailable => Code::Unavailable,
-            RunError::NoKubeIdentity { .. } => Code::FailedPrecondition,
-            RunError::Store(_) | RunError::Random(_) => {
+            // the caller, as this cluster maps them, cannot be impersonated as they are:
+            // running anyway would act as someone else (or as the gateway)
+            RunError::NoKubeIdentity { .. } => Code::PermissionDenied,
+            RunError::Store(_) | RunError::Random(_) | RunError::Relay(_) => {
                 tracing::error!(error = %err, "internal error");
                 return Status::internal("internal error in the gateway; its log has the details");
             }
@@ -62,6 +64,16 @@ mod tests {
                 Code::ResourceExhausted,
             ),
             (RunError::ShuttingDown, Code::Unavailable),
+            (
+                RunError::NoKubeIdentity {
+                    cluster: "c".into(),
+                    source: crate::relay::IdentityError::EmptyUser {
+                        from: "claim \"nick\"".into(),
+                        template: "{claim:nick}".into(),
+                    },
+                },
+                Code::PermissionDenied,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);

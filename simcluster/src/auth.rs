@@ -37,33 +37,84 @@ fn push_unique(groups: &mut Vec<String>, group: &str) {
     }
 }
 
-fn header_values<'a>(headers: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+/// Every value of header `name`, as kube-apiserver (Go's `net/http`) reads them: the raw
+/// bytes, so UTF-8 names such as `josé` arrive as they were sent, with surrounding spaces
+/// and tabs trimmed.
+fn header_values(headers: &HeaderMap, name: &str) -> Vec<String> {
     headers
         .get_all(name)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::trim)
+        .map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .trim_matches([' ', '\t'])
+                .to_string()
+        })
         .collect()
 }
 
-/// `%xx` decoding for `Impersonate-Extra-` header-name suffixes (client-go escapes them).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
+/// An `Impersonate-Extra-` header-name suffix as kube-apiserver reads it
+/// (`unescapeExtraKey(strings.ToLower(...))`): lower-cased, then `url.PathUnescape`d; a
+/// malformed escape keeps the key as it was ("always record extra strings").
+fn extra_key(suffix: &str) -> String {
+    let lower = suffix.to_lowercase();
+    let bytes = lower.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                out.push(b);
-                i += 3;
-                continue;
+        if bytes[i] == b'%' {
+            let byte = bytes
+                .get(i + 1..i + 3)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+            match byte {
+                Some(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                None => return lower,
             }
         }
         out.push(bytes[i]);
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One entry of kube-apiserver's `impersonationRequests`, printed as Go's `%v` prints a
+/// `v1.ObjectReference` value: its seven fields (Kind, Namespace, Name, UID,
+/// APIVersion, ResourceVersion, FieldPath) between braces, separated by one space.
+fn object_reference(kind: &str, name: &str, api_version: &str, field_path: &str) -> String {
+    format!("{{{kind}  {name}  {api_version}  {field_path}}}")
+}
+
+/// kube-apiserver's answer to `Impersonate-Group`, `Impersonate-Extra-*` or
+/// `Impersonate-Uid` without a (non-empty) `Impersonate-User`. Since Kubernetes 1.35
+/// (k8s.io/apiserver v0.35.0, `pkg/endpoints/filters/impersonation/impersonation.go`,
+/// `buildImpersonationRequests`) that is
+/// `apierrors.NewBadRequest(fmt.Sprintf("requested %v without impersonating a user",
+/// impersonationRequests))`, written by `responsewriters.RespondWithError`: a 400
+/// `Status` with reason `BadRequest`. Up to 1.34 (`filters/impersonation.go`) the same
+/// message was an `InternalError`, 500. This cluster reports 1.35, so it answers 400.
+/// The requests are listed groups first, then extras (Go's map order, which is random;
+/// here the order they were sent), then the uid.
+fn without_a_user(groups: &[String], extras: &[(String, String)], uid: Option<&str>) -> ApiError {
+    const AUTHENTICATION_V1: &str = "authentication.k8s.io/v1";
+    let requests: Vec<String> = groups
+        .iter()
+        .map(|g| object_reference("Group", g, "", ""))
+        .chain(
+            extras
+                .iter()
+                .map(|(key, value)| object_reference("UserExtra", value, AUTHENTICATION_V1, key)),
+        )
+        .chain(uid.map(|u| object_reference("UID", u, AUTHENTICATION_V1, "")))
+        .collect();
+    ApiError::BadRequest(format!(
+        "requested [{}] without impersonating a user",
+        requests.join(" ")
+    ))
 }
 
 fn impersonation_forbidden(real_user: &str, resource: &str, target: &str) -> ApiError {
@@ -95,56 +146,50 @@ pub(crate) fn authenticate(
         .find(|t| t.token == token)
         .ok_or(ApiError::Unauthorized)?;
 
-    let users = header_values(headers, "impersonate-user");
+    // like kube-apiserver: the first Impersonate-User, and an empty one is no user at all
+    let user = header_values(headers, "impersonate-user")
+        .into_iter()
+        .next()
+        .filter(|u| !u.is_empty());
     let groups = header_values(headers, "impersonate-group");
-    let uids = header_values(headers, "impersonate-uid");
-    let extra_headers: Vec<(String, &str)> = headers
-        .iter()
-        .filter_map(|(name, value)| {
-            let key = name.as_str().strip_prefix("impersonate-extra-")?;
-            Some((
-                percent_decode(key).to_ascii_lowercase(),
-                value.to_str().ok()?,
-            ))
-        })
-        .collect();
-    if users.is_empty() {
-        if !groups.is_empty() || !uids.is_empty() || !extra_headers.is_empty() {
-            return Err(ApiError::BadRequest(
-                "impersonating groups, uid or extra requires impersonating a user (Impersonate-User)"
-                    .into(),
-            ));
+    let uid = header_values(headers, "impersonate-uid")
+        .into_iter()
+        .next()
+        .filter(|u| !u.is_empty());
+    let mut extra_headers: Vec<(String, String)> = Vec::new();
+    for name in headers.keys() {
+        if let Some(suffix) = name.as_str().strip_prefix("impersonate-extra-") {
+            let key = extra_key(suffix);
+            for value in header_values(headers, name.as_str()) {
+                extra_headers.push((key.clone(), value));
+            }
+        }
+    }
+    let Some(user) = user else {
+        if !groups.is_empty() || uid.is_some() || !extra_headers.is_empty() {
+            return Err(without_a_user(&groups, &extra_headers, uid.as_deref()));
         }
         return Ok(caller.user.clone());
-    }
-    let [user] = users.as_slice() else {
-        return Err(ApiError::BadRequest(
-            "only one Impersonate-User header is allowed".into(),
-        ));
     };
     if !caller.may_impersonate {
         return Err(impersonation_forbidden(
             &caller.user.username,
             "users",
-            user,
+            &user,
         ));
     }
     let mut effective = UserInfo {
-        username: (*user).to_string(),
-        uid: uids.first().map(|u| (*u).to_string()),
+        username: user,
+        uid,
         groups: Vec::new(),
         extra: BTreeMap::new(),
     };
-    for g in groups {
+    for g in &groups {
         push_unique(&mut effective.groups, g);
     }
     push_unique(&mut effective.groups, AUTHENTICATED_GROUP);
     for (key, value) in extra_headers {
-        effective
-            .extra
-            .entry(key)
-            .or_default()
-            .push(value.to_string());
+        effective.extra.entry(key).or_default().push(value);
     }
     Ok(effective)
 }
@@ -292,15 +337,104 @@ mod tests {
     }
 
     #[test]
-    fn group_without_user_is_a_bad_request() {
+    fn groups_extras_or_uid_without_a_user_are_refused_as_kube_apiserver_1_35_does() {
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (
+                &[("impersonate-group", "devs"), ("impersonate-group", "ops")],
+                "requested [{Group  devs    } {Group  ops    }] without impersonating a user",
+            ),
+            (
+                &[("impersonate-extra-kinvoke-command-id", "c1")],
+                "requested [{UserExtra  c1  authentication.k8s.io/v1  kinvoke-command-id}] without impersonating a user",
+            ),
+            (
+                &[("impersonate-uid", "u-1")],
+                "requested [{UID  u-1  authentication.k8s.io/v1  }] without impersonating a user",
+            ),
+            (
+                // an empty Impersonate-User is no user (Go's len(requestedUser) > 0)
+                &[("impersonate-user", ""), ("impersonate-group", "devs")],
+                "requested [{Group  devs    }] without impersonating a user",
+            ),
+            (
+                &[
+                    ("impersonate-group", "devs"),
+                    ("impersonate-extra-ticket%2fid", "T-1"),
+                    ("impersonate-uid", "u-1"),
+                ],
+                "requested [{Group  devs    } {UserExtra  T-1  authentication.k8s.io/v1  ticket/id} {UID  u-1  authentication.k8s.io/v1  }] without impersonating a user",
+            ),
+        ];
+        for (pairs, message) in cases {
+            let mut h = headers(pairs);
+            h.append(
+                "authorization",
+                HeaderValue::from_static("Bearer admin-token"),
+            );
+            let err = authenticate(&h, &tokens()).unwrap_err();
+            assert_eq!(err, ApiError::BadRequest(message.to_string()), "{pairs:?}");
+            let (status, body) = err.to_status();
+            assert_eq!(status.as_u16(), 400);
+            assert_eq!(body["kind"], "Status");
+            assert_eq!(body["reason"], "BadRequest");
+            assert_eq!(body["code"], 400);
+            assert_eq!(body["message"], message);
+        }
+    }
+
+    #[test]
+    fn an_empty_impersonate_user_alone_leaves_the_caller_as_it_is() {
         let h = headers(&[
             ("authorization", "Bearer admin-token"),
-            ("impersonate-group", "devs"),
+            ("impersonate-user", ""),
         ]);
-        assert!(matches!(
-            authenticate(&h, &tokens()),
-            Err(ApiError::BadRequest(_))
-        ));
+        let who = authenticate(&h, &tokens()).unwrap_or_default();
+        assert_eq!(who.username, ADMIN_USER);
+    }
+
+    #[test]
+    fn utf8_user_and_group_names_are_read_as_sent() {
+        let mut h = headers(&[("authorization", "Bearer admin-token")]);
+        h.append(
+            "impersonate-user",
+            HeaderValue::from_bytes("josé".as_bytes()).unwrap(),
+        );
+        h.append(
+            "impersonate-group",
+            HeaderValue::from_bytes("équipe".as_bytes()).unwrap(),
+        );
+        let who = authenticate(&h, &tokens()).unwrap_or_default();
+        assert_eq!(who.username, "josé");
+        assert_eq!(who.groups, ["équipe", AUTHENTICATED_GROUP]);
+    }
+
+    #[test]
+    fn extra_keys_are_lower_cased_then_percent_decoded() {
+        let cases = [
+            ("kinvoke-command-id", "kinvoke-command-id"),
+            ("ticket%2fid", "ticket/id"),
+            ("ticket%2Fid", "ticket/id"),
+            ("cl%c3%a9", "clé"),
+            // lower-cased before decoding, as kube-apiserver does
+            ("%41bc", "Abc"),
+            // a malformed escape keeps the whole key as it came
+            ("100%", "100%"),
+            ("a%zzb%2f", "a%zzb%2f"),
+        ];
+        for (suffix, key) in cases {
+            assert_eq!(extra_key(suffix), key, "{suffix}");
+        }
+    }
+
+    #[test]
+    fn the_first_impersonate_user_counts_as_in_kube_apiserver() {
+        let h = headers(&[
+            ("authorization", "Bearer admin-token"),
+            ("impersonate-user", "alice"),
+            ("impersonate-user", "mallory"),
+        ]);
+        let who = authenticate(&h, &tokens()).unwrap_or_default();
+        assert_eq!(who.username, "alice");
     }
 
     #[test]

@@ -98,3 +98,61 @@ async fn kube_rs_lists_creates_patches_and_reviews() {
     );
     sim.shutdown().await;
 }
+
+/// A client on the admin credentials with these impersonation settings.
+async fn impersonating(sim: &SimCluster, user: Option<&str>, groups: &[&str]) -> kube::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let kubeconfig = Kubeconfig::from_yaml(&sim.admin_kubeconfig()).expect("kubeconfig parses");
+    let mut config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .expect("kubeconfig resolves");
+    config.auth_info.impersonate = user.map(str::to_string);
+    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    kube::Client::try_from(config).expect("client builds")
+}
+
+#[tokio::test]
+async fn groups_without_a_user_get_kube_apiservers_bad_request() {
+    let sim = SimCluster::start(SimOptions::default())
+        .await
+        .expect("sim starts");
+    let client = impersonating(&sim, None, &["devs", "ops"]).await;
+    let pods: Api<Pod> = Api::namespaced(client, "demo");
+    match pods.list(&ListParams::default()).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 400, "{status:?}");
+            assert_eq!(status.reason, "BadRequest", "{status:?}");
+            assert_eq!(
+                status.message,
+                "requested [{Group  devs    } {Group  ops    }] without impersonating a user"
+            );
+        }
+        other => panic!("expected BadRequest, got {other:?}"),
+    }
+    let recorded = sim.requests();
+    let last = recorded.last().expect("the request was recorded");
+    assert_eq!(last.status, 400);
+    assert_eq!(last.user, None, "{last:?}");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_utf8_user_name_is_impersonated_as_sent() {
+    let sim = SimCluster::start(SimOptions::default())
+        .await
+        .expect("sim starts");
+    let client = impersonating(&sim, Some("josé"), &["équipe"]).await;
+    let reviews: Api<SelfSubjectReview> = Api::all(client);
+    let review = reviews
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .expect("self subject review");
+    let user = review.status.and_then(|s| s.user_info).unwrap_or_default();
+    assert_eq!(user.username.as_deref(), Some("josé"));
+    assert_eq!(
+        user.groups.unwrap_or_default(),
+        vec!["équipe".to_string(), "system:authenticated".to_string()]
+    );
+    sim.shutdown().await;
+}

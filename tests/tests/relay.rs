@@ -16,12 +16,13 @@
 
 use std::fs;
 
+use jsonwebtoken::Algorithm;
 use kinvoke_simcluster::{ADMIN_USER, RecordedRequest, SimCluster, SimOptions};
 use kinvoke_tests::{
-    AuditRecord, Client, Gateway, GatewayOptions, Output, RelayKubeconfig, USER, gateway_cli,
-    https_get, kube_tools, kube_tools_path, parse_header, read_audit_file,
+    AuditRecord, Client, Gateway, GatewayOptions, Output, RelayKubeconfig, TestIssuer, USER,
+    gateway_cli, https_get, kube_tools, kube_tools_path, parse_header, read_audit_file, unix_now,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Name of the cluster whose commands go through the relay.
 const KUBE: &str = "kube";
@@ -63,12 +64,20 @@ struct Kube {
 impl Kube {
     /// Starts both, or `None` (after a SKIPPED line) when kubectl and helm are missing.
     fn start() -> Option<Self> {
+        Self::start_with(|options, _| options)
+    }
+
+    /// Like [`Kube::start`], with more gateway settings: `more` gets the options (the
+    /// [`KUBE`] cluster last, so a `[cluster.identity]` table applies to it) and the
+    /// commands' `PATH`.
+    fn start_with(more: impl FnOnce(GatewayOptions, &str) -> GatewayOptions) -> Option<Self> {
         let tools = kube_tools().unwrap()?;
         let sim = SimCluster::spawn(SimOptions::default()).expect("the simulated cluster starts");
+        let path = kube_tools_path(&tools);
         let options = GatewayOptions::default()
-            .kube_cluster(KUBE, &sim.admin_kubeconfig(), &kube_tools_path(&tools))
-            .extra_toml(MTLS_RULE);
-        let gw = Gateway::start_with(options).expect("the gateway starts");
+            .extra_toml(MTLS_RULE)
+            .kube_cluster(KUBE, &sim.admin_kubeconfig(), &path);
+        let gw = Gateway::start_with(more(options, &path)).expect("the gateway starts");
         Some(Self { gw, sim })
     }
 
@@ -860,4 +869,259 @@ head -c 16777217 /dev/zero > big.bin
             .all(|r| r.method != "POST" || !r.path.ends_with("/configmaps")),
         "the oversized request reached the cluster"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// identity: fails closed, and UTF-8 names reach the cluster as they are
+
+/// The issuer of the tokens the identity tests sign.
+const OIDC_ISSUER: &str = "https://token.ci.example";
+
+/// The audience those tokens are for.
+const OIDC_AUDIENCE: &str = "kinvoke";
+
+/// Exit status of `kinvoke` when the gateway answered PERMISSION_DENIED.
+const EXIT_DENIED: i32 = 77;
+
+/// Exit status of `kinvoke` when the gateway answered INVALID_ARGUMENT.
+const EXIT_REJECTED: i32 = 65;
+
+/// A [`Kube`] whose listener also takes tokens from [`OIDC_ISSUER`], where tokens with
+/// `team = "web"` may run commands on [`KUBE`], which maps callers to the Kubernetes
+/// user in their `nick` claim.
+fn kube_with_nick_mapping(issuer: &TestIssuer) -> Option<Kube> {
+    Kube::start_with(|options, _| {
+        options
+            .file("oidc/jwks.json", issuer.jwks())
+            .listener_toml(r#"authentication = ["mtls", "token"]"#)
+            // applies to the last [[cluster]] table, KUBE
+            .extra_toml("[cluster.identity]\nuser = \"{claim:nick}\"\n")
+            .extra_toml(&format!(
+                r#"
+[[authn.oidc]]
+name = "ci"
+issuer = "{OIDC_ISSUER}"
+audiences = ["{OIDC_AUDIENCE}"]
+jwks_file = "oidc/jwks.json"
+principal_prefix = "ci:"
+
+[[assignment]]
+name = "web-team"
+role = "Command Invoker"
+scope = "clusters/{KUBE}"
+claims = {{ team = "web" }}
+"#
+            ))
+    })
+}
+
+/// A token of the web team whose `nick` claim is `nick`, valid for ten minutes.
+fn token_with_nick(issuer: &TestIssuer, nick: &str) -> String {
+    let now = unix_now().unwrap();
+    let claims = json!({
+        "iss": OIDC_ISSUER,
+        "aud": OIDC_AUDIENCE,
+        "sub": "deploy-job",
+        "team": "web",
+        "nick": nick,
+        "iat": now,
+        "exp": now + 600,
+    });
+    issuer
+        .sign(Algorithm::RS256, TestIssuer::RSA_KID, &claims)
+        .unwrap()
+}
+
+#[test]
+fn a_caller_mapped_to_an_empty_or_unsendable_user_is_refused_before_the_command_runs() {
+    let issuer = TestIssuer::new().unwrap();
+    let Some(kube) = kube_with_nick_mapping(&issuer) else {
+        return;
+    };
+    kube.sim.clear_requests();
+    let marker = kube.gw.scratch("the-command-ran");
+    let command = format!("touch '{}'; kubectl get ns", marker.display());
+    let cases = [
+        (
+            "",
+            "is empty; a command cannot run without a user to impersonate",
+        ),
+        ("alice\r\nx", "contains the control character U+000D"),
+        ("alice\u{0}", "contains the control character U+0000"),
+    ];
+    for (nick, problem) in cases {
+        let out = kube
+            .gw
+            .token_client(&token_with_nick(&issuer, nick))
+            .unwrap()
+            .args(["invoke", "--cluster", KUBE, "--command", &command])
+            .run()
+            .unwrap();
+        assert_eq!(out.code, Some(EXIT_DENIED), "{nick:?}: {out}");
+        let expected_start = format!(
+            "kinvoke: PERMISSION_DENIED: cannot run as a Kubernetes identity on cluster \"{KUBE}\": the Kubernetes user "
+        );
+        assert!(out.stderr.starts_with(&expected_start), "{nick:?}: {out}");
+        for needle in ["claim \"nick\" by template \"{claim:nick}\"", problem] {
+            assert!(
+                out.stderr.contains(needle),
+                "{nick:?}: no {needle:?} in {out}"
+            );
+        }
+        assert!(!marker.exists(), "{nick:?}: the command ran");
+    }
+    assert_eq!(
+        kube.audit_events("command_accepted").len(),
+        0,
+        "{}",
+        kube.gw.stderr_log()
+    );
+    assert_eq!(
+        relayed_requests(&kube.sim),
+        [],
+        "a refused caller reached the cluster"
+    );
+
+    // the same gateway runs a caller whose nick can be sent
+    let out = kube
+        .gw
+        .token_client(&token_with_nick(&issuer, "alice"))
+        .unwrap()
+        .args(["invoke", "--cluster", KUBE, "--command", &command])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(marker.exists(), "{out}");
+}
+
+#[test]
+fn a_utf8_user_name_reaches_the_cluster_as_it_is() {
+    let issuer = TestIssuer::new().unwrap();
+    let Some(kube) = kube_with_nick_mapping(&issuer) else {
+        return;
+    };
+    kube.sim.clear_requests();
+    let out = kube
+        .gw
+        .token_client(&token_with_nick(&issuer, "josé"))
+        .unwrap()
+        .args([
+            "invoke",
+            "--cluster",
+            KUBE,
+            "--command",
+            "kubectl auth whoami -o jsonpath={.status.userInfo.username}",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(body_of_success(&out), ["josé"], "{out}");
+    let requests = relayed_requests(&kube.sim);
+    assert!(!requests.is_empty(), "nothing reached the cluster");
+    for r in &requests {
+        let what = format!("{} {}", r.method, r.path);
+        assert_eq!(r.header("impersonate-user"), ["josé"], "{what}");
+        assert_eq!(r.user.as_deref(), Some("josé"), "{what}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// argv mode: one program, no shell, no flags that change where or as whom
+
+/// An argv-mode cluster on the same simulated cluster as [`KUBE`].
+const KUBE_ARGV: &str = "kube-argv";
+
+fn kube_with_argv_cluster() -> Option<Kube> {
+    Kube::start_with(|options, path| {
+        // the kubeconfig file kube_cluster wrote for KUBE serves this cluster too
+        options.extra_toml(&format!(
+            "[[cluster]]\nname = {KUBE_ARGV:?}\nmode = \"argv\"\nallowed_programs = [\"kubectl\", \"helm\"]\nkubeconfig = \"{KUBE}.kubeconfig\"\npath = {path:?}\n"
+        ))
+    })
+}
+
+#[test]
+fn argv_mode_refuses_connection_flags_and_shell_operators_before_the_command_starts() {
+    let Some(kube) = kube_with_argv_cluster() else {
+        return;
+    };
+    let invoke = |command: &str| {
+        kube.client()
+            .args(["invoke", "--cluster", KUBE_ARGV, "--command", command])
+            .run()
+            .unwrap()
+    };
+    // the cluster works: one program through the relay, a quoted operator is an argument
+    let out = invoke("kubectl get pods -n demo -o name");
+    let body = body_of_success(&out);
+    assert!(
+        body.contains(&format!("pod/{}", WEB_PODS[0]).as_str()),
+        "{out}"
+    );
+    // (`&` stays unescaped in the URL path, so the cluster's message shows it as it is)
+    let literal = invoke("kubectl get configmap -n demo 'a&&b'");
+    assert_eq!(literal.code, Some(1), "{literal}");
+    assert!(
+        literal
+            .stdout
+            .contains("Error from server (NotFound): configmaps \"a&&b\" not found"),
+        "{literal}"
+    );
+    let accepted = kube.audit_events("command_accepted").len();
+    kube.sim.clear_requests();
+
+    let cases = [
+        (
+            "kubectl --kubeconfig=/etc/kinvoke/kube.kubeconfig get ns",
+            "kinvoke: INVALID_ARGUMENT: argv mode refuses --kubeconfig of kubectl: it loads another kubeconfig",
+        ),
+        (
+            "kubectl get ns --token abc",
+            "kinvoke: INVALID_ARGUMENT: argv mode refuses --token of kubectl: ",
+        ),
+        (
+            "kubectl get pods -As https://127.0.0.1:1",
+            "kinvoke: INVALID_ARGUMENT: argv mode refuses -s/--server of kubectl: ",
+        ),
+        (
+            "helm list --kube-as-user admin",
+            "kinvoke: INVALID_ARGUMENT: argv mode refuses --kube-as-user of helm: ",
+        ),
+        (
+            "kubectl get pods -A | grep web",
+            "kinvoke: INVALID_ARGUMENT: argv mode runs one program (kubectl) with its arguments; \"|\" is a shell operator; use a cluster in shell mode for pipelines\n",
+        ),
+        (
+            "kubectl get ns $(id -u)",
+            "kinvoke: INVALID_ARGUMENT: argv mode runs one program (kubectl) with its arguments; \"$(\" is a shell operator; ",
+        ),
+        (
+            "kubectl plugin list",
+            "kinvoke: INVALID_ARGUMENT: argv mode refuses \"kubectl plugin\": ",
+        ),
+    ];
+    for (command, expected) in cases {
+        let out = invoke(command);
+        assert_eq!(out.code, Some(EXIT_REJECTED), "{command}: {out}");
+        assert!(out.stderr.starts_with(expected), "{command}: {out}");
+    }
+    assert_eq!(
+        kube.audit_events("command_accepted").len(),
+        accepted,
+        "a refused command was accepted:\n{}",
+        kube.gw.stderr_log()
+    );
+    assert_eq!(
+        relayed_requests(&kube.sim),
+        [],
+        "a refused command reached the cluster"
+    );
+
+    // what follows `--` is the remote command's, not kubectl's: this one reaches the
+    // relay (which refuses exec), it is not refused as a --token flag
+    let exec = invoke(&format!(
+        "kubectl exec -n demo {} -- ls --token",
+        WEB_PODS[0]
+    ));
+    assert_eq!(exec.code, Some(1), "{exec}");
+    assert!(exec.stdout.contains(UPGRADE_REFUSED), "{exec}");
 }

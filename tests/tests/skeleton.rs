@@ -896,10 +896,19 @@ fn argv_mode_runs_only_allowed_programs() {
             .unwrap()
     };
 
-    // no shell: the quotes group words, the pipe is an argument of echo
-    let out = strict("echo 'a  b' | x");
+    // no shell: the quotes group words, a quoted pipe is an argument of echo
+    let out = strict("echo 'a  b' '|' x");
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(&out.lines()[1..], ["a  b | x"], "{out}");
+
+    // a bare one means a pipeline was meant, which argv mode does not run
+    let out = strict("echo 'a  b' | x");
+    assert_eq!(out.code, Some(EXIT_REJECTED), "{out}");
+    assert_eq!(
+        out.stderr.trim_end(),
+        "kinvoke: INVALID_ARGUMENT: argv mode runs one program (echo) with its arguments; \"|\" is a shell operator; use a cluster in shell mode for pipelines",
+        "{out}"
+    );
 
     let out = strict("bash -c id");
     assert_eq!(out.code, Some(EXIT_REJECTED), "{out}");

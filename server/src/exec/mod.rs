@@ -1,6 +1,7 @@
 //! Executors run a validated command and report how it ended. `local` runs it as a
-//! sandboxed child process next to the gateway.
+//! sandboxed child process next to the gateway; `argv` is the policy of argv mode.
 
+pub mod argv;
 pub mod local;
 pub mod output;
 
@@ -68,31 +69,7 @@ pub fn plan_argv(cluster: &ClusterConfig, command: &str) -> Result<Vec<String>, 
             "-c".to_owned(),
             command.to_owned(),
         ]),
-        ExecMode::Argv => {
-            let argv = shell_words::split(command).map_err(|err| InvalidRequest::Malformed {
-                field: "command",
-                message: format!("cannot split into words: {err}"),
-            })?;
-            let program = argv
-                .first()
-                .ok_or(InvalidRequest::Missing { field: "command" })?;
-            if !cluster.allowed_programs.contains(program.as_str()) {
-                return Err(InvalidRequest::Malformed {
-                    field: "command",
-                    message: format!(
-                        "program \"{program}\" is not allowed on cluster \"{}\" (allowed: {}); cluster.allowed_programs lists them",
-                        cluster.name,
-                        cluster
-                            .allowed_programs
-                            .iter()
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                });
-            }
-            Ok(argv)
-        }
+        ExecMode::Argv => argv::plan(cluster, command),
     }
 }
 
@@ -124,7 +101,7 @@ mod tests {
     }
 
     #[test]
-    fn argv_mode_splits_with_shell_rules_and_checks_the_program() {
+    fn argv_mode_splits_with_shell_rules_and_applies_its_policy() {
         let c = cluster(ExecMode::Argv);
         assert_eq!(
             plan_argv(&c, "kubectl get cm 'a b'").unwrap(),
@@ -134,6 +111,11 @@ mod tests {
             ("rm -rf /", "not allowed"),
             ("/usr/bin/kubectl get pods", "not allowed"),
             ("kubectl 'unclosed", "cannot split"),
+            ("kubectl --kubeconfig=/x get ns", "--kubeconfig of kubectl"),
+            (
+                "kubectl get pods -A | grep web",
+                "\"|\" is a shell operator",
+            ),
         ];
         for (line, expected) in cases {
             let err = plan_argv(&c, line).unwrap_err().to_string();
