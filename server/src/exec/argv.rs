@@ -739,6 +739,7 @@ mod tests {
             shell: "bash".into(),
             disable_run_command: false,
             authorized_ip_ranges: Default::default(),
+            sandbox: crate::sandbox::SandboxMode::Off,
         }
     }
 
