@@ -739,7 +739,13 @@ impl Config {
         }
         for (i, c) in self.clusters.iter().enumerate() {
             if let Some(ApiServer::Kubeconfig { path, .. }) = &c.api {
-                out.push(LabeledPath::new(path, format!("cluster[{i}].kubeconfig")));
+                let key = format!("cluster[{i}].kubeconfig");
+                out.extend(
+                    kubeconfig_files(path)
+                        .into_iter()
+                        .map(|f| LabeledPath::new(f, format!("a file {key} names"))),
+                );
+                out.push(LabeledPath::new(path, key));
             }
         }
         for (i, issuer) in self.authn.issuers.iter().enumerate() {
@@ -768,9 +774,14 @@ impl Config {
     }
 
     /// Refuses a sandbox whose readable paths (for any sandboxed cluster) contain a
-    /// secret path, naming both.
+    /// secret path or lie inside one, or contain the directory where every command's
+    /// own directory is made, naming both.
     pub fn check_sandbox_exposure(&self) -> Result<(), ConfigError> {
         let secrets = self.secret_paths();
+        let work_root = [LabeledPath::new(
+            std::env::temp_dir(),
+            "the commands' work root (TMPDIR), which holds every command's directory and relay token",
+        )];
         for (i, c) in self.clusters.iter().enumerate() {
             if c.sandbox == SandboxMode::Off {
                 continue;
@@ -779,6 +790,7 @@ impl Config {
             let readable =
                 crate::sandbox::readable_paths(&self.sandbox, &c.path, &c.programs(), &key);
             crate::sandbox::check_exposure(&readable, &secrets)
+                .and_then(|()| crate::sandbox::check_containment(&readable, &work_root))
                 .map_err(|e| invalid(e.readable_source.clone(), e.to_string()))?;
         }
         Ok(())
@@ -989,6 +1001,33 @@ fn parse_listener_access(
             require_client_cert,
         },
     })
+}
+
+/// The files a kubeconfig names (CA, client certificate and key, token file), absolute;
+/// nothing when it cannot be read here (the gateway then fails on it at start-up).
+fn kubeconfig_files(path: &Path) -> Vec<PathBuf> {
+    let Ok(file) = kube::config::Kubeconfig::read_from(path) else {
+        return Vec::new();
+    };
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let clusters = file
+        .clusters
+        .iter()
+        .filter_map(|c| c.cluster.as_ref()?.certificate_authority.clone());
+    let users = file
+        .auth_infos
+        .iter()
+        .filter_map(|u| u.auth_info.as_ref())
+        .flat_map(|a| {
+            [
+                a.client_certificate.clone(),
+                a.client_key.clone(),
+                a.token_file.clone(),
+            ]
+            .into_iter()
+            .flatten()
+        });
+    clusters.chain(users).map(|f| base.join(f)).collect()
 }
 
 fn parse_sandbox(

@@ -7,8 +7,9 @@
 //! 1. optionally becomes a per-command Unix user from a configured range (when the
 //!    gateway runs as root),
 //! 2. enters new user, PID, mount and IPC namespaces,
-//! 3. starts an init process (PID 1 of the new PID namespace) that mounts a private
-//!    `/proc` and a private `/tmp` and starts a last stage that restricts itself with
+//! 3. starts an init process (PID 1 of the new PID namespace) that builds the command's
+//!    own root file system (read-only binds of what it may read, its own directories, a
+//!    private `/proc` and `/tmp`), moves into it, and starts a last stage that restricts itself with
 //!    Landlock (read and execute on the system paths, read-write on the command's own
 //!    directories, no signals or abstract sockets beyond its own domain), drops every
 //!    capability, and only then becomes the command.
@@ -45,8 +46,11 @@ pub const DEFAULT_READ_ONLY_PATHS: &[&str] = &[
     "/libx32",
     "/etc/alternatives",
     "/etc/ca-certificates",
-    "/etc/ssl",
-    "/etc/pki",
+    // the trust stores, not /etc/ssl or /etc/pki as a whole: private keys live there
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
+    "/etc/pki/tls/certs",
+    "/etc/pki/ca-trust/extracted",
     "/etc/group",
     "/etc/passwd",
     "/etc/nsswitch.conf",
@@ -215,18 +219,36 @@ fn program_dir(program: &Path) -> Option<&Path> {
     program.parent().filter(|_| program.is_absolute())
 }
 
-/// Refuses a readable path that is, or contains, a secret path. Both sides are compared
-/// after resolving symbolic links where the path exists (so `/opt/tools` → `/etc` is
-/// seen), lexically otherwise.
+/// Refuses a readable path that is, contains, or lies inside a secret path (a readable
+/// `STATE_DIR/sub` exposes part of the state directory). Both sides are compared after
+/// resolving symbolic links where the path exists (so `/opt/tools` → `/etc` is seen),
+/// lexically otherwise.
 pub fn check_exposure(
     readable: &[LabeledPath],
     secrets: &[LabeledPath],
+) -> Result<(), SecretExposed> {
+    check_paths(readable, secrets, true)
+}
+
+/// Refuses a readable path that is or contains one of `dirs`; one lying inside is fine
+/// (the commands' work root holds their own directories, which they must reach).
+pub fn check_containment(
+    readable: &[LabeledPath],
+    dirs: &[LabeledPath],
+) -> Result<(), SecretExposed> {
+    check_paths(readable, dirs, false)
+}
+
+fn check_paths(
+    readable: &[LabeledPath],
+    secrets: &[LabeledPath],
+    inside_too: bool,
 ) -> Result<(), SecretExposed> {
     for r in readable {
         let rp = resolved(&r.path);
         for s in secrets {
             let sp = resolved(&s.path);
-            if sp.starts_with(&rp) {
+            if sp.starts_with(&rp) || (inside_too && rp.starts_with(&sp)) {
                 return Err(SecretExposed {
                     readable: r.path.display().to_string(),
                     readable_source: r.source.clone(),
@@ -367,6 +389,8 @@ pub struct LaunchSpec {
     pub devices: Vec<PathBuf>,
     /// Mounted over `/tmp` inside the sandbox.
     pub private_tmp: Option<PathBuf>,
+    /// An empty directory the command's root file system is built on.
+    pub new_root: PathBuf,
     /// Become this user and group before entering the namespaces.
     pub run_as: Option<(u32, u32)>,
     /// Set everything up, report what worked, and run nothing.
@@ -398,8 +422,13 @@ pub struct Features {
     pub private_proc: bool,
     /// The command's `/tmp` is its own directory.
     pub private_tmp: bool,
+    /// The command's `/` holds only what it may use (the host's other files and Unix
+    /// sockets do not exist for it).
+    pub private_root: bool,
     /// The command holds no capabilities, even in its own user namespace.
     pub capabilities_dropped: bool,
+    /// A seccomp filter denies tracing, Multipath TCP, setuid modes and the like.
+    pub seccomp: bool,
 }
 
 impl std::fmt::Display for Features {
@@ -407,7 +436,7 @@ impl std::fmt::Display for Features {
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         write!(
             f,
-            "Landlock {}{}, user/PID/mount/IPC namespaces, private /proc: {}, private /tmp: {}, capabilities dropped: {}",
+            "Landlock {}{}, user/PID/mount/IPC namespaces, own root file system: {}, private /proc: {}, private /tmp: {}, capabilities dropped: {}, seccomp filter: {}",
             if self.landlock_full {
                 "fully enforced"
             } else {
@@ -418,9 +447,11 @@ impl std::fmt::Display for Features {
             } else {
                 ""
             },
+            yes_no(self.private_root),
             yes_no(self.private_proc),
             yes_no(self.private_tmp),
             yes_no(self.capabilities_dropped),
+            yes_no(self.seccomp),
         )
     }
 }
@@ -465,6 +496,14 @@ mod tests {
                 assert!(msg.contains(secret), "{msg}");
             }
         }
+    }
+
+    #[test]
+    fn a_readable_path_may_lie_inside_the_work_root_but_not_contain_it() {
+        let work_root = labeled(&["/tmp"]);
+        assert!(check_containment(&labeled(&["/tmp/kinvoke-x/work"]), &work_root).is_ok());
+        assert!(check_containment(&labeled(&["/"]), &work_root).is_err());
+        assert!(check_containment(&labeled(&["/tmp"]), &work_root).is_err());
     }
 
     #[test]
@@ -579,6 +618,7 @@ mod tests {
             writable: vec!["/w".into()],
             devices: vec!["/dev/null".into()],
             private_tmp: Some("/t".into()),
+            new_root: "/r".into(),
             run_as: Some((5000, 5000)),
             probe: false,
         };

@@ -83,6 +83,8 @@ async fn the_probe_finds_every_protection_on_this_kernel() {
     assert!(features.landlock_scoped, "{features}");
     assert!(features.private_proc, "{features}");
     assert!(features.capabilities_dropped, "{features}");
+    assert!(features.private_root, "{features}");
+    assert!(features.seccomp, "{features}");
 }
 
 #[tokio::test]

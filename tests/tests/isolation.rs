@@ -207,7 +207,7 @@ fn p2_writes_outside_the_commands_own_directories_fail() {
         ),
         (
             "delete the audit log",
-            "rm -f {gw}/state/audit.jsonl && echo LEAKED",
+            "rm {gw}/state/audit.jsonl && echo LEAKED",
         ),
         (
             "replace the config",
@@ -224,6 +224,25 @@ fn p2_writes_outside_the_commands_own_directories_fail() {
             "mkdir {work_root}/MARKER && echo LEAKED",
         ),
         ("write /usr", "touch /usr/MARKER && echo LEAKED"),
+        // each with the file's current mode, so even a failure of the sandbox harms nothing
+        ("chmod a device", "chmod 666 /dev/null && echo LEAKED"),
+        (
+            "chmod a system program",
+            "chmod 755 /usr/bin/true && echo LEAKED",
+        ),
+        (
+            "touch a system program",
+            "touch -c -m -r /usr/bin/true /usr/bin/true && echo LEAKED",
+        ),
+        // even in its own directories: no setuid program for a local user to find there
+        (
+            "setuid program",
+            "cp /usr/bin/true ./t && chmod 4755 ./t && echo LEAKED",
+        ),
+        (
+            "setgid program",
+            "cp /usr/bin/true ./t2 && chmod g+s ./t2 && echo LEAKED",
+        ),
     ];
     let cases: Vec<(&str, String)> = cases
         .iter()
@@ -250,13 +269,15 @@ fn p2_writes_outside_the_commands_own_directories_fail() {
     let verified = audit_verify(&[&audit]).unwrap();
     assert_eq!(verified.code, Some(0), "{verified}");
 
-    // the command's own directories, its TMPDIR and /dev/null are writable
+    // the command's own directories, its TMPDIR and /dev/null are writable, and no
+    // other local user can look into them
     let out = env.invoke(
-        "touch ./a \"$HOME/b\" \"$TMPDIR/c\" && mkdir -p \"$HOME/.cache/x\" && echo ok > /dev/null && echo WROTE",
+        "touch ./a \"$HOME/b\" \"$TMPDIR/c\" && mkdir -p \"$HOME/.cache/x\" && echo ok > /dev/null && echo WROTE; stat -c %a . \"$HOME\" \"$TMPDIR\" | tr '\\n' ' '",
         &[],
     );
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("WROTE"), "{out}");
+    assert!(out.stdout.contains("700 700 700"), "{out}");
 }
 
 #[test]
@@ -295,6 +316,10 @@ fn processes_with(arg: &str) -> Vec<String> {
     }
     found
 }
+
+/// Shell that waits until the last background job (`$!`) has become `sleep`, so a test
+/// that reads "ready" finds it on the host.
+const SLEEPING: &str = "until [ \"$(cat /proc/$!/comm 2>/dev/null)\" = sleep ]; do :; done";
 
 /// A `sleep` argument no other process has: `300.<pid><n>` seconds.
 fn unique_sleep(n: u32) -> String {
@@ -350,7 +375,9 @@ fn p4_a_timed_out_or_canceled_command_takes_its_daemons_with_it() {
             "--no-wait",
             "--command",
         ])
-        .arg(format!("setsid sleep {c} & echo ready; sleep 300"))
+        .arg(format!(
+            "setsid sleep {c} & {SLEEPING}; echo ready; sleep 300"
+        ))
         .run()
         .unwrap();
     assert_eq!(started.code, Some(0), "{started}");
@@ -446,7 +473,9 @@ fn one_caller_cannot_read_or_signal_another_callers_running_command() {
             "--no-wait",
             "--command",
         ])
-        .arg(format!("echo ready; sleep {marker}; echo alice-finished"))
+        .arg(format!(
+            "sleep {marker} & {SLEEPING}; echo ready; wait; echo alice-finished"
+        ))
         .arg("--timeout")
         .arg("2m")
         .run()
@@ -529,8 +558,20 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
     for d in [&secrets, &conf] {
         fs::create_dir(d).unwrap();
     }
-    fs::write(secrets.join("prod.kubeconfig"), "not read").unwrap();
     let root = dir.path().display().to_string();
+    let keys = dir.path().join("keys");
+    fs::create_dir(&keys).unwrap();
+    fs::write(keys.join("token"), "not read").unwrap();
+    // the gateway's kubeconfig names its token file elsewhere: that file is secret too
+    fs::write(
+        secrets.join("prod.kubeconfig"),
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"https://10.0.0.1\"}}\n\
+             users:\n- name: u\n  user: {{tokenFile: {root}/keys/token}}\n\
+             contexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
     let base = |extra: &str| {
         format!(
             "state_dir = \"{root}/state\"\n\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
@@ -556,6 +597,24 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
             "cluster[0].path",
             "the config file",
             format!("{root}/conf/gateway.toml"),
+        ),
+        (
+            format!("\n[sandbox]\nextra_read_only_paths = [\"{root}/keys\"]\n"),
+            "sandbox.read_only_paths",
+            "a file cluster[0].kubeconfig names",
+            format!("{root}/keys/token"),
+        ),
+        (
+            format!("\n[sandbox]\nwritable_paths = [\"{root}/state/cache\"]\n"),
+            "sandbox.writable_paths",
+            "state_dir",
+            format!("{root}/state/cache"),
+        ),
+        (
+            format!("\n[sandbox]\nextra_read_only_paths = [\"/\"]\n"),
+            "sandbox.read_only_paths",
+            "the Pod's service account",
+            "read / (".to_owned(),
         ),
         (
             format!("path = \"/usr/bin\"\nshell = \"{root}/state/bash\"\n"),
@@ -585,4 +644,85 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
         out.stdout.contains("WITHOUT the sandbox"),
         "check-config warns: {out}"
     );
+}
+
+#[test]
+fn p1_the_hosts_unix_sockets_do_not_exist_for_a_command() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    // a daemon's socket that file permissions would let the command reach (the gateway
+    // runs as root here, and so does the command's user outside its namespace)
+    let path = env.gw.dir().join("daemon.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let command = format!(
+        "python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); s.connect('{}'); print(s.recv(64).decode())\" && echo {LEAKED}",
+        path.display()
+    );
+    let out = env.invoke(&command, &[]);
+    assert!(!out.stdout.contains(LEAKED), "connected:\n{out}");
+    assert!(
+        out.stdout.contains("No such file or directory"),
+        "the socket does not exist for the command:\n{out}"
+    );
+    // nobody knocked
+    assert!(listener.accept().is_err());
+}
+
+#[test]
+fn no_command_listens_on_tcp_where_other_commands_could_reach_it() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    // a `kubectl proxy` on loopback would serve this caller's relay credentials to any
+    // other command on the host
+    let out = env.invoke(
+        "timeout 20 kubectl proxy --port=0; python3 -c \"import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print('BO' + 'UND')\"; true",
+        &[],
+    );
+    assert!(
+        !out.stdout.contains("Starting to serve"),
+        "kubectl proxy listens:\n{out}"
+    );
+    assert!(!out.stdout.contains("BOUND"), "bound a TCP port:\n{out}");
+    assert!(
+        out.stdout.contains("permission denied"),
+        "kubectl says why:\n{out}"
+    );
+    assert!(out.stdout.contains("PermissionError"), "{out}");
+    // connecting out still works: the relay is a TCP connection
+    let out = env.invoke("kubectl get ns -o name", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+}
+
+#[test]
+fn descriptors_the_gateway_inherited_never_reach_a_command() {
+    let Some(tools) = kube_tools().unwrap() else {
+        return;
+    };
+    drop(tools);
+    // a secret the gateway's parent left open without close-on-exec (a shell's
+    // `exec 7<secret`): the gateway inherits it, its commands must not
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    fs::write(&secret, "INHERITED-SECRET").unwrap();
+    let file = fs::File::open(&secret).unwrap();
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let gw = Gateway::start_with(GatewayOptions::default()).expect("the gateway starts");
+    drop(file);
+    let out = gw
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", "local", "--command"])
+        .arg(format!("cat <&{fd}; ls /proc/self/fd | tr '\\n' ' '"))
+        .run()
+        .unwrap();
+    assert!(!out.stdout.contains("INHERITED-SECRET"), "{out}");
+    assert!(out.stdout.contains("Bad file descriptor"), "{out}");
 }

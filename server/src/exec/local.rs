@@ -69,6 +69,8 @@ credentialPluginPolicy: DenyAll\n";
 ///   home/        HOME: .kube/config (the relay kubeconfig, 0600), .kube/kuberc
 ///   tmp/         TMPDIR, and /tmp inside the sandbox
 ///   kinvoke/     read-only for the command: the no-terminal editor
+///   root/        mount point of the command's own root file system (inside its
+///                namespace only)
 /// ```
 struct CommandDirs {
     root: tempfile::TempDir,
@@ -86,6 +88,9 @@ impl CommandDirs {
     }
     fn no_terminal(&self) -> PathBuf {
         self.root.path().join("kinvoke").join("no-terminal")
+    }
+    fn new_root(&self) -> PathBuf {
+        self.root.path().join("root")
     }
 }
 
@@ -149,8 +154,13 @@ impl LocalExecutor {
         }
         .map_err(|err| format!("could not create a work directory: {err}"))?;
         let dirs = CommandDirs { root };
-        let (work, home, tmp, no_terminal) =
-            (dirs.work(), dirs.home(), dirs.tmp(), dirs.no_terminal());
+        let (work, home, tmp, no_terminal, new_root) = (
+            dirs.work(),
+            dirs.home(),
+            dirs.tmp(),
+            dirs.no_terminal(),
+            dirs.new_root(),
+        );
         let root = dirs.root.path().to_owned();
         let files = job.spec.files.clone();
         let kubeconfig = job.kubeconfig.as_ref().map(|k| k.0.clone());
@@ -160,7 +170,13 @@ impl LocalExecutor {
                 .map_err(create)?;
             for dir in [&work, &home, &tmp] {
                 std::fs::create_dir(dir).map_err(create)?;
+                // the command's alone: no other local user may read its files or plant any
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(create)?;
             }
+            std::fs::create_dir(&new_root).map_err(create)?;
+            std::fs::set_permissions(&new_root, std::fs::Permissions::from_mode(0o755))
+                .map_err(create)?;
             if let Some(bin) = no_terminal.parent() {
                 std::fs::create_dir(bin).map_err(create)?;
                 std::fs::set_permissions(bin, std::fs::Permissions::from_mode(0o755))
@@ -258,6 +274,7 @@ impl LocalExecutor {
                         .collect(),
                     devices: DEVICES.iter().map(PathBuf::from).collect(),
                     private_tmp: Some(dirs.tmp()),
+                    new_root: dirs.new_root(),
                     run_as: owner.map(|uid| (uid, uid)),
                     probe: false,
                 };

@@ -135,14 +135,29 @@ impl Sandbox {
                 },
             )?;
         }
+        let (work, new_root) = (root.path().join("work"), root.path().join("root"));
+        for dir in [&work, &new_root] {
+            std::fs::create_dir(dir)
+                .map_err(|e| format!("sandbox probe: cannot create {}: {e}", dir.display()))?;
+            if let Some(lease) = &lease {
+                std::os::unix::fs::chown(dir, Some(lease.uid), Some(lease.uid)).map_err(|e| {
+                    format!(
+                        "sandbox probe: cannot give {} to user {}: {e}",
+                        dir.display(),
+                        lease.uid
+                    )
+                })?;
+            }
+        }
         let spec = LaunchSpec {
             argv: vec!["true".to_owned()],
             env: Vec::new(),
-            cwd: root.path().to_owned(),
+            cwd: work.clone(),
             read_only: self.settings.read_only_paths.clone(),
-            writable: vec![root.path().to_owned()],
+            writable: vec![work.clone()],
             devices: super::DEVICES.iter().map(PathBuf::from).collect(),
-            private_tmp: Some(root.path().to_owned()),
+            private_tmp: Some(work),
+            new_root,
             run_as: lease.as_ref().map(|l| (l.uid, l.uid)),
             probe: true,
         };

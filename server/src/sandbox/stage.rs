@@ -5,7 +5,9 @@
 //!   command's own Unix user, enters new user, PID, mount and IPC namespaces, starts
 //!   init, waits for it and reports how the command ended. If the gateway goes away, it
 //!   kills init (and so the whole namespace).
-//! - **init**: PID 1 of the new namespace. Mounts a private `/proc` and `/tmp`, starts
+//! - **init**: PID 1 of the new namespace. Builds the command's own root file system
+//!   (a read-only tmpfs with binds of what it may use, a private `/proc` and `/tmp`) and
+//!   `pivot_root`s into it, starts
 //!   the exec stage, reaps orphans, passes stop signals on to every process in the
 //!   namespace, and exits as soon as the command's main process has: the kernel then
 //!   kills whatever is left. Init stays outside the command's Landlock domain, so the
@@ -27,14 +29,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use landlock::{
-    ABI, Access, AccessFs, BitFlags, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
+    ABI, Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, LandlockStatus,
+    PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
 };
-use nix::mount::{MsFlags, mount};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::statvfs::{FsFlags, statvfs};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Gid, Pid, Uid};
 
@@ -59,6 +62,7 @@ const LANDLOCK_ABI: ABI = ABI::V7;
 pub fn dispatch() -> Option<ExitCode> {
     let stage = std::env::args_os().nth(1)?;
     if stage == LAUNCHER_ARG {
+        close_inherited_fds();
         Some(launcher())
     } else if stage == INIT_ARG {
         Some(init())
@@ -66,6 +70,28 @@ pub fn dispatch() -> Option<ExitCode> {
         Some(exec_stage())
     } else {
         None
+    }
+}
+
+/// Closes every file descriptor above standard error. The gateway's own descriptors are
+/// close-on-exec, but whatever the gateway inherited from its parent without that flag
+/// (a shell's `exec 7<secret`, a service manager's pipe) would otherwise reach every
+/// command, and Landlock checks files only when they are opened.
+#[allow(
+    unsafe_code,
+    reason = "close_range(2) has no safe binding in std or nix; see the SAFETY note"
+)]
+fn close_inherited_fds() {
+    // SAFETY: called first thing in a freshly exec'd, single-threaded process, before any
+    // Rust value owns a descriptor above 2 (std's runtime only ever touches 0-2), so no
+    // owner is left holding a closed descriptor. The syscall takes plain integers.
+    let closed = unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    if closed != 0 {
+        eprintln!(
+            "kinvoke: sandbox: close_range failed: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::exit(1);
     }
 }
 
@@ -275,9 +301,11 @@ fn supervise(spec: &LaunchSpec, control: &UnixStream) -> Result<Report, String> 
         landlock_scoped: false,
         private_proc: false,
         private_tmp: false,
+        private_root: false,
         capabilities_dropped: false,
+        seccomp: false,
     };
-    private_mounts(spec, &mut features)?;
+    build_root(spec, &mut features)?;
     let mut spec = spec.clone();
     if !features.private_tmp {
         spec.private_tmp = None;
@@ -313,6 +341,7 @@ fn supervise(spec: &LaunchSpec, control: &UnixStream) -> Result<Report, String> 
             Ok(Report::Probed(confined)) => Ok(Report::Probed(Features {
                 private_proc: features.private_proc,
                 private_tmp: features.private_tmp,
+                private_root: features.private_root,
                 ..confined
             })),
             Ok(report) => Ok(report),
@@ -389,11 +418,15 @@ fn confine_and_exec(spec: &LaunchSpec) -> Result<Report, String> {
         landlock_scoped: false,
         private_proc: false,
         private_tmp: spec.private_tmp.is_some(),
+        private_root: false,
         capabilities_dropped: false,
+        seccomp: false,
     };
     restrict(spec, &mut features)?;
     drop_capabilities()?;
     features.capabilities_dropped = true;
+    deny_syscalls()?;
+    features.seccomp = true;
     if spec.probe {
         return Ok(Report::Probed(features));
     }
@@ -411,10 +444,17 @@ fn confine_and_exec(spec: &LaunchSpec) -> Result<Report, String> {
     Err(format!("could not start \"{program}\": {err}"))
 }
 
-/// Makes every mount private to this namespace, then mounts a `/proc` that shows only
-/// this PID namespace and the command's own directory over `/tmp`. A kernel or container
-/// that forbids either leaves the host's view, which Landlock still confines.
-fn private_mounts(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
+/// Builds the command's file system and moves into it: a small read-only tmpfs as `/`,
+/// holding only bind mounts of the read-only paths (read-only), the devices, the
+/// command's own directories (read-write), a `/proc` of this PID namespace only, and
+/// `/dev/fd` and `/dev/std*` links. Everything else of the host, such as the Unix
+/// sockets of its daemons, does not exist for the command. Landlock then confines it
+/// again inside this view.
+fn build_root(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
+    let fail = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        format!("sandbox: cannot {what} {}: {e}", path.display())
+    };
+    // nothing mounted here may reach the host's mount table
     mount(
         None::<&str>,
         "/",
@@ -422,30 +462,156 @@ fn private_mounts(spec: &LaunchSpec, features: &mut Features) -> Result<(), Stri
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(|e| format!("sandbox: cannot make the mount namespace private: {e}"))?;
+    .map_err(|e| fail("make private", Path::new("/"), &e))?;
+    let root = spec.new_root.as_path();
+    mount(
+        Some("tmpfs"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755,size=1m"),
+    )
+    .map_err(|e| fail("mount a tmpfs on", root, &e))?;
+    let inside = |path: &Path| root.join(path.strip_prefix("/").unwrap_or(path));
+
+    let read_only = spec.read_only.iter().map(|p| (p, Bind::ReadOnly));
+    let devices = spec.devices.iter().map(|p| (p, Bind::Device));
+    let writable = spec.writable.iter().map(|p| (p, Bind::Writable));
+    for (path, kind) in read_only.chain(devices).chain(writable) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            // a configured path that this host lacks grants nothing
+            continue;
+        };
+        let target = inside(path);
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target).map_err(|e| fail("create", &target, &e))?;
+        } else {
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| fail("create", parent, &e))?;
+            }
+            if !target.exists() {
+                std::fs::File::create(&target).map_err(|e| fail("create", &target, &e))?;
+            }
+        }
+        mount(
+            Some(path.as_path()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| fail("bind-mount", path, &e))?;
+        if kind != Bind::Writable {
+            // read-only, so no chmod, chown, utimes or xattr reaches the host's files
+            // (writing to a device node works on a read-only mount); flags the host
+            // locked on the mount (nosuid, noexec, atime) must be kept
+            let mut flags = MsFlags::MS_REMOUNT
+                | MsFlags::MS_BIND
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_RDONLY
+                | locked_flags(&target);
+            if kind == Bind::ReadOnly {
+                flags |= MsFlags::MS_NODEV;
+            }
+            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+                .map_err(|e| fail("make read-only", path, &e))?;
+        }
+    }
+
+    let proc = inside(Path::new("/proc"));
+    std::fs::create_dir_all(&proc).map_err(|e| fail("create", &proc, &e))?;
     features.private_proc = mount(
         Some("proc"),
-        "/proc",
+        &proc,
         Some("proc"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .is_ok();
-    // a command directory below /tmp would vanish under the bind mount: then the
-    // command has its TMPDIR only, and Landlock keeps it out of the host's /tmp
-    let below_tmp = spec.cwd.starts_with("/tmp")
-        || std::fs::canonicalize(&spec.cwd).is_ok_and(|p| p.starts_with("/tmp"));
-    if let Some(tmp) = spec.private_tmp.as_ref().filter(|_| !below_tmp) {
-        features.private_tmp = mount(
-            Some(tmp.as_path()),
-            "/tmp",
+    if !features.private_proc {
+        // a container that masks parts of /proc forbids a new one: the host's, which
+        // Landlock's ptrace rule guards
+        mount(
+            Some("/proc"),
+            &proc,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| fail("bind-mount", Path::new("/proc"), &e))?;
+    }
+    let dev = inside(Path::new("/dev"));
+    std::fs::create_dir_all(&dev).map_err(|e| fail("create", &dev, &e))?;
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let link = dev.join(name);
+        std::os::unix::fs::symlink(target, &link).map_err(|e| fail("create", &link, &e))?;
+    }
+    // the command's tmp/ on /tmp, unless its own directory lies below /tmp (the mount
+    // would hide it): then it has its TMPDIR only
+    let tmp = inside(Path::new("/tmp"));
+    let below_tmp = spec.cwd.starts_with("/tmp");
+    if let Some(private) = spec.private_tmp.as_ref().filter(|_| !below_tmp) {
+        std::fs::create_dir_all(&tmp).map_err(|e| fail("create", &tmp, &e))?;
+        mount(
+            Some(private.as_path()),
+            &tmp,
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .is_ok();
+        .map_err(|e| fail("bind-mount", private, &e))?;
+        features.private_tmp = true;
     }
+    mount(
+        None::<&str>,
+        root,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(|e| fail("make read-only", root, &e))?;
+
+    // pivot_root(".", "."): the old root ends up stacked on the new one, then detached
+    nix::unistd::chdir(root).map_err(|e| fail("enter", root, &e))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| fail("pivot to", root, &e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach", Path::new("/"), &e))?;
+    nix::unistd::chdir("/").map_err(|e| fail("enter", Path::new("/"), &e))?;
+    features.private_root = true;
     Ok(())
+}
+
+/// How a path is bound into the command's root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bind {
+    ReadOnly,
+    Device,
+    Writable,
+}
+
+/// The per-mount flags of the mount holding `path` that a remount in a user namespace
+/// must repeat (the kernel locks them when the namespace is created).
+fn locked_flags(path: &Path) -> MsFlags {
+    let Ok(stat) = statvfs(path) else {
+        return MsFlags::empty();
+    };
+    let have = stat.flags();
+    [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+    ]
+    .into_iter()
+    .filter(|(st, _)| have.contains(*st))
+    .fold(MsFlags::empty(), |acc, (_, ms)| acc | ms)
 }
 
 /// Landlock: read and execute on the read-only paths, everything on the command's own
@@ -500,6 +666,10 @@ fn restrict(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(all)
         .map_err(|e| fail(&e))?
+        // no TCP listener: a command's `kubectl proxy` or port-forward would lend its
+        // caller's relay credentials to every other command on the host (ABI 4+)
+        .handle_access(AccessNet::BindTcp)
+        .map_err(|e| fail(&e))?
         .scope(Scope::from_all(LANDLOCK_ABI))
         .map_err(|e| fail(&e))?
         .create()
@@ -530,6 +700,74 @@ fn restrict(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
         return Err("sandbox: no_new_privs could not be set".to_owned());
     }
     Ok(())
+}
+
+/// `IPPROTO_MPTCP` (linux/in.h): Go listens with Multipath TCP by default since 1.24, and
+/// Landlock's TCP rules do not cover it.
+const IPPROTO_MPTCP: u64 = 262;
+
+/// A seccomp filter of what no kubectl or helm needs and an escape would: tracing
+/// (`ptrace` could hold a dead main process hostage past its exit, and read memory),
+/// Multipath TCP sockets (around Landlock's no-listen rule; Go falls back to TCP), setuid
+/// and setgid modes and extended attributes (file capabilities) on the command's own
+/// files, kernel keyrings, BPF, perf, userfaultfd and io_uring.
+fn deny_syscalls() -> Result<(), String> {
+    use nix::libc;
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule,
+    };
+    let fail = |e: &dyn std::fmt::Display| format!("sandbox: seccomp: {e}");
+    let when = |arg: u8, mask: u64, value: u64| -> Result<SeccompRule, String> {
+        let condition = SeccompCondition::new(
+            arg,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(mask),
+            value,
+        )
+        .map_err(|e| fail(&e))?;
+        SeccompRule::new(vec![condition]).map_err(|e| fail(&e))
+    };
+    // a mode argument with the setuid or the setgid bit
+    let set_id = |arg: u8| -> Result<Vec<SeccompRule>, String> {
+        Ok(vec![when(arg, 0o4000, 0o4000)?, when(arg, 0o2000, 0o2000)?])
+    };
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = [
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_userfaultfd,
+        libc::SYS_io_uring_setup,
+        libc::SYS_setxattr,
+        libc::SYS_lsetxattr,
+        libc::SYS_fsetxattr,
+    ]
+    .into_iter()
+    .map(|call| (call, Vec::new()))
+    .collect();
+    rules.insert(
+        libc::SYS_socket,
+        vec![when(2, u64::from(u32::MAX), IPPROTO_MPTCP)?],
+    );
+    rules.insert(libc::SYS_chmod, set_id(1)?);
+    rules.insert(libc::SYS_fchmod, set_id(1)?);
+    rules.insert(libc::SYS_fchmodat, set_id(2)?);
+    rules.insert(libc::SYS_fchmodat2, set_id(2)?);
+    let arch = std::env::consts::ARCH.try_into().map_err(|e| fail(&e))?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| fail(&e))?;
+    let program: BpfProgram = filter.try_into().map_err(|e| fail(&e))?;
+    seccompiler::apply_filter(&program).map_err(|e| fail(&e))
 }
 
 /// Root of the user namespace keeps no capability across `exec`: the bounding and
