@@ -341,12 +341,27 @@ pub async fn open_sandbox(config: &Config) -> Result<Option<Arc<Sandbox>>, Gatew
     let sandbox = Sandbox::new(config.sandbox.clone());
     let features = sandbox.probe().await.map_err(GatewayError::Sandbox)?;
     tracing::info!(clusters = %sandboxed.join(", "), "commands run sandboxed: {features}");
-    if !features.landlock_full {
-        tracing::warn!(
-            "this kernel enforces only part of the Landlock rules kinvoke asks for; upgrade to Linux 6.12+ for all of them"
-        );
+    for warning in sandbox_warnings(config, &features) {
+        tracing::warn!("{warning}");
     }
     Ok(Some(Arc::new(sandbox)))
+}
+
+/// What a probed sandbox lacks that an operator should know about: a kernel that
+/// enforces only part of the rules, a `/proc` shared with the host, or a root gateway
+/// whose commands keep root's ownership of every file they can see.
+pub fn sandbox_warnings(config: &Config, features: &sandbox::Features) -> Vec<String> {
+    let mut out = Vec::new();
+    if !features.landlock_full {
+        out.push("this kernel enforces only part of the Landlock rules kinvoke asks for; upgrade to Linux 6.12+ for all of them".to_owned());
+    }
+    if !features.private_proc {
+        out.push("commands see the host's /proc (a new one could not be mounted here): they can list the gateway's process and its command line, though not its memory or environment".to_owned());
+    }
+    if nix::unistd::geteuid().is_root() && config.sandbox.run_as_uids.is_none() {
+        out.push("the gateway runs as root and sandbox.run_as_uids is not set: commands run as root outside their namespace, the owner of every root-owned file they can see (sandbox.writable_paths, any extra_read_only_paths); set run_as_uids to a range of unused user ids".to_owned());
+    }
+    out
 }
 
 /// A client for each cluster with an API server configured, with the gateway's own

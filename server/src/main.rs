@@ -98,19 +98,21 @@ fn main() -> ExitCode {
 /// Probes the sandbox when a cluster wants one: prints what this host gives commands, or
 /// the problem that would stop `serve`.
 async fn check_sandbox(cfg: &Config) -> Option<String> {
-    match kinvoke_gateway::open_sandbox(cfg).await {
-        Ok(None) => {
-            println!("sandbox: not used (every cluster has sandbox = \"off\")");
+    use kinvoke_gateway::sandbox::SandboxMode;
+    if cfg.clusters.iter().all(|c| c.sandbox == SandboxMode::Off) {
+        println!("sandbox: not used (every cluster has sandbox = \"off\")");
+        return None;
+    }
+    let sandbox = kinvoke_gateway::sandbox::launch::Sandbox::new(cfg.sandbox.clone());
+    match sandbox.probe().await {
+        Ok(features) => {
+            println!("sandbox: {features}");
+            for warning in kinvoke_gateway::sandbox_warnings(cfg, &features) {
+                println!("warning: {warning}");
+            }
             None
         }
-        Ok(Some(sandbox)) => match sandbox.probe().await {
-            Ok(features) => {
-                println!("sandbox: {features}");
-                None
-            }
-            Err(reason) => Some(reason),
-        },
-        Err(err) => Some(err.to_string()),
+        Err(reason) => Some(kinvoke_gateway::GatewayError::Sandbox(reason).to_string()),
     }
 }
 

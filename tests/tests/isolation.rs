@@ -611,7 +611,7 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
             format!("{root}/state/cache"),
         ),
         (
-            format!("\n[sandbox]\nextra_read_only_paths = [\"/\"]\n"),
+            "\n[sandbox]\nextra_read_only_paths = [\"/\"]\n".to_owned(),
             "sandbox.read_only_paths",
             "the Pod's service account",
             "read / (".to_owned(),
@@ -629,6 +629,22 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
         assert!(out.stderr.contains(readable_key), "{extra}: {out}");
         assert!(out.stderr.contains(secret_key), "{extra}: {out}");
         assert!(out.stderr.contains(&named), "{extra}: {out}");
+    }
+
+    // a config that exposes nothing gets the probe's report (the TLS files are missing,
+    // so it still fails, after the report), and a root gateway the advice to give
+    // commands users of their own
+    let out = check_config(&conf, "gateway.toml", &base("")).unwrap();
+    assert!(
+        out.stdout.contains("sandbox: Landlock fully enforced"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("own root file system: yes"), "{out}");
+    if nix::unistd::geteuid().is_root() {
+        assert!(
+            out.stdout.contains("sandbox.run_as_uids is not set"),
+            "{out}"
+        );
     }
 
     // the same cluster with the sandbox off is accepted, with a loud warning
