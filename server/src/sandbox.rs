@@ -482,7 +482,7 @@ mod tests {
             (
                 &["/var/lib/kinvoke/state/sub"][..],
                 "/var/lib/kinvoke/state",
-                false,
+                true,
             ),
             (&["/opt/a"][..], "/opt/ab/secret", false),
             (&["/opt/x/../etc"][..], "/opt/etc/secret", true),

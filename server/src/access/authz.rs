@@ -289,9 +289,28 @@ impl Policy {
         })
     }
 
-    /// The gate of a cluster.
-    pub fn gate(&self, cluster: &str) -> Option<&ClusterGate> {
-        self.gates.get(cluster)
+    /// Why `cluster`'s gate refuses `action` from `source` whatever the caller's roles
+    /// (run command disabled, address outside the cluster's ranges), or `None`. The one
+    /// evaluation of the gate: authorization and `whoami` both use it.
+    pub fn gate_refusal(
+        &self,
+        cluster: &str,
+        action: Action,
+        source: std::net::IpAddr,
+    ) -> Option<Denied> {
+        let gate = self.gates.get(cluster)?;
+        if action == Action::RunCommand && gate.disable_run_command {
+            return Some(Denied::RunCommandDisabled {
+                cluster: cluster.to_owned(),
+            });
+        }
+        if !gate.authorized_ip_ranges.is_empty() && !gate.authorized_ip_ranges.contains(source) {
+            return Some(Denied::SourceNotAllowed {
+                cluster: cluster.to_owned(),
+                address: source,
+            });
+        }
+        None
     }
 
     /// May `who` do `action` on `cluster`, by active assignments only?
@@ -309,20 +328,8 @@ impl Policy {
         grants: &[Grant],
         now: std::time::SystemTime,
     ) -> Decision {
-        if let Some(gate) = self.gates.get(cluster) {
-            if action == Action::RunCommand && gate.disable_run_command {
-                return Decision::Deny(Denied::RunCommandDisabled {
-                    cluster: cluster.to_owned(),
-                });
-            }
-            if !gate.authorized_ip_ranges.is_empty()
-                && !gate.authorized_ip_ranges.contains(who.source)
-            {
-                return Decision::Deny(Denied::SourceNotAllowed {
-                    cluster: cluster.to_owned(),
-                    address: who.source,
-                });
-            }
+        if let Some(denied) = self.gate_refusal(cluster, action, who.source) {
+            return Decision::Deny(denied);
         }
         let grants_role = |role: &str| {
             self.roles
@@ -611,6 +618,49 @@ mod tests {
                 .is_empty()
         );
         assert!(p.holds_any(&sre, "office-only"));
+    }
+
+    #[test]
+    fn a_clusters_gate_is_evaluated_in_one_place_whatever_the_role() {
+        let p = policy();
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap() };
+        let cases = [
+            ("prod", Action::RunCommand, "192.0.2.1", None),
+            (
+                "frozen",
+                Action::RunCommand,
+                "10.1.1.1",
+                Some("run command is disabled"),
+            ),
+            ("frozen", Action::ReadResults, "10.1.1.1", None),
+            ("office-only", Action::RunCommand, "10.1.1.1", None),
+            (
+                "office-only",
+                Action::ReadResults,
+                "192.0.2.1",
+                Some("192.0.2.1 is not in the authorized IP ranges"),
+            ),
+            ("unknown", Action::RunCommand, "192.0.2.1", None),
+        ];
+        for (cluster, action, source, refused) in cases {
+            let got = p
+                .gate_refusal(cluster, action, ip(source))
+                .map(|d| d.to_string());
+            match (refused, &got) {
+                (None, None) => {}
+                (Some(text), Some(message)) if message.contains(text) => {}
+                _ => panic!("{cluster} {action:?} from {source}: {got:?}"),
+            }
+        }
+        // and authorization says the same, even to an admin of every cluster
+        let sre = who("sam", &["sre"], &[], "192.0.2.1");
+        assert_eq!(
+            p.check(&sre, Action::ReadResults, "office-only"),
+            Decision::Deny(
+                p.gate_refusal("office-only", Action::ReadResults, ip("192.0.2.1"))
+                    .unwrap()
+            )
+        );
     }
 
     #[test]

@@ -40,18 +40,11 @@ impl AccessApi {
                     .filter(|g| g.cluster == c.name.as_str() && g.in_force(now))
                     .map(|g| g.id.clone())
                     .collect();
-                let restriction = if !c.authorized_ip_ranges.is_empty()
-                    && !c.authorized_ip_ranges.contains(who.source)
-                {
-                    format!(
-                        "source address {} is not in the cluster's authorized IP ranges",
-                        who.source
-                    )
-                } else if c.disable_run_command {
-                    "run command is disabled on this cluster".to_owned()
-                } else {
-                    String::new()
-                };
+                // what stops this caller running commands here, whatever their roles
+                let restriction = policy
+                    .gate_refusal(c.name.as_str(), Action::RunCommand, who.source)
+                    .map(|denied| denied.to_string())
+                    .unwrap_or_default();
                 pb::ClusterAccess {
                     cluster: c.name.to_string(),
                     actions: actions
