@@ -4,4 +4,4 @@
 pub mod authz;
 pub mod cidr;
 pub mod grant;
-pub mod proxy;
+pub mod proxy_protocol;

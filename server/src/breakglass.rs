@@ -394,7 +394,8 @@ struct Notifier {
 
 impl Notifier {
     fn new(hook: &Webhook) -> Result<Self, String> {
-        let http = crate::http::client(hook.ca_cert.as_deref(), Duration::from_secs(5), false)?;
+        let http =
+            crate::outbound_https::client(hook.ca_cert.as_deref(), Duration::from_secs(5), false)?;
         Ok(Self {
             url: hook.url.clone(),
             http,
@@ -417,7 +418,7 @@ impl Notifier {
                 .and_then(|r| r.error_for_status())
             {
                 Ok(_) => return Ok(()),
-                Err(err) => last = crate::http::describe(&err),
+                Err(err) => last = crate::outbound_https::describe(&err),
             }
         }
         Err(format!(

@@ -15,9 +15,9 @@ use crate::authn::ListenerAuth;
 use crate::command::ClusterName;
 use crate::sandbox::{LabeledPath, SandboxMode, SandboxSettings};
 
-mod access;
+mod access_control;
 
-pub use access::AuthnConfig;
+pub use access_control::AuthnConfig;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -297,11 +297,11 @@ struct RawConfig {
     #[serde(default, rename = "cluster")]
     clusters: Vec<RawCluster>,
     #[serde(default)]
-    authn: access::RawAuthn,
+    authn: access_control::RawAuthn,
     #[serde(default, rename = "role")]
-    roles: Vec<access::RawRole>,
+    roles: Vec<access_control::RawRole>,
     #[serde(default, rename = "assignment")]
-    assignments: Vec<access::RawAssignment>,
+    assignments: Vec<access_control::RawAssignment>,
     #[serde(default)]
     audit: RawAudit,
     #[serde(default)]
@@ -502,7 +502,7 @@ impl Config {
         }
 
         let limits = parse_limits(raw.limits)?;
-        let authn = access::parse_authn(raw.authn, &resolve)?;
+        let authn = access_control::parse_authn(raw.authn, &resolve)?;
         let mut warnings = Vec::new();
 
         if raw.listeners.is_empty() {
@@ -623,8 +623,8 @@ impl Config {
             }
         }
 
-        let roles = access::parse_roles(raw.roles)?;
-        let assignments = access::parse_assignments(raw.assignments)?;
+        let roles = access_control::parse_roles(raw.roles)?;
+        let assignments = access_control::parse_assignments(raw.assignments)?;
         for (i, a) in assignments.iter().enumerate() {
             if let crate::access::authz::Scope::Cluster(c) = &a.scope
                 && !clusters.iter().any(|k| k.name.as_str() == c)

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::cidr::CidrSet;
-use crate::access::proxy;
+use crate::access::proxy_protocol;
 use crate::audit::{Audit, AuditEvent};
 use crate::authn::ListenerAuth;
 use crate::config::ListenerConfig;
@@ -107,11 +107,11 @@ impl Gate {
     async fn admit(&self, tcp: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, String> {
         // refuse before TLS so unlisted peers cost no crypto
         if self.trusted_proxies.contains(peer.ip()) {
-            let header = proxy::starts_with_header(tcp)
+            let header = proxy_protocol::starts_with_header(tcp)
                 .await
                 .map_err(|e| format!("read failed: {e}"))?;
             let source = if header {
-                proxy::read_header(tcp)
+                proxy_protocol::read_header(tcp)
                     .await
                     .map_err(|e| e.to_string())?
                     .map(canonical_addr)
@@ -133,7 +133,7 @@ impl Gate {
                 peer.ip()
             ));
         }
-        let header = proxy::starts_with_header(tcp)
+        let header = proxy_protocol::starts_with_header(tcp)
             .await
             .map_err(|e| format!("read failed: {e}"))?;
         if header {

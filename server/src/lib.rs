@@ -2,11 +2,13 @@
 //! authenticated callers, and keeps their results.
 //!
 //! A call flows: accept → CIDR allowlist and PROXY protocol (`ingress`, `access::cidr`,
-//! `access::proxy`) → TLS → identify the caller (`authn`) → authorize (`access::authz`)
-//! → validate the request (`command`) → run it (`runner`, `exec`) → keep the result
-//! (`store`); every decision is recorded (`audit`). `service` holds the thin tonic
-//! services and `status` maps errors to gRPC codes. `config` parses the TOML file once; `dev` and `pki` set up a local
-//! development gateway with its own certificates.
+//! `access::proxy_protocol`) → TLS → identify the caller (`authn`) → authorize
+//! (`access::authz`, through `guard`) → validate the request (`command`, `exec::argv`) →
+//! run it (`runner`, `exec`) in the `sandbox` → keep the result (`store`); every decision
+//! is recorded (`audit`). Commands reach their cluster only through the `relay`, as their
+//! caller. `service` holds the thin tonic services and `status` maps errors to gRPC
+//! codes. `config` parses the TOML file once; `dev` and `pki` set up a local development
+//! gateway with its own certificates. ARCHITECTURE.md has the whole module map.
 
 pub mod access;
 pub mod audit;
@@ -17,8 +19,8 @@ pub mod config;
 pub mod dev;
 pub mod exec;
 pub mod guard;
-pub mod http;
 pub mod ingress;
+pub mod outbound_https;
 pub mod pki;
 pub mod relay;
 pub mod runner;

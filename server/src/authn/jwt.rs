@@ -185,8 +185,12 @@ impl Issuer {
                 (keys, None)
             }
             JwksSource::Url { ca_cert, .. } => {
-                let client = crate::http::client(ca_cert.as_deref(), Duration::from_secs(10), true)
-                    .map_err(unavailable)?;
+                let client = crate::outbound_https::client(
+                    ca_cert.as_deref(),
+                    Duration::from_secs(10),
+                    true,
+                )
+                .map_err(unavailable)?;
                 (HashMap::new(), Some(client))
             }
         };

@@ -1,4 +1,4 @@
-//! End-to-end tests of the skeleton: the real `kinvoke` CLI against the real
+//! End-to-end tests of a command's life through the CLI: the real `kinvoke` CLI against the real
 //! `kinvoke-gateway` binary over mTLS on 127.0.0.1, one gateway per test.
 //!
 //! Commands that must stay running until the test says so wait for a "go" file the test
