@@ -12,7 +12,8 @@ use std::net::IpAddr;
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::ingress::ConnInfo;
+use crate::connection::ConnInfo;
+use crate::connection::ListenerAuth;
 use jwt::{Issuers, TokenError};
 use static_token::StaticToken;
 
@@ -111,27 +112,6 @@ impl MtlsRule {
         match self.identity.strip_suffix('*') {
             Some(prefix) => identity.starts_with(prefix),
             None => identity == self.identity,
-        }
-    }
-}
-
-/// Which credentials a listener takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ListenerAuth {
-    /// Client certificates identify callers.
-    pub mtls: bool,
-    /// Bearer tokens (OIDC or static) identify callers.
-    pub tokens: bool,
-    /// A verified client certificate is required even when a token identifies the caller.
-    pub require_client_cert: bool,
-}
-
-impl ListenerAuth {
-    fn accepted(self) -> &'static str {
-        match (self.mtls, self.tokens) {
-            (true, true) => "a client certificate or a bearer token",
-            (false, true) => "a bearer token (--token, --token-file or KINVOKE_TOKEN)",
-            _ => "a client certificate",
         }
     }
 }

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use kinvoke_proto::v1 as pb;
 
-use crate::config::Limits;
-
 /// A cluster name: 1–63 lowercase letters, digits and `-`, starting with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClusterName(String);
@@ -73,16 +71,7 @@ impl fmt::Display for CommandId {
     }
 }
 
-/// Lowercase hex of some bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    use fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
+use crate::hex::encode as hex;
 
 /// Where a command is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +214,7 @@ pub enum InvalidRequest {
     },
     /// argv mode refuses the command line: a shell operator, a flag, a plugin.
     #[error(transparent)]
-    ArgvRefused(#[from] crate::exec::argv::ArgvRefusal),
+    ArgvRefused(#[from] ArgvRefusal),
 }
 
 impl InvalidRequest {
@@ -402,6 +391,82 @@ fn validate_file_path(path: &str, max_bytes: usize) -> Result<PathBuf, InvalidRe
         return Err(bad(format!("\"{shown}\" names no file")));
     }
     Ok(clean)
+}
+
+/// Why argv mode refuses a command line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgvRefusal {
+    /// The line holds shell syntax a shell would act on, so the caller meant a shell.
+    #[error(
+        "argv mode runs one program ({program}) with its arguments; {token:?} is a shell operator; use a cluster in shell mode for pipelines"
+    )]
+    ShellOperator {
+        /// The program the line starts with.
+        program: String,
+        /// The operator as written, e.g. `|`, `2>`, `$(`.
+        token: String,
+    },
+    /// A flag that changes where or as whom the program connects, or runs a program.
+    #[error(
+        "argv mode refuses {flag} of {program}: it {why}; a command reaches its cluster only through the kinvoke relay, as its caller, so remove the flag"
+    )]
+    Flag {
+        /// The tool (`kubectl` or `helm`).
+        program: &'static str,
+        /// The flag as the tool names it, e.g. `--kubeconfig` or `-s/--server`.
+        flag: String,
+        /// What the flag would do.
+        why: &'static str,
+    },
+    /// A subcommand that runs or manages plugin programs.
+    #[error("argv mode refuses \"{program} {subcommand}\": {why}")]
+    Subcommand {
+        /// The tool (`kubectl` or `helm`).
+        program: &'static str,
+        /// The subcommand as written.
+        subcommand: String,
+        /// Why, and what to do instead.
+        why: String,
+    },
+}
+
+/// Request limits; each violation is reported to the caller with the limit's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest accepted command line, in bytes.
+    pub max_command_bytes: usize,
+    /// Most files attached to one command.
+    pub max_files: usize,
+    /// Largest total size of the attached files, in bytes.
+    pub max_total_file_bytes: u64,
+    /// Longest attached file path, in bytes.
+    pub max_file_path_bytes: usize,
+    /// Timeout when the caller gives none.
+    pub default_timeout: Duration,
+    /// Longest timeout a caller may ask for.
+    pub max_timeout: Duration,
+    /// Commands running at once on this gateway.
+    pub max_concurrent_commands: usize,
+    /// Output kept per command; the rest is counted but cut.
+    pub max_output_bytes: usize,
+    /// Time between SIGTERM and SIGKILL when a command is stopped.
+    pub kill_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_command_bytes: 16 * 1024,
+            max_files: 1_000,
+            max_total_file_bytes: 4 * 1024 * 1024,
+            max_file_path_bytes: 1024,
+            default_timeout: Duration::from_secs(10 * 60),
+            max_timeout: Duration::from_secs(60 * 60),
+            max_concurrent_commands: 64,
+            max_output_bytes: 512 * 1024,
+            kill_grace: Duration::from_secs(5),
+        }
+    }
 }
 
 #[cfg(test)]

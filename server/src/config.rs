@@ -11,8 +11,9 @@ use serde::Deserialize;
 
 use crate::access::authz::{ClusterGate, Policy};
 use crate::access::cidr::CidrSet;
-use crate::authn::ListenerAuth;
 use crate::command::ClusterName;
+pub use crate::command::Limits;
+use crate::connection::ListenerAuth;
 use crate::sandbox::{LabeledPath, SandboxMode, SandboxSettings};
 
 mod access_control;
@@ -97,45 +98,6 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// How long a finished command's record is kept.
     pub retention: Duration,
-}
-
-/// Request limits; each violation is reported to the caller with the limit's name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Longest accepted command line, in bytes.
-    pub max_command_bytes: usize,
-    /// Most files attached to one command.
-    pub max_files: usize,
-    /// Largest total size of the attached files, in bytes.
-    pub max_total_file_bytes: u64,
-    /// Longest attached file path, in bytes.
-    pub max_file_path_bytes: usize,
-    /// Timeout when the caller gives none.
-    pub default_timeout: Duration,
-    /// Longest timeout a caller may ask for.
-    pub max_timeout: Duration,
-    /// Commands running at once on this gateway.
-    pub max_concurrent_commands: usize,
-    /// Output kept per command; the rest is counted but cut.
-    pub max_output_bytes: usize,
-    /// Time between SIGTERM and SIGKILL when a command is stopped.
-    pub kill_grace: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_command_bytes: 16 * 1024,
-            max_files: 1_000,
-            max_total_file_bytes: 4 * 1024 * 1024,
-            max_file_path_bytes: 1024,
-            default_timeout: Duration::from_secs(10 * 60),
-            max_timeout: Duration::from_secs(60 * 60),
-            max_concurrent_commands: 64,
-            max_output_bytes: 512 * 1024,
-            kill_grace: Duration::from_secs(5),
-        }
-    }
 }
 
 /// One TLS gRPC listener.
@@ -678,7 +640,7 @@ impl Config {
             }
         };
         Ok(Self {
-            digest: crate::command::hex(
+            digest: crate::hex::encode(
                 ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
             ),
             audit,

@@ -11,7 +11,7 @@ use crate::audit::{Audit, AuditEvent};
 use crate::authn::{Authenticator, Principal};
 use crate::breakglass::BreakGlass;
 use crate::config::Config;
-use crate::ingress::ConnInfo;
+use crate::connection::ConnInfo;
 use crate::store::{CommandRecord, Visibility};
 
 /// What a caller may do with a command record they asked for.

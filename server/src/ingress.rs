@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use crate::access::cidr::CidrSet;
 use crate::access::proxy_protocol;
 use crate::audit::{Audit, AuditEvent};
-use crate::authn::ListenerAuth;
 use crate::config::ListenerConfig;
+use crate::connection::{ConnInfo, ListenerAuth};
 
 /// How long a peer may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,21 +65,6 @@ pub enum IngressError {
         /// OS error.
         source: io::Error,
     },
-}
-
-/// What the service knows about a connection's peer.
-#[derive(Debug, Clone)]
-pub struct ConnInfo {
-    /// Listener name.
-    pub listener: Arc<str>,
-    /// The TCP peer (a load balancer, when PROXY protocol is in use).
-    pub peer: SocketAddr,
-    /// The caller's address: the PROXY header's from a trusted proxy, else the peer.
-    pub source: SocketAddr,
-    /// Verified client certificate chain, leaf first.
-    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
-    /// Credentials this listener accepts.
-    pub auth: ListenerAuth,
 }
 
 /// A bound listener with its TLS settings.

@@ -194,7 +194,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let token = if generate {
                 let mut bytes = [0u8; 32];
                 getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
-                let token = kinvoke_gateway::command::hex(&bytes);
+                let token = kinvoke_gateway::hex::encode(&bytes);
                 eprintln!("token (give it to the caller; it is not stored): {token}");
                 token
             } else {

@@ -27,7 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{Audit, AuditEvent};
-use crate::command::hex;
+use crate::hex::encode as hex;
 use crate::pki::CertificateAuthority;
 
 /// Largest request body a command may send through the relay.

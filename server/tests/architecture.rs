@@ -43,3 +43,64 @@ fn the_module_table_matches_server_src() {
         "ARCHITECTURE.md lacks {missing:?} and names files that do not exist: {stale:?}"
     );
 }
+
+/// The top-level modules of `server/src` each module names with `crate::NAME`, comments
+/// aside.
+fn imports() -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(name) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        if name == "lib" || name == "main" {
+            continue;
+        }
+        let mut files = BTreeSet::new();
+        if path.is_dir() {
+            rust_files(&path, &mut files);
+        } else {
+            files.insert(
+                path.strip_prefix(src.parent().unwrap().parent().unwrap())
+                    .unwrap()
+                    .display()
+                    .to_string(),
+            );
+        }
+        let root = src.parent().unwrap().parent().unwrap();
+        let used: &mut BTreeSet<String> = out.entry(name.clone()).or_default();
+        for file in files {
+            let text = std::fs::read_to_string(root.join(&file)).unwrap();
+            for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
+                for (i, _) in line.match_indices("crate::") {
+                    let rest = &line[i + "crate::".len()..];
+                    let module: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                        .collect();
+                    if !module.is_empty() && module != name {
+                        used.insert(module);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_module_imports_a_module_that_imports_it_back() {
+    let imports = imports();
+    let mut cycles = Vec::new();
+    for (a, used) in &imports {
+        for b in used {
+            if a < b && imports.get(b).is_some_and(|back| back.contains(a)) {
+                cycles.push(format!("{a} <-> {b}"));
+            }
+        }
+    }
+    assert!(cycles.is_empty(), "import cycles: {cycles:?}");
+    // the check sees real imports
+    assert!(imports["runner"].contains("exec"), "{imports:?}");
+}

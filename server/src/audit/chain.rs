@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use ring::digest::{SHA256, digest};
 use serde_json::{Map, Value};
 
-use crate::command::hex;
+use crate::hex::encode as hex;
 
 /// `prev` of the very first line of a chain.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";

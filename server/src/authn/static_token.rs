@@ -4,7 +4,7 @@
 use ring::digest::{SHA256, digest};
 use subtle::ConstantTimeEq;
 
-use crate::command::hex;
+use crate::hex::encode as hex;
 
 /// One configured token: its hash and who it stands for.
 #[derive(Clone, PartialEq, Eq)]

@@ -24,45 +24,9 @@
 
 use std::path::Path;
 
+pub use crate::command::ArgvRefusal;
 use crate::command::InvalidRequest;
 use crate::config::ClusterConfig;
-
-/// Why argv mode refuses a command line.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ArgvRefusal {
-    /// The line holds shell syntax a shell would act on, so the caller meant a shell.
-    #[error(
-        "argv mode runs one program ({program}) with its arguments; {token:?} is a shell operator; use a cluster in shell mode for pipelines"
-    )]
-    ShellOperator {
-        /// The program the line starts with.
-        program: String,
-        /// The operator as written, e.g. `|`, `2>`, `$(`.
-        token: String,
-    },
-    /// A flag that changes where or as whom the program connects, or runs a program.
-    #[error(
-        "argv mode refuses {flag} of {program}: it {why}; a command reaches its cluster only through the kinvoke relay, as its caller, so remove the flag"
-    )]
-    Flag {
-        /// The tool (`kubectl` or `helm`).
-        program: &'static str,
-        /// The flag as the tool names it, e.g. `--kubeconfig` or `-s/--server`.
-        flag: String,
-        /// What the flag would do.
-        why: &'static str,
-    },
-    /// A subcommand that runs or manages plugin programs.
-    #[error("argv mode refuses \"{program} {subcommand}\": {why}")]
-    Subcommand {
-        /// The tool (`kubectl` or `helm`).
-        program: &'static str,
-        /// The subcommand as written.
-        subcommand: String,
-        /// Why, and what to do instead.
-        why: String,
-    },
-}
 
 /// Splits an argv-mode command line and checks it against the cluster's policy.
 pub fn plan(cluster: &ClusterConfig, command: &str) -> Result<Vec<String>, InvalidRequest> {

@@ -160,7 +160,7 @@ impl OutputLog {
             // kept (not taken): a follower that subscribes after close still gets it
             data: inner.retained.clone(),
             total: inner.total,
-            sha256: Some(crate::command::hex(digest.finish().as_ref())),
+            sha256: Some(crate::hex::encode(digest.finish().as_ref())),
         }
     }
 }
@@ -182,7 +182,7 @@ mod tests {
         assert_eq!(
             out.sha256.as_deref(),
             Some(
-                crate::command::hex(
+                crate::hex::encode(
                     ring::digest::digest(&ring::digest::SHA256, b"abcdefgh").as_ref()
                 )
                 .as_str()
