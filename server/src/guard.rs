@@ -4,15 +4,59 @@
 
 use std::sync::Arc;
 
-use tonic::{Request, Status};
+use tonic::Request;
 
 use crate::access::authz::{Action, Decision, Denied, GrantUse};
 use crate::audit::{Audit, AuditEvent};
-use crate::authn::{Authenticator, Principal};
+use crate::authn::{Authenticator, AuthnError, Principal};
 use crate::breakglass::BreakGlass;
 use crate::config::Config;
 use crate::connection::ConnInfo;
 use crate::store::{CommandRecord, Visibility};
+
+/// Why the guard refused a call; `status.rs` turns it into a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// The request reached a service without the listener's connection details: a
+    /// wiring bug, never the caller's fault.
+    #[error("connection details are missing")]
+    NoConnectionInfo,
+    /// The `authorization` metadata is not ASCII.
+    #[error("authorization metadata is not ASCII")]
+    MetadataNotAscii,
+    /// No credential identifies the caller.
+    #[error(transparent)]
+    Unauthenticated(#[from] AuthnError),
+    /// The request names no cluster.
+    #[error("cluster is required")]
+    ClusterMissing,
+    /// The cluster is not configured on this gateway.
+    #[error("cluster \"{cluster}\" is not configured on this gateway")]
+    ClusterNotFound {
+        /// The name asked for.
+        cluster: String,
+    },
+    /// Someone else's command, which the caller may not see: indistinguishable from one
+    /// that does not exist, so ids of others do not leak.
+    #[error("command \"{id}\" was not found on cluster \"{cluster}\"")]
+    CommandNotFound {
+        /// The id asked for.
+        id: String,
+        /// Its cluster.
+        cluster: String,
+    },
+    /// The caller may read another's command but not cancel it.
+    #[error("principal {principal} may read but not cancel commands of {owner}")]
+    ReadOnly {
+        /// The caller.
+        principal: String,
+        /// Whose command it is.
+        owner: String,
+    },
+    /// Authorization refused the action.
+    #[error(transparent)]
+    Denied(#[from] Denied),
+}
 
 /// What a caller may do with a command record they asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,17 +115,14 @@ impl Guard {
     }
 
     /// Identifies the caller, or refuses with UNAUTHENTICATED (audited).
-    pub async fn caller<T>(&self, req: &Request<T>) -> Result<Principal, Status> {
+    pub async fn caller<T>(&self, req: &Request<T>) -> Result<Principal, AccessError> {
         let conn = req
             .extensions()
             .get::<ConnInfo>()
-            .ok_or_else(|| Status::internal("connection details are missing"))?;
+            .ok_or(AccessError::NoConnectionInfo)?;
         let authorization = match req.metadata().get("authorization") {
             None => None,
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| Status::unauthenticated("authorization metadata is not ASCII"))?,
-            ),
+            Some(v) => Some(v.to_str().map_err(|_| AccessError::MetadataNotAscii)?),
         };
         match self
             .authn
@@ -93,13 +134,12 @@ impl Guard {
                 Ok(principal)
             }
             Err(err) => {
-                let reason = err.to_string();
                 self.audit.record(AuditEvent::AuthenticationFailed {
                     listener: conn.listener.to_string(),
                     source: conn.source.to_string(),
-                    reason: reason.clone(),
+                    reason: err.to_string(),
                 });
-                Err(Status::unauthenticated(reason))
+                Err(err.into())
             }
         }
     }
@@ -111,24 +151,17 @@ impl Guard {
         who: &Principal,
         action: &str,
         cluster: &str,
-    ) -> Result<(), Status> {
+    ) -> Result<(), AccessError> {
         let refusal = if cluster.is_empty() {
-            Status::invalid_argument("cluster is required")
+            AccessError::ClusterMissing
         } else if self.config.cluster(cluster).is_some() {
             return Ok(());
         } else {
-            Status::not_found(format!(
-                "cluster \"{cluster}\" is not configured on this gateway"
-            ))
+            AccessError::ClusterNotFound {
+                cluster: cluster.to_owned(),
+            }
         };
-        self.record_decision(
-            who,
-            action,
-            cluster,
-            None,
-            false,
-            refusal.message().to_owned(),
-        );
+        self.record_decision(who, action, cluster, None, false, refusal.to_string());
         Err(refusal)
     }
 
@@ -170,10 +203,10 @@ impl Guard {
         who: &Principal,
         action: Action,
         cluster: &str,
-    ) -> Result<Option<GrantUse>, Status> {
+    ) -> Result<Option<GrantUse>, AccessError> {
         match self.decide(who, action, cluster, None) {
             Decision::Allow { grant, .. } => Ok(grant),
-            Decision::Deny(denied) => Err(denied_status(&denied)),
+            Decision::Deny(denied) => Err(denied.into()),
         }
     }
 
@@ -184,22 +217,21 @@ impl Guard {
         who: &Principal,
         record: &CommandRecord,
         use_: Use,
-    ) -> Result<(), Status> {
+    ) -> Result<(), AccessError> {
         let id = record.id.as_str();
         let cluster = record.cluster.as_str();
-        let not_found = || {
-            Status::not_found(format!(
-                "command \"{id}\" was not found on cluster \"{cluster}\""
-            ))
+        let not_found = || AccessError::CommandNotFound {
+            id: id.to_owned(),
+            cluster: cluster.to_owned(),
         };
         let own = record.principal == who.id;
         if !own {
             return match self.decide(who, Action::ReadAllResults, cluster, Some(id)) {
                 Decision::Allow { .. } if use_ == Use::Read => Ok(()),
-                Decision::Allow { .. } => Err(Status::permission_denied(format!(
-                    "principal {} may read but not cancel commands of {}",
-                    who.id, record.principal
-                ))),
+                Decision::Allow { .. } => Err(AccessError::ReadOnly {
+                    principal: who.id.clone(),
+                    owner: record.principal.clone(),
+                }),
                 Decision::Deny(_) => Err(not_found()),
             };
         }
@@ -218,7 +250,7 @@ impl Guard {
                 Decision::Deny(d) => last = Some(d),
             }
         }
-        Err(last.map(|d| denied_status(&d)).unwrap_or_else(not_found))
+        Err(last.map(AccessError::Denied).unwrap_or_else(not_found))
     }
 
     /// Which records `who` may list: all of a cluster with `readAll`, their own where they
@@ -288,16 +320,5 @@ impl Guard {
             decision: if allowed { "allow" } else { "deny" },
             detail,
         });
-    }
-}
-
-/// The status for a refused authorization: disabled clusters are FAILED_PRECONDITION,
-/// like AKS; everything else PERMISSION_DENIED.
-fn denied_status(denied: &Denied) -> Status {
-    match denied {
-        Denied::RunCommandDisabled { .. } => Status::failed_precondition(denied.to_string()),
-        Denied::NoAssignment { .. } | Denied::SourceNotAllowed { .. } => {
-            Status::permission_denied(denied.to_string())
-        }
     }
 }

@@ -1,10 +1,73 @@
 //! The one place domain errors become gRPC statuses. Callers get a message they can act
-//! on; internal detail goes to the log only.
+//! on; internal detail goes to the log only ([`internal`], the one rescue for whatever
+//! was not expected).
 
 use tonic::{Code, Status};
 
+use crate::access::authz::Denied;
 use crate::authn::AuthnError;
+use crate::breakglass::BreakGlassError;
+use crate::command::InvalidRequest;
+use crate::guard::AccessError;
 use crate::runner::RunError;
+
+/// What the caller is told of an error that is the gateway's, not theirs: the detail is
+/// logged with `context`, the caller learns where to look.
+pub fn internal(context: &str, detail: &dyn std::fmt::Display) -> Status {
+    tracing::error!(error = %detail, "{context}");
+    Status::internal("internal error in the gateway; its log has the details")
+}
+
+impl From<AccessError> for Status {
+    fn from(err: AccessError) -> Self {
+        let code = match &err {
+            AccessError::NoConnectionInfo => return internal("guard", &err),
+            AccessError::MetadataNotAscii | AccessError::Unauthenticated(_) => {
+                Code::Unauthenticated
+            }
+            AccessError::ClusterMissing => Code::InvalidArgument,
+            AccessError::ClusterNotFound { .. } | AccessError::CommandNotFound { .. } => {
+                Code::NotFound
+            }
+            AccessError::ReadOnly { .. } => Code::PermissionDenied,
+            // a disabled cluster is a precondition of the cluster, like AKS's
+            AccessError::Denied(Denied::RunCommandDisabled { .. }) => Code::FailedPrecondition,
+            AccessError::Denied(Denied::NoAssignment { .. } | Denied::SourceNotAllowed { .. }) => {
+                Code::PermissionDenied
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<InvalidRequest> for Status {
+    fn from(err: InvalidRequest) -> Self {
+        let code = if err.is_over_limit() {
+            Code::ResourceExhausted
+        } else {
+            Code::InvalidArgument
+        };
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<BreakGlassError> for Status {
+    fn from(err: BreakGlassError) -> Self {
+        let code = match &err {
+            BreakGlassError::NotEligible { .. }
+            | BreakGlassError::SelfApproval(_)
+            | BreakGlassError::NotAllowed { .. } => Code::PermissionDenied,
+            BreakGlassError::Invalid(_) => Code::InvalidArgument,
+            BreakGlassError::NotFound(_) => Code::NotFound,
+            BreakGlassError::WrongState { .. } => Code::FailedPrecondition,
+            BreakGlassError::Audit(_) => Code::Unavailable,
+            BreakGlassError::Store(_) | BreakGlassError::Random(_) => {
+                return internal("break-glass", &err);
+            }
+        };
+        Status::new(code, err.to_string())
+    }
+}
 
 impl From<AuthnError> for Status {
     fn from(err: AuthnError) -> Self {
@@ -14,8 +77,11 @@ impl From<AuthnError> for Status {
 
 impl From<RunError> for Status {
     fn from(err: RunError) -> Self {
+        let err = match err {
+            RunError::Invalid(invalid) => return invalid.into(),
+            other => other,
+        };
         let code = match &err {
-            RunError::Invalid(invalid) if invalid.is_over_limit() => Code::ResourceExhausted,
             RunError::Invalid(_) => Code::InvalidArgument,
             RunError::ClusterNotFound { .. } | RunError::CommandNotFound { .. } => Code::NotFound,
             RunError::TooManyCommands { .. } => Code::ResourceExhausted,
@@ -24,8 +90,7 @@ impl From<RunError> for Status {
             // running anyway would act as someone else (or as the gateway)
             RunError::NoKubeIdentity { .. } => Code::PermissionDenied,
             RunError::Store(_) | RunError::Random(_) | RunError::Relay(_) => {
-                tracing::error!(error = %err, "internal error");
-                return Status::internal("internal error in the gateway; its log has the details");
+                return internal("runner", &err);
             }
         };
         Status::new(code, err.to_string())
@@ -78,6 +143,77 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
         }
+    }
+
+    #[test]
+    fn access_refusals_get_the_code_of_their_kind() {
+        let denied = |d: Denied| AccessError::Denied(d);
+        let cases: Vec<(AccessError, Code, &str)> = vec![
+            (
+                AccessError::MetadataNotAscii,
+                Code::Unauthenticated,
+                "not ASCII",
+            ),
+            (
+                AccessError::ClusterMissing,
+                Code::InvalidArgument,
+                "cluster is required",
+            ),
+            (
+                AccessError::ClusterNotFound {
+                    cluster: "x".into(),
+                },
+                Code::NotFound,
+                "cluster \"x\" is not configured",
+            ),
+            (
+                AccessError::CommandNotFound {
+                    id: "i".into(),
+                    cluster: "c".into(),
+                },
+                Code::NotFound,
+                "command \"i\" was not found on cluster \"c\"",
+            ),
+            (
+                AccessError::ReadOnly {
+                    principal: "carol".into(),
+                    owner: "alice".into(),
+                },
+                Code::PermissionDenied,
+                "may read but not cancel",
+            ),
+            (
+                denied(Denied::RunCommandDisabled {
+                    cluster: "c".into(),
+                }),
+                Code::FailedPrecondition,
+                "run command is disabled",
+            ),
+            (
+                denied(Denied::SourceNotAllowed {
+                    cluster: "c".into(),
+                    address: "192.0.2.1".parse().unwrap(),
+                }),
+                Code::PermissionDenied,
+                "192.0.2.1",
+            ),
+        ];
+        for (err, code, message) in cases {
+            let status = Status::from(err);
+            assert_eq!(status.code(), code, "{status:?}");
+            assert!(status.message().contains(message), "{status:?}");
+        }
+        // a wiring bug is the gateway's: the caller is told where to look, nothing more
+        let status = Status::from(AccessError::NoConnectionInfo);
+        assert_eq!(status.code(), Code::Internal);
+        assert!(status.message().contains("its log has the details"));
+    }
+
+    #[test]
+    fn invalid_requests_are_invalid_argument_or_resource_exhausted() {
+        let status = Status::from(InvalidRequest::Missing { field: "duration" });
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "duration is required");
     }
 
     #[test]

@@ -6,10 +6,11 @@ use kinvoke_proto::v1 as pb;
 use kinvoke_proto::v1::access_service_server::AccessService;
 use tonic::{Request, Response, Status};
 
+use crate::command::InvalidRequest;
+
 use crate::access::authz::{Action, Decision};
 use crate::access::grant::{Grant, GrantState};
 use crate::authn::Principal;
-use crate::breakglass::BreakGlassError;
 use crate::guard::Guard;
 
 /// `kinvoke.v1.AccessService`.
@@ -105,14 +106,16 @@ impl AccessService for AccessApi {
             .duration
             .map(std::time::Duration::try_from)
             .transpose()
-            .map_err(|_| Status::invalid_argument("duration: must be a positive duration"))?
-            .ok_or_else(|| Status::invalid_argument("duration is required"))?;
+            .map_err(|_| InvalidRequest::Malformed {
+                field: "duration",
+                message: "must be a positive duration".to_owned(),
+            })?
+            .ok_or(InvalidRequest::Missing { field: "duration" })?;
         let grant = self
             .guard
             .breakglass()
             .activate(&who, &req.cluster, &req.role, &req.justification, duration)
-            .await
-            .map_err(status)?;
+            .await?;
         Ok(Response::new(grant_to_proto(grant)))
     }
 
@@ -122,12 +125,7 @@ impl AccessService for AccessApi {
     ) -> Result<Response<pb::Grant>, Status> {
         let who = self.guard.caller(&request).await?;
         let req = request.into_inner();
-        let grant = self
-            .guard
-            .breakglass()
-            .approve(&who, &req.grant_id)
-            .await
-            .map_err(status)?;
+        let grant = self.guard.breakglass().approve(&who, &req.grant_id).await?;
         Ok(Response::new(grant_to_proto(grant)))
     }
 
@@ -161,29 +159,8 @@ impl AccessService for AccessApi {
     ) -> Result<Response<pb::Grant>, Status> {
         let who = self.guard.caller(&request).await?;
         let req = request.into_inner();
-        let grant = self
-            .guard
-            .breakglass()
-            .revoke(&who, &req.grant_id)
-            .await
-            .map_err(status)?;
+        let grant = self.guard.breakglass().revoke(&who, &req.grant_id).await?;
         Ok(Response::new(grant_to_proto(grant)))
-    }
-}
-
-fn status(err: BreakGlassError) -> Status {
-    match &err {
-        BreakGlassError::NotEligible { .. }
-        | BreakGlassError::SelfApproval(_)
-        | BreakGlassError::NotAllowed { .. } => Status::permission_denied(err.to_string()),
-        BreakGlassError::Invalid(_) => Status::invalid_argument(err.to_string()),
-        BreakGlassError::NotFound(_) => Status::not_found(err.to_string()),
-        BreakGlassError::WrongState { .. } => Status::failed_precondition(err.to_string()),
-        BreakGlassError::Audit(_) => Status::unavailable(err.to_string()),
-        BreakGlassError::Store(_) | BreakGlassError::Random(_) => {
-            tracing::error!(error = %err, "break-glass internal error");
-            Status::internal("internal error in the gateway; its log has the details")
-        }
     }
 }
 

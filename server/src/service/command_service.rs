@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::command::InvalidRequest;
 use kinvoke_proto::v1 as pb;
 use kinvoke_proto::v1::command_service_server::CommandService;
 use tokio::sync::{broadcast, mpsc};
@@ -320,9 +321,12 @@ impl CommandService for CommandApi {
         let after = if req.page_token.is_empty() {
             None
         } else {
-            Some(parse_page_token(&req.page_token).ok_or_else(|| {
-                Status::invalid_argument("page_token: not a token this gateway issued; pass next_page_token from the previous page")
-            })?)
+            Some(
+                parse_page_token(&req.page_token).ok_or_else(|| InvalidRequest::Malformed {
+                    field: "page_token",
+                    message: "not a token this gateway issued; pass next_page_token from the previous page".to_owned(),
+                })?,
+            )
         };
         let records = self
             .runner
