@@ -238,78 +238,33 @@ impl Relay {
         let path = req.uri().path().to_owned();
         let verb = verb_of(req.method(), &path, req.uri().query());
         let namespace = namespace_of(&path);
-        let Some(binding) = self.authenticate(req.headers()) else {
-            self.audit.record(AuditEvent::RelayRefused {
-                command_id: None,
-                principal: None,
-                verb: verb.to_owned(),
-                path,
-                reason: "missing, unknown, revoked or expired relay token".to_owned(),
-            });
-            return status(
-                StatusCode::UNAUTHORIZED,
-                "Unauthorized",
-                "the kinvoke relay token is missing, unknown or no longer valid (it ends with its command)",
-            );
-        };
-        let refuse = |reason: String, code: StatusCode, kind: &str| {
-            self.audit.record(AuditEvent::RelayRefused {
-                command_id: Some(binding.command_id.clone()),
-                principal: Some(binding.principal.clone()),
-                verb: verb.to_owned(),
-                path: path.clone(),
-                reason: reason.clone(),
-            });
-            if is_discovery(&path) {
-                // kubectl's discovery client shows only text/plain error bodies; a Status
-                // there would print as "unknown" on a command's first call
-                plain(code, &reason)
-            } else {
-                status(code, kind, &reason)
-            }
+        let binding = self.authenticate(req.headers());
+        let refuse = |refusal: RelayRefusal| self.refuse(refusal, binding.as_ref(), verb, &path);
+        let Some(binding) = binding.clone() else {
+            return refuse(RelayRefusal::NoToken);
         };
         if let Some(name) = req
             .headers()
             .keys()
             .find(|h| h.as_str().starts_with("impersonate-"))
         {
-            return refuse(
-                format!(
-                    "impersonation is not allowed through kinvoke (header {name}): this command acts as {}; remove --as/--as-group/--kube-as-user",
-                    binding.identity.user
-                ),
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-            );
+            return refuse(RelayRefusal::Impersonation {
+                header: name.to_string(),
+                user: binding.identity.user.clone(),
+            });
         }
         if is_upgrade(req.headers()) {
-            return refuse(
-                "exec, attach and port-forward are not supported through the kinvoke relay yet"
-                    .to_owned(),
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-            );
+            return refuse(RelayRefusal::Upgrade);
         }
         let Some(client) = self.clusters.get(&binding.cluster) else {
-            return refuse(
-                format!(
-                    "cluster \"{}\" has no API server configured",
-                    binding.cluster
-                ),
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-            );
+            return refuse(RelayRefusal::NoApiServer {
+                cluster: binding.cluster.clone(),
+            });
         };
         let (parts, body) = req.into_parts();
         let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(_) => {
-                return refuse(
-                    format!("request body larger than {MAX_REQUEST_BYTES} bytes"),
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "RequestEntityTooLarge",
-                );
-            }
+            Err(_) => return refuse(RelayRefusal::BodyTooLarge),
         };
         let path_and_query = parts
             .uri
@@ -322,13 +277,7 @@ impl Relay {
             .body(kube::client::Body::from(body.to_vec()))
         {
             Ok(r) => r,
-            Err(err) => {
-                return refuse(
-                    format!("bad request: {err}"),
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                );
-            }
+            Err(err) => return refuse(RelayRefusal::BadRequest(err.to_string())),
         };
         let headers = forward.headers_mut();
         for (name, value) in &parts.headers {
@@ -348,13 +297,7 @@ impl Relay {
             }
         });
         if let Err(err) = attributed {
-            return refuse(
-                format!(
-                    "{err}; the kinvoke relay forwards only requests it can attribute to the caller"
-                ),
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-            );
+            return refuse(RelayRefusal::Unattributable(err));
         }
         let response = match client.send(forward).await {
             Ok(r) => r,
@@ -390,6 +333,26 @@ impl Relay {
         // streamed as it arrives: a watch or `logs -f` is never held whole
         let body = body.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) });
         Response::from_parts(parts, UnsyncBoxBody::new(body))
+    }
+
+    /// The one place a refusal is audited and answered: every refusal path goes
+    /// through here, so none can forget its audit record.
+    fn refuse(
+        &self,
+        refusal: RelayRefusal,
+        binding: Option<&Binding>,
+        verb: &str,
+        path: &str,
+    ) -> Response<RelayBody> {
+        let reason = refusal.to_string();
+        self.audit.record(AuditEvent::RelayRefused {
+            command_id: binding.map(|b| b.command_id.clone()),
+            principal: binding.map(|b| b.principal.clone()),
+            verb: verb.to_owned(),
+            path: path.to_owned(),
+            reason: reason.clone(),
+        });
+        refusal.response(path, &reason)
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Option<Binding> {
@@ -550,6 +513,71 @@ fn token_key(token: &str) -> String {
 }
 
 /// A Kubernetes `Status` error body, so kubectl prints `Error from server (Reason): ...`.
+/// Why the relay refused a request before it reached the cluster.
+#[derive(Debug, thiserror::Error)]
+enum RelayRefusal {
+    /// No token, or one the relay does not (or no longer) know.
+    #[error(
+        "the kinvoke relay token is missing, unknown or no longer valid (it ends with its command)"
+    )]
+    NoToken,
+    /// The command sent its own `Impersonate-*` header.
+    #[error(
+        "impersonation is not allowed through kinvoke (header {header}): this command acts as {user}; remove --as/--as-group/--kube-as-user"
+    )]
+    Impersonation {
+        /// The header.
+        header: String,
+        /// Whom the command acts as.
+        user: String,
+    },
+    /// exec, attach or port-forward (a connection upgrade).
+    #[error("exec, attach and port-forward are not supported through the kinvoke relay yet")]
+    Upgrade,
+    /// The token's cluster has no API server configured.
+    #[error("cluster \"{cluster}\" has no API server configured")]
+    NoApiServer {
+        /// The cluster.
+        cluster: String,
+    },
+    /// The request body is over [`MAX_REQUEST_BYTES`].
+    #[error("request body larger than {MAX_REQUEST_BYTES} bytes")]
+    BodyTooLarge,
+    /// The request cannot be rebuilt for the cluster.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The caller's identity cannot be set on the request.
+    #[error("{0}; the kinvoke relay forwards only requests it can attribute to the caller")]
+    Unattributable(UnsendableIdentity),
+}
+
+impl RelayRefusal {
+    /// The HTTP code and the Kubernetes `Status` reason.
+    fn code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::NoToken => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            Self::Impersonation { .. } | Self::Upgrade | Self::Unattributable(_) => {
+                (StatusCode::FORBIDDEN, "Forbidden")
+            }
+            Self::NoApiServer { .. } => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+            Self::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
+        }
+    }
+
+    /// The answer: a Kubernetes `Status` object, or plain text on discovery paths.
+    fn response(&self, path: &str, message: &str) -> Response<RelayBody> {
+        let (code, reason) = self.code();
+        if is_discovery(path) && !matches!(self, Self::NoToken) {
+            // kubectl's discovery client shows only text/plain error bodies; a Status
+            // there would print as "unknown" on a command's first call
+            plain(code, message)
+        } else {
+            status(code, reason, message)
+        }
+    }
+}
+
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<RelayBody> {
     let body = serde_json::json!({
         "kind": "Status",
