@@ -6,8 +6,6 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use kinvoke_proto::v1 as pb;
-
 /// A cluster name: 1–63 lowercase letters, digits and `-`, starting with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClusterName(String);
@@ -112,17 +110,6 @@ impl CommandState {
         .into_iter()
         .find(|s| s.as_str() == name)
     }
-
-    /// The wire enum.
-    pub fn to_proto(self) -> pb::CommandState {
-        match self {
-            Self::Running => pb::CommandState::Running,
-            Self::Succeeded => pb::CommandState::Succeeded,
-            Self::Failed => pb::CommandState::Failed,
-            Self::Canceled => pb::CommandState::Canceled,
-            Self::TimedOut => pb::CommandState::TimedOut,
-        }
-    }
 }
 
 /// A file to write into the command's working directory.
@@ -224,12 +211,33 @@ impl InvalidRequest {
     }
 }
 
+/// A request to run a command as it arrived, before validation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CommandRequest {
+    /// The cluster asked for.
+    pub cluster: String,
+    /// The command line.
+    pub command: String,
+    /// The attached files.
+    pub files: Vec<RequestedFile>,
+    /// The timeout asked for; `None` = the gateway's default.
+    pub timeout: Option<Duration>,
+}
+
+/// One attached file as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedFile {
+    /// Path relative to the working directory, as the caller wrote it.
+    pub path: String,
+    /// Content.
+    pub content: Vec<u8>,
+    /// Unix mode bits; 0 = the default (0644).
+    pub mode: u32,
+}
+
 impl CommandSpec {
     /// Validates a request against the gateway's limits.
-    pub fn from_request(
-        req: pb::InvokeCommandRequest,
-        limits: &Limits,
-    ) -> Result<Self, InvalidRequest> {
+    pub fn validate(req: CommandRequest, limits: &Limits) -> Result<Self, InvalidRequest> {
         if req.cluster.is_empty() {
             return Err(InvalidRequest::Missing { field: "cluster" });
         }
@@ -253,10 +261,6 @@ impl CommandSpec {
         let timeout = match req.timeout {
             None => limits.default_timeout,
             Some(d) => {
-                let d = Duration::try_from(d).map_err(|_| InvalidRequest::Malformed {
-                    field: "timeout",
-                    message: "must be a positive duration".to_owned(),
-                })?;
                 if d.is_zero() {
                     return Err(InvalidRequest::Malformed {
                         field: "timeout",
@@ -473,20 +477,19 @@ impl Default for Limits {
 mod tests {
     use super::*;
 
-    fn request(files: Vec<(&str, &[u8])>) -> pb::InvokeCommandRequest {
-        pb::InvokeCommandRequest {
+    fn request(files: Vec<(&str, &[u8])>) -> CommandRequest {
+        CommandRequest {
             cluster: "prod".into(),
             command: "kubectl get pods".into(),
             files: files
                 .into_iter()
-                .map(|(path, content)| pb::AttachedFile {
+                .map(|(path, content)| RequestedFile {
                     path: path.into(),
                     content: content.to_vec(),
                     mode: 0,
                 })
                 .collect(),
             timeout: None,
-            no_wait: false,
         }
     }
 
@@ -503,14 +506,14 @@ mod tests {
             "a\\b",
             "a\0b",
         ] {
-            let err = CommandSpec::from_request(request(vec![(path, b"x")]), &limits).unwrap_err();
+            let err = CommandSpec::validate(request(vec![(path, b"x")]), &limits).unwrap_err();
             assert!(err.to_string().starts_with("files.path"), "{path:?}: {err}");
         }
     }
 
     #[test]
     fn relative_paths_are_normalised() {
-        let spec = CommandSpec::from_request(
+        let spec = CommandSpec::validate(
             request(vec![("./chart/values.yaml", b"x")]),
             &Limits::default(),
         )
@@ -522,11 +525,11 @@ mod tests {
     #[test]
     fn duplicate_and_file_as_directory_are_rejected() {
         let limits = Limits::default();
-        let err = CommandSpec::from_request(request(vec![("a", b""), ("./a", b"")]), &limits)
-            .unwrap_err();
+        let err =
+            CommandSpec::validate(request(vec![("a", b""), ("./a", b"")]), &limits).unwrap_err();
         assert!(err.to_string().contains("attached twice"), "{err}");
-        let err = CommandSpec::from_request(request(vec![("a", b""), ("a/b", b"")]), &limits)
-            .unwrap_err();
+        let err =
+            CommandSpec::validate(request(vec![("a", b""), ("a/b", b"")]), &limits).unwrap_err();
         assert!(err.to_string().contains("also the directory"), "{err}");
     }
 
@@ -538,7 +541,7 @@ mod tests {
             max_command_bytes: 20,
             ..Limits::default()
         };
-        let cases: Vec<(pb::InvokeCommandRequest, &str)> = vec![
+        let cases: Vec<(CommandRequest, &str)> = vec![
             (
                 request(vec![("a", b"12345")]),
                 "limits.max_total_file_bytes",
@@ -548,25 +551,22 @@ mod tests {
                 "limits.max_files",
             ),
             (
-                pb::InvokeCommandRequest {
+                CommandRequest {
                     command: "x".repeat(21),
                     ..request(vec![])
                 },
                 "limits.max_command_bytes",
             ),
             (
-                pb::InvokeCommandRequest {
-                    timeout: Some(prost_types::Duration {
-                        seconds: 7201,
-                        nanos: 0,
-                    }),
+                CommandRequest {
+                    timeout: Some(Duration::from_secs(7201)),
                     ..request(vec![])
                 },
                 "limits.max_timeout",
             ),
         ];
         for (req, limit) in cases {
-            let err = CommandSpec::from_request(req, &limits).unwrap_err();
+            let err = CommandSpec::validate(req, &limits).unwrap_err();
             assert!(err.is_over_limit(), "{err}");
             assert!(err.to_string().contains(limit), "{limit}: {err}");
         }
@@ -574,8 +574,8 @@ mod tests {
 
     #[test]
     fn missing_fields_are_named() {
-        let err = CommandSpec::from_request(
-            pb::InvokeCommandRequest {
+        let err = CommandSpec::validate(
+            CommandRequest {
                 command: " ".into(),
                 ..request(vec![])
             },

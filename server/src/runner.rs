@@ -15,7 +15,7 @@ use crate::access::authz::GrantUse;
 use crate::audit::{Audit, AuditEvent, AuditFile, AuditGrantUse};
 use crate::authn::Principal;
 use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequest};
-use crate::config::Config;
+use crate::config::{ClusterConfig, Config};
 use crate::exec::output::OutputLog;
 use crate::exec::{Executor, Job, Outcome, SecretText, plan_argv};
 use crate::relay::{Binding, IdentityError, Relay, RelayError, identity_for};
@@ -66,8 +66,8 @@ pub enum RunError {
     NoKubeIdentity {
         /// The cluster.
         cluster: String,
-        /// Why.
-        source: IdentityError,
+        /// Why (boxed: it is large, and rare).
+        source: Box<IdentityError>,
     },
     /// The audit log cannot record the command, so it may not run (fail closed).
     #[error("audit log unavailable")]
@@ -112,6 +112,18 @@ struct Running {
     cancel: CancellationToken,
     cancel_reason: Mutex<Option<String>>,
     done: watch::Receiver<bool>,
+}
+
+/// A command that passed admission, not yet recorded or running.
+struct Admitted {
+    id: CommandId,
+    cluster: ClusterConfig,
+    argv: Vec<String>,
+    spec: CommandSpec,
+    permit: OwnedSemaphorePermit,
+    /// Its relay token (revoked on drop until handed over) and kubeconfig.
+    token: Option<(PendingToken, String)>,
+    break_glass: Option<GrantUse>,
 }
 
 /// Where a follower reads a command's output from.
@@ -172,6 +184,21 @@ impl Runner {
         spec: CommandSpec,
         break_glass: Option<GrantUse>,
     ) -> Result<CommandRecord, RunError> {
+        let admitted = self.admit(principal, spec, break_glass)?;
+        let record = self.record_accepted(principal, &admitted).await?;
+        self.launch(principal, admitted, record.clone());
+        Ok(record)
+    }
+
+    /// Everything that may refuse a command before it exists: shutdown, the cluster, argv
+    /// mode's policy, a free slot, and credentials for the relay (a caller who cannot be
+    /// mapped to a Kubernetes identity is refused here).
+    fn admit(
+        &self,
+        principal: &Principal,
+        spec: CommandSpec,
+        break_glass: Option<GrantUse>,
+    ) -> Result<Admitted, RunError> {
         if self.accepting.is_cancelled() {
             return Err(RunError::ShuttingDown);
         }
@@ -191,61 +218,85 @@ impl Runner {
                     limit: self.config.limits.max_concurrent_commands,
                 })?;
         let id = CommandId::random().map_err(RunError::Random)?;
-        // the command's own credentials: a relay token bound to this command and to an
-        // identity the relay can send whole, issued before anything is recorded so a
-        // caller who cannot be mapped is refused before the command exists
-        let relay = self
+        let token = self.issue_token(&cluster, principal, &id, &spec, break_glass.as_ref())?;
+        Ok(Admitted {
+            id,
+            cluster,
+            argv,
+            spec,
+            permit,
+            token,
+            break_glass,
+        })
+    }
+
+    /// The command's own credentials: a relay token bound to this command and to an
+    /// identity the relay can send whole; `None` when its cluster has no API server.
+    /// Revoked again if the command never starts.
+    fn issue_token(
+        &self,
+        cluster: &ClusterConfig,
+        principal: &Principal,
+        id: &CommandId,
+        spec: &CommandSpec,
+        break_glass: Option<&GrantUse>,
+    ) -> Result<Option<(PendingToken, String)>, RunError> {
+        let Some(relay) = self
             .relay
             .as_ref()
-            .filter(|r| r.serves(cluster.name.as_str()));
-        let issued = match relay {
-            Some(relay) => {
-                let identity = identity_for(
-                    &cluster.identity,
-                    principal,
-                    id.as_str(),
-                    break_glass.as_ref(),
-                )
-                .map_err(|source| {
-                    tracing::info!(
-                        // Debug: the id may hold the very control characters refused here
-                        principal = ?principal.id,
-                        cluster = %cluster.name,
-                        error = %source,
-                        "command refused: no Kubernetes identity"
-                    );
-                    RunError::NoKubeIdentity {
-                        cluster: cluster.name.to_string(),
-                        source,
-                    }
-                })?;
-                let issued = relay
-                    .issue(Binding {
-                        command_id: id.to_string(),
-                        cluster: cluster.name.to_string(),
-                        principal: principal.id.clone(),
-                        identity,
-                        // revoked when the command ends; this bounds a token that is never revoked
-                        deadline: std::time::Instant::now()
-                            + spec.timeout
-                            + self.config.limits.kill_grace
-                            + Duration::from_secs(60),
-                    })
-                    .map_err(|err| match err {
-                        RelayError::Random(e) => RunError::Random(e),
-                        other => RunError::Relay(other.to_string()),
-                    })?;
-                let pending = PendingToken {
-                    relay: relay.clone(),
-                    key: Some(issued.key),
-                };
-                Some((pending, issued.kubeconfig))
-            }
-            None => None,
+            .filter(|r| r.serves(cluster.name.as_str()))
+        else {
+            return Ok(None);
         };
+        let identity = identity_for(&cluster.identity, principal, id.as_str(), break_glass)
+            .map_err(|source| {
+                tracing::info!(
+                    // Debug: the id may hold the very control characters refused here
+                    principal = ?principal.id,
+                    cluster = %cluster.name,
+                    error = %source,
+                    "command refused: no Kubernetes identity"
+                );
+                RunError::NoKubeIdentity {
+                    cluster: cluster.name.to_string(),
+                    source: Box::new(source),
+                }
+            })?;
+        let issued = relay
+            .issue(Binding {
+                command_id: id.to_string(),
+                cluster: cluster.name.to_string(),
+                principal: principal.id.clone(),
+                identity,
+                // revoked when the command ends; this bounds a token that is never revoked
+                deadline: std::time::Instant::now()
+                    + spec.timeout
+                    + self.config.limits.kill_grace
+                    + Duration::from_secs(60),
+            })
+            .map_err(|err| match err {
+                RelayError::Random(e) => RunError::Random(e),
+                other => RunError::Relay(other.to_string()),
+            })?;
+        let pending = PendingToken {
+            relay: relay.clone(),
+            key: Some(issued.key),
+        };
+        Ok(Some((pending, issued.kubeconfig)))
+    }
+
+    /// Audits (durably) and stores the admitted command before it runs: no command
+    /// without a durable trace, and a crash from here on leaves a record that is marked
+    /// failed at restart.
+    async fn record_accepted(
+        &self,
+        principal: &Principal,
+        admitted: &Admitted,
+    ) -> Result<CommandRecord, RunError> {
+        let spec = &admitted.spec;
         let record = CommandRecord {
-            id: id.clone(),
-            cluster: cluster.name.to_string(),
+            id: admitted.id.clone(),
+            cluster: admitted.cluster.name.to_string(),
             principal: principal.id.clone(),
             command: spec.command.clone(),
             files: spec.files.iter().map(FileInfo::of).collect(),
@@ -257,13 +308,11 @@ impl Runner {
             reason: String::new(),
             output: Vec::new(),
             output_size: 0,
-            break_glass,
+            break_glass: admitted.break_glass.clone(),
         };
-        // audited and recorded before it runs: no command without a durable trace, and a
-        // crash from here on leaves a record that is marked failed at restart
         self.audit
             .record_durable(AuditEvent::CommandAccepted {
-                command_id: id.to_string(),
+                command_id: record.id.to_string(),
                 cluster: record.cluster.clone(),
                 principal: principal.id.clone(),
                 source: principal.source.to_string(),
@@ -286,12 +335,27 @@ impl Runner {
             .await
             .map_err(|_| RunError::AuditUnavailable)?;
         self.store.put(record.clone()).await?;
+        Ok(record)
+    }
 
+    /// Runs the recorded command on its executor, in a task of its own: a caller that
+    /// goes away does not stop it. The task revokes the token, stores the outcome and
+    /// frees the slot.
+    fn launch(self: &Arc<Self>, principal: &Principal, admitted: Admitted, record: CommandRecord) {
+        let Admitted {
+            id,
+            cluster,
+            argv,
+            spec,
+            permit,
+            token,
+            break_glass: _,
+        } = admitted;
         let output = Arc::new(OutputLog::new(self.config.limits.max_output_bytes));
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
         let running = Arc::new(Running {
-            record: record.clone(),
+            record,
             output: output.clone(),
             cancel: cancel.clone(),
             cancel_reason: Mutex::new(None),
@@ -304,17 +368,17 @@ impl Runner {
             principal = %principal.id,
             subject = %principal.subject,
             source = %principal.source,
-            files = record.files.len(),
+            files = running.record.files.len(),
             "command started"
         );
 
         // from here the command owns its token and revokes it when it ends
-        let (relay_key, kubeconfig) = match issued {
+        let (relay_key, kubeconfig) = match token {
             Some((pending, kubeconfig)) => (pending.hand_over(), Some(kubeconfig)),
             None => (None, None),
         };
         let job = Job {
-            id: id.clone(),
+            id,
             argv,
             spec,
             cluster,
@@ -340,7 +404,6 @@ impl Runner {
             drop(permit);
             let _ = done_tx.send(true);
         });
-        Ok(record)
     }
 
     async fn finish(&self, running: &Running, outcome: Outcome) {

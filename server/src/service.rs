@@ -3,6 +3,7 @@
 
 mod access_service;
 mod command_service;
+pub mod wire;
 
 pub use access_service::AccessApi;
-pub use command_service::{CommandApi, to_proto};
+pub use command_service::CommandApi;

@@ -132,10 +132,10 @@ mod tests {
             (
                 RunError::NoKubeIdentity {
                     cluster: "c".into(),
-                    source: crate::relay::IdentityError::EmptyUser {
+                    source: Box::new(crate::relay::IdentityError::EmptyUser {
                         from: "claim \"nick\"".into(),
                         template: "{claim:nick}".into(),
-                    },
+                    }),
                 },
                 Code::PermissionDenied,
             ),

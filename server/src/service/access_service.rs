@@ -6,10 +6,10 @@ use kinvoke_proto::v1 as pb;
 use kinvoke_proto::v1::access_service_server::AccessService;
 use tonic::{Request, Response, Status};
 
+use super::wire;
 use crate::command::InvalidRequest;
 
 use crate::access::authz::{Action, Decision};
-use crate::access::grant::{Grant, GrantState};
 use crate::authn::Principal;
 use crate::guard::Guard;
 
@@ -116,7 +116,7 @@ impl AccessService for AccessApi {
             .breakglass()
             .activate(&who, &req.cluster, &req.role, &req.justification, duration)
             .await?;
-        Ok(Response::new(grant_to_proto(grant)))
+        Ok(Response::new(wire::grant(grant)))
     }
 
     async fn approve_break_glass(
@@ -126,7 +126,7 @@ impl AccessService for AccessApi {
         let who = self.guard.caller(&request).await?;
         let req = request.into_inner();
         let grant = self.guard.breakglass().approve(&who, &req.grant_id).await?;
-        Ok(Response::new(grant_to_proto(grant)))
+        Ok(Response::new(wire::grant(grant)))
     }
 
     async fn list_grants(
@@ -149,7 +149,7 @@ impl AccessService for AccessApi {
                 )
             });
         Ok(Response::new(pb::ListGrantsResponse {
-            grants: grants.into_iter().map(grant_to_proto).collect(),
+            grants: grants.into_iter().map(wire::grant).collect(),
         }))
     }
 
@@ -160,32 +160,6 @@ impl AccessService for AccessApi {
         let who = self.guard.caller(&request).await?;
         let req = request.into_inner();
         let grant = self.guard.breakglass().revoke(&who, &req.grant_id).await?;
-        Ok(Response::new(grant_to_proto(grant)))
-    }
-}
-
-fn grant_to_proto(g: Grant) -> pb::Grant {
-    let ts = |t: std::time::SystemTime| prost_types::Timestamp::from(t);
-    let state = match g.state_at(std::time::SystemTime::now()) {
-        GrantState::Pending => pb::GrantState::Pending,
-        GrantState::Active => pb::GrantState::Active,
-        GrantState::Expired => pb::GrantState::Expired,
-        GrantState::Revoked => pb::GrantState::Revoked,
-    };
-    pb::Grant {
-        id: g.id,
-        cluster: g.cluster,
-        role: g.role,
-        principal: g.principal,
-        justification: g.justification,
-        state: state.into(),
-        requested_at: Some(ts(g.requested_at)),
-        starts_at: g.starts_at.map(ts),
-        expires_at: g.expires_at.map(ts),
-        duration: prost_types::Duration::try_from(g.duration).ok(),
-        assignment: g.assignment,
-        approved_by: g.approved_by.unwrap_or_default(),
-        revoked_by: g.revoked_by.unwrap_or_default(),
-        approval_from: g.approval_from.unwrap_or_default(),
+        Ok(Response::new(wire::grant(grant)))
     }
 }

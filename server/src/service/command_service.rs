@@ -1,8 +1,8 @@
 //! `kinvoke.v1.CommandService`: invoke, read, follow, cancel and list commands.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
+use super::wire;
 use crate::command::InvalidRequest;
 use kinvoke_proto::v1 as pb;
 use kinvoke_proto::v1::command_service_server::CommandService;
@@ -65,47 +65,6 @@ impl CommandApi {
             },
         });
         Ok(record)
-    }
-}
-
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(t)
-}
-
-/// The wire form of a record; `output` only when asked.
-pub fn to_proto(record: CommandRecord, with_output: bool) -> pb::CommandResult {
-    let truncated = record.output_truncated();
-    pb::CommandResult {
-        id: record.id.to_string(),
-        cluster: record.cluster,
-        state: record.state.to_proto().into(),
-        exit_code: record.exit_code,
-        started_at: Some(timestamp(record.started_at)),
-        finished_at: record.finished_at.map(timestamp),
-        reason: record.reason,
-        output: if with_output {
-            record.output
-        } else {
-            Vec::new()
-        },
-        output_truncated: truncated,
-        output_size: record.output_size,
-        command: record.command,
-        principal: record.principal,
-        files: record
-            .files
-            .into_iter()
-            .map(|f| pb::FileInfo {
-                path: f.path,
-                size: f.size,
-                sha256: f.sha256,
-            })
-            .collect(),
-        timeout: prost_types::Duration::try_from(record.timeout).ok(),
-        break_glass: record.break_glass.map(|g| pb::BreakGlassUse {
-            grant_id: g.id,
-            justification: g.justification,
-        }),
     }
 }
 
@@ -201,9 +160,9 @@ async fn stream_output(
         return;
     }
     let _ = tx
-        .send(event(pb::output_event::Event::Finished(to_proto(
-            record, false,
-        ))))
+        .send(event(pb::output_event::Event::Finished(
+            wire::command_result(record, false),
+        )))
         .await;
 }
 
@@ -221,10 +180,12 @@ impl CommandService for CommandApi {
             .guard
             .authorize(&principal, Action::RunCommand, &req.cluster)?;
         let no_wait = req.no_wait;
-        let spec = CommandSpec::from_request(req, &self.guard.config().limits).map_err(|err| {
-            tracing::info!(principal = %principal.id, %err, "command refused");
-            RunError::from(err)
-        })?;
+        let spec = wire::command_request(req)
+            .and_then(|req| CommandSpec::validate(req, &self.guard.config().limits))
+            .map_err(|err| {
+                tracing::info!(principal = %principal.id, %err, "command refused");
+                RunError::from(err)
+            })?;
         let record = self.runner.start(&principal, spec, break_glass).await?;
         let record = if no_wait {
             record
@@ -236,7 +197,7 @@ impl CommandService for CommandApi {
                 .await?
         };
         Ok(Response::new(pb::InvokeCommandResponse {
-            result: Some(to_proto(record, true)),
+            result: Some(wire::command_result(record, true)),
         }))
     }
 
@@ -256,7 +217,7 @@ impl CommandService for CommandApi {
         } else {
             record
         };
-        Ok(Response::new(to_proto(record, true)))
+        Ok(Response::new(wire::command_result(record, true)))
     }
 
     type StreamCommandOutputStream = ReceiverStream<Result<pb::OutputEvent, Status>>;
@@ -299,7 +260,7 @@ impl CommandService for CommandApi {
                 format!("canceled by {}", principal.id),
             )
             .await?;
-        Ok(Response::new(to_proto(record, true)))
+        Ok(Response::new(wire::command_result(record, true)))
     }
 
     async fn list_commands(
@@ -343,7 +304,10 @@ impl CommandService for CommandApi {
             _ => String::new(),
         };
         Ok(Response::new(pb::ListCommandsResponse {
-            commands: records.into_iter().map(|r| to_proto(r, false)).collect(),
+            commands: records
+                .into_iter()
+                .map(|r| wire::command_result(r, false))
+                .collect(),
             next_page_token,
         }))
     }
