@@ -123,6 +123,16 @@ pub struct Gateway {
 impl Gateway {
     /// Opens the store and audit log, loads grants and token issuers.
     pub async fn open(config: Config) -> Result<Self, GatewayError> {
+        Self::open_with_launcher(config, None).await
+    }
+
+    /// [`Gateway::open`] whose command sandbox starts `launcher` (a `kinvoke-gateway`
+    /// executable) instead of this process's own executable: for a gateway run inside
+    /// another program, such as a test harness. `None` = this executable.
+    pub async fn open_with_launcher(
+        config: Config,
+        launcher: Option<std::path::PathBuf>,
+    ) -> Result<Self, GatewayError> {
         let config = Arc::new(config);
         let (store, recovered) = Store::open(&config.store.path)?;
         if recovered > 0 {
@@ -151,7 +161,7 @@ impl Gateway {
             audit.clone(),
             breakglass.clone(),
         ));
-        let sandbox = open_sandbox(&config).await?;
+        let sandbox = open_sandbox_with(&config, launcher).await?;
         let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None, sandbox));
         let clusters = kube_clients(&config).await?;
         let relay = if clusters.is_empty() {
@@ -333,6 +343,15 @@ impl Gateway {
 /// The command sandbox, when a cluster wants one: probed first, so a host that cannot
 /// sandbox refuses to start instead of running commands unconfined.
 pub async fn open_sandbox(config: &Config) -> Result<Option<Arc<Sandbox>>, GatewayError> {
+    open_sandbox_with(config, None).await
+}
+
+/// [`open_sandbox`] with another launcher executable (see
+/// [`Gateway::open_with_launcher`]).
+pub async fn open_sandbox_with(
+    config: &Config,
+    launcher: Option<std::path::PathBuf>,
+) -> Result<Option<Arc<Sandbox>>, GatewayError> {
     let sandboxed: Vec<&str> = config
         .clusters
         .iter()
@@ -342,7 +361,10 @@ pub async fn open_sandbox(config: &Config) -> Result<Option<Arc<Sandbox>>, Gatew
     if sandboxed.is_empty() {
         return Ok(None);
     }
-    let sandbox = Sandbox::new(config.sandbox.clone());
+    let sandbox = match launcher {
+        Some(program) => Sandbox::with_launcher(config.sandbox.clone(), program),
+        None => Sandbox::new(config.sandbox.clone()),
+    };
     let features = sandbox.probe().await.map_err(GatewayError::Sandbox)?;
     tracing::info!(clusters = %sandboxed.join(", "), "commands run sandboxed: {features}");
     for warning in sandbox_warnings(config, &features) {

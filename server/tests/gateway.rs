@@ -1,0 +1,320 @@
+//! The gateway in-process: the guard's decisions and a command's life through the typed
+//! gRPC client, with no CLI in between (the CLI's own behaviour is tested end to end in
+//! `tests/`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic with the status is the failure report"
+)]
+
+mod support;
+
+use std::time::Duration;
+
+use kinvoke_proto::v1 as pb;
+use support::{ADMIN, TestGateway, invoke};
+use tonic::Code;
+
+/// Clusters and callers for the guard's cases: `frozen` refuses every command, `office`
+/// admits only 10.0.0.0/8; `ivan` may invoke on `local`, `audrey` may read every result
+/// there, `stranger` holds nothing.
+const POLICY: &str = r#"
+[[cluster]]
+name = "frozen"
+disable_run_command = true
+
+[[cluster]]
+name = "office"
+authorized_ip_ranges = ["10.0.0.0/8"]
+
+[[assignment]]
+principal = "ivan"
+role = "Command Invoker"
+scope = "clusters/local"
+
+[[assignment]]
+principal = "audrey"
+role = "Command Auditor"
+scope = "clusters/local"
+"#;
+
+async fn started(gw: &TestGateway, who: &str, command: &str) -> pb::CommandResult {
+    gw.commands_as(who)
+        .await
+        .invoke_command(invoke("local", command, true))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_guard_refuses_with_the_code_of_each_reason_and_audits_it() {
+    let gw = TestGateway::start("", POLICY).await;
+    let cases = [
+        (ADMIN, "", Code::InvalidArgument, "cluster is required"),
+        (
+            ADMIN,
+            "nowhere",
+            Code::NotFound,
+            "cluster \"nowhere\" is not configured",
+        ),
+        (
+            ADMIN,
+            "frozen",
+            Code::FailedPrecondition,
+            "run command is disabled",
+        ),
+        (
+            ADMIN,
+            "office",
+            Code::PermissionDenied,
+            "127.0.0.1 is not in the authorized IP ranges",
+        ),
+        (
+            "stranger",
+            "local",
+            Code::PermissionDenied,
+            "principal stranger lacks runcommand/action on clusters/local",
+        ),
+        (
+            "audrey",
+            "local",
+            Code::PermissionDenied,
+            "principal audrey lacks runcommand/action",
+        ),
+    ];
+    for (who, cluster, code, message) in cases {
+        let status = gw
+            .commands_as(who)
+            .await
+            .invoke_command(invoke(cluster, "echo must-not-run", false))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), code, "{who} on {cluster:?}: {status:?}");
+        assert!(
+            status.message().contains(message),
+            "{who} on {cluster:?}: {status:?}"
+        );
+    }
+    let is_denial =
+        |e: &serde_json::Value| e["event"] == "authorization" && e["decision"] == "deny";
+    gw.audit_until("a denial per refused call", |events| {
+        events.iter().filter(|e| is_denial(e)).count() == cases.len()
+    })
+    .await;
+    assert!(
+        gw.audit().iter().all(|e| e["event"] != "command_accepted"),
+        "a refused command was accepted"
+    );
+}
+
+#[tokio::test]
+async fn another_callers_command_is_not_found_unless_one_may_read_all_and_never_cancelable() {
+    let gw = TestGateway::start("", POLICY).await;
+    let record = started(&gw, "ivan", "echo ready; sleep 30").await;
+    let get = |cluster: &str| pb::GetCommandResultRequest {
+        cluster: cluster.into(),
+        command_id: record.id.clone(),
+        wait: false,
+    };
+    let cancel = pb::CancelCommandRequest {
+        cluster: "local".into(),
+        command_id: record.id.clone(),
+    };
+
+    let status = gw
+        .commands_as("stranger")
+        .await
+        .get_command_result(get("local"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    let mut auditor = gw.commands_as("audrey").await;
+    let seen = auditor
+        .get_command_result(get("local"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.principal, "ivan");
+    let status = auditor.cancel_command(cancel.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("may read but not cancel"),
+        "{status:?}"
+    );
+
+    // the owner may
+    let canceled = gw
+        .commands_as("ivan")
+        .await
+        .cancel_command(cancel)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(canceled.id, record.id);
+}
+
+#[tokio::test]
+async fn a_command_runs_to_its_end_and_its_result_is_kept() {
+    let gw = TestGateway::start("", "").await;
+    let mut client = gw.commands_as(ADMIN).await;
+    let result = client
+        .invoke_command(invoke("local", "echo out; echo err >&2; exit 3", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(result.state(), pb::CommandState::Succeeded);
+    assert_eq!(result.exit_code, Some(3));
+    assert_eq!(result.output, b"out\nerr\n");
+    assert_eq!(result.principal, ADMIN);
+
+    let kept = client
+        .get_command_result(pb::GetCommandResultRequest {
+            cluster: "local".into(),
+            command_id: result.id.clone(),
+            wait: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.output, result.output);
+    let ours = |e: &serde_json::Value, event: &str| {
+        e["command_id"] == result.id.as_str() && e["event"] == event
+    };
+    gw.audit_until("the command accepted, started and finished", |events| {
+        ["command_accepted", "command_started", "command_finished"]
+            .iter()
+            .all(|event| events.iter().any(|e| ours(e, event)))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_followed_command_streams_its_output_then_its_result() {
+    let gw = TestGateway::start("", "").await;
+    let record = started(&gw, ADMIN, "echo one; echo two").await;
+    let mut stream = gw
+        .commands_as(ADMIN)
+        .await
+        .stream_command_output(pb::StreamCommandOutputRequest {
+            cluster: "local".into(),
+            command_id: record.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut output = Vec::new();
+    let mut finished = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.event {
+            Some(pb::output_event::Event::Chunk(chunk)) => output.extend(chunk.data),
+            Some(pb::output_event::Event::Finished(result)) => finished = Some(result),
+            other => panic!("unexpected event {other:?}"),
+        }
+    }
+    assert_eq!(output, b"one\ntwo\n");
+    assert_eq!(finished.unwrap().state(), pb::CommandState::Succeeded);
+}
+
+#[tokio::test]
+async fn cancel_and_timeout_end_a_command_with_their_state_and_reason() {
+    let gw = TestGateway::start("", "").await;
+    let mut client = gw.commands_as(ADMIN).await;
+    let record = started(&gw, ADMIN, "sleep 30").await;
+    assert_eq!(record.state(), pb::CommandState::Running);
+    client
+        .cancel_command(pb::CancelCommandRequest {
+            cluster: "local".into(),
+            command_id: record.id.clone(),
+        })
+        .await
+        .unwrap();
+    let canceled = client
+        .get_command_result(pb::GetCommandResultRequest {
+            cluster: "local".into(),
+            command_id: record.id.clone(),
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(canceled.state(), pb::CommandState::Canceled);
+    assert!(canceled.reason.contains("canceled"), "{}", canceled.reason);
+
+    let mut request = invoke("local", "sleep 30", false);
+    request.timeout = Some(prost_types::Duration::try_from(Duration::from_millis(300)).unwrap());
+    let timed_out = client
+        .invoke_command(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(timed_out.state(), pb::CommandState::TimedOut);
+    assert!(
+        timed_out.reason.contains("timed out after 300ms"),
+        "{}",
+        timed_out.reason
+    );
+}
+
+#[tokio::test]
+async fn a_full_gateway_refuses_naming_the_limit_and_frees_the_slot_when_one_ends() {
+    let gw = TestGateway::start("max_concurrent_commands = 1", "").await;
+    let mut client = gw.commands_as(ADMIN).await;
+    let first = started(&gw, ADMIN, "sleep 30").await;
+    let status = client
+        .invoke_command(invoke("local", "echo second", false))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("limits.max_concurrent_commands = 1"),
+        "{status:?}"
+    );
+    client
+        .cancel_command(pb::CancelCommandRequest {
+            cluster: "local".into(),
+            command_id: first.id.clone(),
+        })
+        .await
+        .unwrap();
+    client
+        .get_command_result(pb::GetCommandResultRequest {
+            cluster: "local".into(),
+            command_id: first.id,
+            wait: true,
+        })
+        .await
+        .unwrap();
+    let second = client
+        .invoke_command(invoke("local", "echo second", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(second.output, b"second\n");
+}
+
+#[tokio::test]
+async fn shutdown_cancels_what_outlives_the_grace_and_records_why() {
+    let mut gw = TestGateway::start("", "").await;
+    let record = started(&gw, ADMIN, "sleep 30").await;
+    let state = gw.state_dir();
+    gw.stop().await.unwrap();
+    // reopen the store the way the next start would, and read the record
+    let (store, _) = kinvoke_gateway::store::Store::open(&state.join("kinvoke.db")).unwrap();
+    let id = kinvoke_gateway::command::CommandId::parse(&record.id).unwrap();
+    let kept = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(kept.state, kinvoke_gateway::command::CommandState::Canceled);
+    assert_eq!(kept.reason, kinvoke_gateway::runner::SHUTDOWN_REASON);
+}
