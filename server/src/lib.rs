@@ -14,6 +14,7 @@ pub mod access;
 pub mod audit;
 pub mod authn;
 pub mod breakglass;
+pub mod check;
 pub mod command;
 pub mod config;
 pub mod connection;
@@ -172,17 +173,12 @@ impl Gateway {
         // each cluster's version in the log; one that is down does not stop the others
         for (name, client) in clusters {
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(15), client.apiserver_version())
-                    .await
-                {
-                    Ok(Ok(info)) => {
-                        tracing::info!(cluster = %name, version = %info.git_version, "cluster API server reachable")
+                match probe_cluster(&client).await {
+                    Ok(version) => {
+                        tracing::info!(cluster = %name, %version, "cluster API server reachable")
                     }
-                    Ok(Err(err)) => {
-                        tracing::warn!(cluster = %name, %err, "cluster API server not reachable; commands on it will fail until it is")
-                    }
-                    Err(_) => {
-                        tracing::warn!(cluster = %name, "cluster API server did not answer within 15s")
+                    Err(problem) => {
+                        tracing::warn!(cluster = %name, "cluster {problem}; commands on it will fail until it answers")
                     }
                 }
             });
@@ -388,6 +384,23 @@ pub fn sandbox_warnings(config: &Config, features: &sandbox::Features) -> Vec<St
         out.push("the gateway runs as root and sandbox.run_as_uids is not set: commands run as root outside their namespace, the owner of every root-owned file they can see (sandbox.writable_paths, any extra_read_only_paths); set run_as_uids to a range of unused user ids".to_owned());
     }
     out
+}
+
+/// How long a cluster's API server has to answer the version probe.
+pub const CLUSTER_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks a cluster's API server for its version (`GET /version`) with the gateway's own
+/// credentials: its `gitVersion`, or why it did not answer. Used at start-up (logged)
+/// and by `check-config` (reported).
+pub async fn probe_cluster(client: &kube::Client) -> Result<String, String> {
+    match tokio::time::timeout(CLUSTER_PROBE_TIMEOUT, client.apiserver_version()).await {
+        Ok(Ok(info)) => Ok(info.git_version),
+        Ok(Err(err)) => Err(format!("API server not reachable: {err}")),
+        Err(_) => Err(format!(
+            "API server did not answer within {}",
+            humantime::format_duration(CLUSTER_PROBE_TIMEOUT)
+        )),
+    }
 }
 
 /// A client for each cluster with an API server configured, with the gateway's own

@@ -95,27 +95,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Probes the sandbox when a cluster wants one: prints what this host gives commands, or
-/// the problem that would stop `serve`.
-async fn check_sandbox(cfg: &Config) -> Option<String> {
-    use kinvoke_gateway::sandbox::SandboxMode;
-    if cfg.clusters.iter().all(|c| c.sandbox == SandboxMode::Off) {
-        println!("sandbox: not used (every cluster has sandbox = \"off\")");
-        return None;
-    }
-    let sandbox = kinvoke_gateway::sandbox::launch::Sandbox::new(cfg.sandbox.clone());
-    match sandbox.probe().await {
-        Ok(features) => {
-            println!("sandbox: {features}");
-            for warning in kinvoke_gateway::sandbox_warnings(cfg, &features) {
-                println!("warning: {warning}");
-            }
-            None
-        }
-        Err(reason) => Some(kinvoke_gateway::GatewayError::Sandbox(reason).to_string()),
-    }
-}
-
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -133,28 +112,18 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Cmd::CheckConfig { config } => match Config::load(&config) {
             Ok(cfg) => {
-                let mut problems = Vec::new();
-                for l in &cfg.listeners {
-                    if let Err(err) = ingress::tls_config(l) {
-                        problems.push(err.to_string());
-                    }
+                let report = runtime()?.block_on(kinvoke_gateway::check::check(&cfg));
+                for line in &report.lines {
+                    println!("{line}");
                 }
-                print!("{}", cfg.summary());
-                for warning in &cfg.warnings {
+                for warning in &report.warnings {
                     println!("warning: {warning}");
                 }
-                for issuer in &cfg.authn.issuers {
-                    if let Err(err) = kinvoke_gateway::authn::jwt::Issuer::new(issuer.clone()) {
-                        problems.push(err.to_string());
-                    }
-                }
-                problems.extend(runtime()?.block_on(check_clusters(&cfg)));
-                problems.extend(runtime()?.block_on(check_sandbox(&cfg)));
-                if problems.is_empty() {
+                if report.problems.is_empty() {
                     println!("config OK: {}", config.display());
                     Ok(ExitCode::SUCCESS)
                 } else {
-                    for p in problems {
+                    for p in &report.problems {
                         eprintln!("error: {p}");
                     }
                     Ok(ExitCode::FAILURE)
@@ -232,39 +201,6 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// Loads each cluster's API server settings and asks it for its version.
-async fn check_clusters(cfg: &Config) -> Vec<String> {
-    let clients = match kinvoke_gateway::kube_clients(cfg).await {
-        Ok(c) => c,
-        Err(err) => return vec![err.to_string()],
-    };
-    let mut problems = Vec::new();
-    let mut names: Vec<_> = clients.keys().cloned().collect();
-    names.sort();
-    for name in names {
-        let Some(client) = clients.get(&name) else {
-            continue;
-        };
-        match tokio::time::timeout(
-            std::time::Duration::from_secs(10),
-            client.apiserver_version(),
-        )
-        .await
-        {
-            Ok(Ok(info)) => println!(
-                "cluster \"{name}\": API server reachable, Kubernetes {}",
-                info.git_version
-            ),
-            Ok(Err(err)) => problems.push(format!(
-                "cluster \"{name}\": API server not reachable: {err}"
-            )),
-            Err(_) => problems.push(format!(
-                "cluster \"{name}\": API server did not answer within 10s"
-            )),
-        }
-    }
-    problems
-}
-
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
