@@ -2,7 +2,7 @@
 //! before it serves. The config parsed already (every key valid); this checks what needs
 //! the outside world: TLS files, JWKS, each cluster's API server, the sandbox.
 
-use crate::config::Config;
+use crate::config::{ApiServer, Config, ExecMode};
 use crate::sandbox::SandboxMode;
 use crate::sandbox::launch::Sandbox;
 
@@ -22,7 +22,7 @@ pub struct Report {
 /// cluster's API server (with [`crate::probe_cluster`]), and the sandbox's probe.
 pub async fn check(config: &Config) -> Report {
     let mut report = Report {
-        lines: config.summary().lines().map(str::to_owned).collect(),
+        lines: summary(config).lines().map(str::to_owned).collect(),
         warnings: config.warnings.clone(),
         problems: Vec::new(),
     };
@@ -88,4 +88,96 @@ async fn sandbox(config: &Config, report: &mut Report) {
             .problems
             .push(crate::GatewayError::Sandbox(reason).to_string()),
     }
+}
+
+/// A short human summary of a config, one line per setting.
+fn summary(config: &Config) -> String {
+    let mut out = String::new();
+    let l = &config.limits;
+    out.push_str(&format!("state dir: {}\n", config.state_dir.display()));
+    out.push_str(&format!(
+        "store: {} (retention {})\n",
+        config.store.path.display(),
+        humantime::format_duration(config.store.retention)
+    ));
+    for l in &config.listeners {
+        let mut auth = Vec::new();
+        if l.auth.mtls {
+            auth.push("client certificates");
+        }
+        if l.auth.tokens {
+            auth.push("bearer tokens");
+        }
+        let ranges = if l.authorized_ip_ranges.is_empty() {
+            "any address".to_owned()
+        } else {
+            format!("{} range(s)", l.authorized_ip_ranges.ranges().len())
+        };
+        let proxies = if l.trusted_proxies.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", PROXY protocol from {} range(s)",
+                l.trusted_proxies.ranges().len()
+            )
+        };
+        out.push_str(&format!(
+            "listener \"{}\": {} ({:?}, {ranges}{proxies}; accepts {})\n",
+            l.name,
+            l.address,
+            l.exposure,
+            auth.join(" or ")
+        ));
+    }
+    out.push_str(&format!(
+        "authentication: {} certificate rule(s), {} static token(s), {} OIDC issuer(s)\n",
+        config.authn.mtls_rules.len(),
+        config.authn.static_tokens.len(),
+        config.authn.issuers.len()
+    ));
+    for c in &config.clusters {
+        let mode = match c.mode {
+            ExecMode::Shell => "shell".to_owned(),
+            ExecMode::Argv => format!(
+                "argv, programs: {}",
+                c.allowed_programs
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let gate = if c.disable_run_command {
+            ", run command disabled"
+        } else {
+            ""
+        };
+        let api = match &c.api {
+            Some(ApiServer::Kubeconfig { path, context }) => format!(
+                ", API server from {}{}",
+                path.display(),
+                context
+                    .as_ref()
+                    .map(|c| format!(" (context {c})"))
+                    .unwrap_or_default()
+            ),
+            Some(ApiServer::InCluster) => ", in-cluster API server".to_owned(),
+            None => ", no API server (commands get no kubeconfig)".to_owned(),
+        };
+        out.push_str(&format!(
+            "cluster \"{}\": local executor, {mode}{gate}{api}\n",
+            c.name
+        ));
+    }
+    out.push_str(&format!(
+        "limits: command {} B, {} files / {} B, output {} B, timeout {} (max {}), {} concurrent\n",
+        l.max_command_bytes,
+        l.max_files,
+        l.max_total_file_bytes,
+        l.max_output_bytes,
+        humantime::format_duration(l.default_timeout),
+        humantime::format_duration(l.max_timeout),
+        l.max_concurrent_commands,
+    ));
+    out
 }
