@@ -7,11 +7,11 @@
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
+use crate::access::authz::Policy;
 use crate::access::grant::{Grant, GrantState};
 use crate::audit::{Audit, AuditEvent, AuditUnavailable};
 use crate::authn::Principal;
 use crate::command::CommandId;
-use crate::config::{Config, Webhook};
 use crate::store::{Store, StoreError};
 
 /// Why a break-glass request was refused.
@@ -71,7 +71,7 @@ pub enum BreakGlassError {
 
 /// Break-glass grants of this gateway.
 pub struct BreakGlass {
-    config: Arc<Config>,
+    policy: Arc<Policy>,
     store: Store,
     audit: Audit,
     grants: RwLock<Vec<Grant>>,
@@ -79,14 +79,16 @@ pub struct BreakGlass {
 }
 
 impl BreakGlass {
-    /// Loads the stored grants.
+    /// Loads the stored grants; activations and approvals follow `policy` and are
+    /// announced to `webhook`.
     pub async fn load(
-        config: Arc<Config>,
+        policy: Arc<Policy>,
+        webhook: Option<&Webhook>,
         store: Store,
         audit: Audit,
     ) -> Result<Arc<Self>, StoreError> {
         let grants = store.grants().await?;
-        let notifier = match &config.webhook {
+        let notifier = match webhook {
             Some(w) => match Notifier::new(w) {
                 Ok(n) => Some(n),
                 Err(err) => {
@@ -97,7 +99,7 @@ impl BreakGlass {
             None => None,
         };
         Ok(Arc::new(Self {
-            config,
+            policy,
             store,
             audit,
             grants: RwLock::new(grants),
@@ -155,7 +157,6 @@ impl BreakGlass {
         duration: Duration,
     ) -> Result<Grant, BreakGlassError> {
         let assignment = self
-            .config
             .policy
             .eligible_for(who, cluster, role)
             .ok_or_else(|| BreakGlassError::NotEligible {
@@ -227,7 +228,7 @@ impl BreakGlass {
     pub async fn approve(&self, who: &Principal, id: &str) -> Result<Grant, BreakGlassError> {
         let mut grant = self.get(id)?;
         let now = SystemTime::now();
-        if !self.config.policy.may_approve(who, &grant.assignment) && grant.principal != who.id {
+        if !self.policy.may_approve(who, &grant.assignment) && grant.principal != who.id {
             // not an approver and not theirs: do not reveal the grant
             return Err(BreakGlassError::NotFound(id.to_owned()));
         }
@@ -260,7 +261,7 @@ impl BreakGlass {
     pub async fn revoke(&self, who: &Principal, id: &str) -> Result<Grant, BreakGlassError> {
         let mut grant = self.get(id)?;
         let now = SystemTime::now();
-        let approver = self.config.policy.may_approve(who, &grant.assignment);
+        let approver = self.policy.may_approve(who, &grant.assignment);
         if grant.principal != who.id && !approver {
             return Err(BreakGlassError::NotFound(id.to_owned()));
         }
@@ -309,7 +310,7 @@ impl BreakGlass {
             })
             .filter(|g| {
                 g.principal == who.id
-                    || self.config.policy.may_approve(who, &g.assignment)
+                    || self.policy.may_approve(who, &g.assignment)
                     || read_all(&g.cluster)
             })
             .cloned()
@@ -426,4 +427,12 @@ impl Notifier {
             self.url
         ))
     }
+}
+/// Where break-glass activity is announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    /// `https://...` (or `http://` to a loopback address).
+    pub url: String,
+    /// Extra CA (PEM) to trust for it.
+    pub ca_cert: Option<std::path::PathBuf>,
 }

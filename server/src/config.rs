@@ -10,9 +10,11 @@ use serde::Deserialize;
 
 use crate::access::authz::{ClusterGate, Policy};
 use crate::access::cidr::CidrSet;
+pub use crate::breakglass::Webhook;
 use crate::command::ClusterName;
 pub use crate::command::Limits;
-use crate::connection::ListenerAuth;
+pub use crate::ingress::{Exposure, ListenerConfig};
+pub use crate::relay::IdentityMapping;
 use crate::sandbox::{LabeledPath, SandboxMode, SandboxSettings};
 
 mod access_control;
@@ -108,40 +110,6 @@ pub struct StoreConfig {
     pub retention: Duration,
 }
 
-/// One TLS gRPC listener.
-#[derive(Debug, Clone)]
-pub struct ListenerConfig {
-    /// Name used in logs and audit.
-    pub name: String,
-    /// Socket address to bind.
-    pub address: SocketAddr,
-    /// Server certificate chain (PEM).
-    pub tls_cert: PathBuf,
-    /// Server private key (PEM).
-    pub tls_key: PathBuf,
-    /// CA bundle (PEM) that client certificates must chain to; set when certificates are accepted.
-    pub client_ca: Option<PathBuf>,
-    /// Inside the private network, or reachable from outside.
-    pub exposure: Exposure,
-    /// Peers allowed to connect; empty = not restricted.
-    pub authorized_ip_ranges: CidrSet,
-    /// Peers whose PROXY protocol header is believed.
-    pub trusted_proxies: CidrSet,
-    /// Credentials accepted.
-    pub auth: ListenerAuth,
-}
-
-/// Where a listener can be reached from (like EKS endpoint access modes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Exposure {
-    /// Inside the VNet/VPC only.
-    #[default]
-    Private,
-    /// Reachable from outside; should carry `authorized_ip_ranges`.
-    Public,
-}
-
 /// How a cluster's commands run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -216,44 +184,11 @@ pub enum ApiServer {
     InCluster,
 }
 
-/// Maps a principal to the identity the cluster sees (Impersonate-* headers).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityMapping {
-    /// User name template: `{id}` is the principal id, `{claim:NAME}` a token claim.
-    pub user: String,
-    /// Pass the principal's groups on.
-    pub include_groups: bool,
-    /// Prefix for the principal's groups, e.g. `kinvoke:`.
-    pub group_prefix: String,
-    /// Groups every caller gets on this cluster.
-    pub extra_groups: Vec<String>,
-}
-
-impl Default for IdentityMapping {
-    fn default() -> Self {
-        Self {
-            user: "{id}".to_owned(),
-            include_groups: true,
-            group_prefix: String::new(),
-            extra_groups: Vec::new(),
-        }
-    }
-}
-
 /// Where the relay listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayConfig {
     /// Address (loopback by default: the local executor's commands run here).
     pub address: SocketAddr,
-}
-
-/// Where break-glass activity is announced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Webhook {
-    /// `https://...` (or `http://` to a loopback address).
-    pub url: String,
-    /// Extra CA (PEM) to trust for it.
-    pub ca_cert: Option<PathBuf>,
 }
 
 /// Default `PATH` handed to commands.

@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use crate::access::cidr::CidrSet;
 use crate::access::proxy_protocol;
 use crate::audit::{Audit, AuditEvent};
-use crate::config::ListenerConfig;
 use crate::connection::{ConnInfo, ListenerAuth};
 
 /// How long a peer may take to complete the TLS handshake.
@@ -379,4 +378,37 @@ impl AsyncWrite for Conn {
 /// The address with an IPv4-mapped IPv6 address turned back into IPv4.
 fn canonical_addr(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(crate::access::cidr::canonical(addr.ip()), addr.port())
+}
+/// One TLS gRPC listener.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Name used in logs and audit.
+    pub name: String,
+    /// Socket address to bind.
+    pub address: SocketAddr,
+    /// Server certificate chain (PEM).
+    pub tls_cert: std::path::PathBuf,
+    /// Server private key (PEM).
+    pub tls_key: std::path::PathBuf,
+    /// CA bundle (PEM) that client certificates must chain to; set when certificates are accepted.
+    pub client_ca: Option<std::path::PathBuf>,
+    /// Inside the private network, or reachable from outside.
+    pub exposure: Exposure,
+    /// Peers allowed to connect; empty = not restricted.
+    pub authorized_ip_ranges: CidrSet,
+    /// Peers whose PROXY protocol header is believed.
+    pub trusted_proxies: CidrSet,
+    /// Credentials accepted.
+    pub auth: ListenerAuth,
+}
+
+/// Where a listener can be reached from (like EKS endpoint access modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposure {
+    /// Inside the VNet/VPC only.
+    #[default]
+    Private,
+    /// Reachable from outside; should carry `authorized_ip_ranges`.
+    Public,
 }

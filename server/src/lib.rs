@@ -155,7 +155,13 @@ impl Gateway {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             config_sha256: config.digest.clone(),
         });
-        let breakglass = BreakGlass::load(config.clone(), store.clone(), audit.clone()).await?;
+        let breakglass = BreakGlass::load(
+            Arc::new(config.policy.clone()),
+            config.webhook.as_ref(),
+            store.clone(),
+            audit.clone(),
+        )
+        .await?;
         let guard = Arc::new(Guard::new(
             config.clone(),
             authenticator,

@@ -665,6 +665,30 @@ pub fn namespace_of(path: &str) -> Option<String> {
     Some((*ns).to_owned())
 }
 
+/// Maps a principal to the identity the cluster sees (Impersonate-* headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityMapping {
+    /// User name template: `{id}` is the principal id, `{claim:NAME}` a token claim.
+    pub user: String,
+    /// Pass the principal's groups on.
+    pub include_groups: bool,
+    /// Prefix for the principal's groups, e.g. `kinvoke:`.
+    pub group_prefix: String,
+    /// Groups every caller gets on this cluster.
+    pub extra_groups: Vec<String>,
+}
+
+impl Default for IdentityMapping {
+    fn default() -> Self {
+        Self {
+            user: "{id}".to_owned(),
+            include_groups: true,
+            group_prefix: String::new(),
+            extra_groups: Vec::new(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -946,7 +970,7 @@ fn unsendable(value: &str) -> Option<String> {
 /// the extras carry the command id, the caller's address and any break-glass grant.
 /// Every value is checked here, so the relay can always send all of them.
 pub fn identity_for(
-    mapping: &crate::config::IdentityMapping,
+    mapping: &IdentityMapping,
     who: &crate::authn::Principal,
     command_id: &str,
     grant: Option<&crate::access::authz::GrantUse>,
@@ -1208,9 +1232,9 @@ mod refusal_tests {
 mod identity_tests {
     use std::collections::BTreeMap;
 
+    use super::IdentityMapping;
     use super::*;
     use crate::authn::{AuthMethod, Principal};
-    use crate::config::IdentityMapping;
 
     fn alice() -> Principal {
         Principal {
