@@ -70,7 +70,7 @@ async fn sandbox(config: &Config, report: &mut Report) {
     if config
         .clusters
         .iter()
-        .all(|c| c.sandbox == SandboxMode::Off)
+        .all(|c| c.exec.sandbox == SandboxMode::Off)
     {
         report
             .lines
@@ -136,11 +136,12 @@ fn summary(config: &Config) -> String {
         config.authn.issuers.len()
     ));
     for c in &config.clusters {
-        let mode = match c.mode {
+        let mode = match c.exec.mode {
             ExecMode::Shell => "shell".to_owned(),
             ExecMode::Argv => format!(
                 "argv, programs: {}",
-                c.allowed_programs
+                c.exec
+                    .allowed_programs
                     .iter()
                     .cloned()
                     .collect::<Vec<_>>()

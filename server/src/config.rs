@@ -6,13 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::access::authz::{ClusterGate, Policy};
 use crate::access::cidr::CidrSet;
 pub use crate::breakglass::Webhook;
 use crate::command::ClusterName;
 pub use crate::command::Limits;
+pub use crate::exec::{DEFAULT_COMMAND_PATH, ExecMode, ExecSettings};
 pub use crate::ingress::{Exposure, ListenerConfig};
 pub use crate::relay::IdentityMapping;
 use crate::sandbox::{LabeledPath, SandboxMode, SandboxSettings};
@@ -110,27 +109,13 @@ pub struct StoreConfig {
     pub retention: Duration,
 }
 
-/// How a cluster's commands run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecMode {
-    /// `bash -c COMMAND`, like AKS: pipes and shell syntax work.
-    Shell,
-    /// The command is split with shell-word rules and run directly; the program must be allowed.
-    Argv,
-}
-
 /// One cluster the gateway runs commands for.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     /// Name callers use.
     pub name: ClusterName,
-    /// Shell or argv.
-    pub mode: ExecMode,
-    /// Programs an `argv` command may start (base names or absolute paths).
-    pub allowed_programs: BTreeSet<String>,
-    /// `PATH` given to commands.
-    pub path: String,
+    /// How its commands run (mode, programs, `PATH`, shell, sandbox).
+    pub exec: ExecSettings,
     /// How the gateway reaches the cluster's API server; `None` = no cluster behind it
     /// (commands get no kubeconfig).
     pub api: Option<ApiServer>,
@@ -138,36 +123,10 @@ pub struct ClusterConfig {
     pub identity: IdentityMapping,
     /// Shown by `kinvoke clusters`, e.g. "simulated cluster".
     pub description: String,
-    /// Shell used in `shell` mode.
-    pub shell: PathBuf,
     /// Refuse every command (like AKS `disableRunCommand`).
     pub disable_run_command: bool,
     /// Caller addresses allowed for this cluster, besides the listener's; empty = no extra limit.
     pub authorized_ip_ranges: CidrSet,
-    /// Whether its commands run in the sandbox (default: they do).
-    pub sandbox: SandboxMode,
-}
-
-impl ClusterConfig {
-    /// The programs its commands start by name: the shell in shell mode, the allowed
-    /// programs in argv mode.
-    pub fn programs(&self) -> Vec<crate::sandbox::NamedProgram<'_>> {
-        use crate::sandbox::NamedProgram;
-        match self.mode {
-            ExecMode::Shell => vec![NamedProgram {
-                path: &self.shell,
-                key: "shell",
-            }],
-            ExecMode::Argv => self
-                .allowed_programs
-                .iter()
-                .map(|p| NamedProgram {
-                    path: Path::new(p),
-                    key: "allowed_programs",
-                })
-                .collect(),
-        }
-    }
 }
 
 /// The gateway's own way to the API server (never given to commands).
@@ -190,9 +149,6 @@ pub struct RelayConfig {
     /// Address (loopback by default: the local executor's commands run here).
     pub address: SocketAddr,
 }
-
-/// Default `PATH` handed to commands.
-pub const DEFAULT_COMMAND_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 impl Config {
     /// Reads and validates a config file; relative paths are taken from the file's directory.
@@ -442,12 +398,16 @@ impl Config {
             "the commands' work root (TMPDIR), which holds every command's directory and relay token",
         )];
         for (i, c) in self.clusters.iter().enumerate() {
-            if c.sandbox == SandboxMode::Off {
+            if c.exec.sandbox == SandboxMode::Off {
                 continue;
             }
             let key = format!("cluster[{i}]");
-            let readable =
-                crate::sandbox::readable_paths(&self.sandbox, &c.path, &c.programs(), &key);
+            let readable = crate::sandbox::readable_paths(
+                &self.sandbox,
+                &c.exec.path,
+                &c.exec.programs(),
+                &key,
+            );
             crate::sandbox::check_exposure(&readable, &secrets)
                 .and_then(|()| crate::sandbox::check_containment(&readable, &work_root))
                 .map_err(|e| invalid(e.readable_source.clone(), e.to_string()))?;
@@ -491,9 +451,9 @@ name = "prod-eu"
         assert_eq!(config.limits.max_output_bytes, 512 * 1024);
         assert_eq!(config.limits.max_total_file_bytes, 4 * 1024 * 1024);
         let cluster = config.cluster("prod-eu").unwrap();
-        assert_eq!(cluster.mode, ExecMode::Shell);
-        assert!(cluster.allowed_programs.contains("kubectl"));
-        assert!(cluster.allowed_programs.contains("helm"));
+        assert_eq!(cluster.exec.mode, ExecMode::Shell);
+        assert!(cluster.exec.allowed_programs.contains("kubectl"));
+        assert!(cluster.exec.allowed_programs.contains("helm"));
         assert_eq!(
             config.listeners[0].client_ca,
             Some(PathBuf::from("/etc/kinvoke/ca.crt"))
@@ -740,8 +700,14 @@ name = "prod-eu"
         let config =
             Config::parse(&format!("{MINIMAL}{fragment}"), Path::new("/etc/kinvoke")).unwrap();
         assert_eq!(config.sandbox, SandboxSettings::default());
-        assert_eq!(config.cluster("legacy").unwrap().sandbox, SandboxMode::Off);
-        assert_eq!(config.cluster("prod-eu").unwrap().sandbox, SandboxMode::On);
+        assert_eq!(
+            config.cluster("legacy").unwrap().exec.sandbox,
+            SandboxMode::Off
+        );
+        assert_eq!(
+            config.cluster("prod-eu").unwrap().exec.sandbox,
+            SandboxMode::On
+        );
         assert!(
             config
                 .warnings

@@ -357,7 +357,7 @@ pub async fn open_sandbox_with(
     let sandboxed: Vec<&str> = config
         .clusters
         .iter()
-        .filter(|c| c.sandbox == SandboxMode::On)
+        .filter(|c| c.exec.sandbox == SandboxMode::On)
         .map(|c| c.name.as_str())
         .collect();
     if sandboxed.is_empty() {

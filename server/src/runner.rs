@@ -209,7 +209,7 @@ impl Runner {
                 cluster: spec.cluster.clone(),
             })?
             .clone();
-        let argv = plan_argv(&cluster, &spec.command)?;
+        let argv = plan_argv(&cluster.name, &cluster.exec, &spec.command)?;
         let permit: OwnedSemaphorePermit =
             self.slots
                 .clone()
@@ -381,7 +381,8 @@ impl Runner {
             id,
             argv,
             spec,
-            cluster,
+            exec: cluster.exec.clone(),
+            cluster: cluster.name.clone(),
             output,
             cancel,
             kubeconfig: kubeconfig.map(SecretText),

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kinvoke_gateway::command::{Attachment, ClusterName, CommandId, CommandSpec, CommandState};
-use kinvoke_gateway::config::{ClusterConfig, DEFAULT_COMMAND_PATH, ExecMode};
 use kinvoke_gateway::exec::local::LocalExecutor;
 use kinvoke_gateway::exec::output::OutputLog;
+use kinvoke_gateway::exec::{ExecMode, ExecSettings};
 use kinvoke_gateway::exec::{Executor, Job, Outcome, plan_argv};
 use kinvoke_gateway::sandbox::launch::Sandbox;
 use kinvoke_gateway::sandbox::{SandboxMode, SandboxSettings};
@@ -28,34 +28,30 @@ fn sandbox() -> Arc<Sandbox> {
     ))
 }
 
-fn cluster(sandbox: SandboxMode) -> ClusterConfig {
-    ClusterConfig {
-        name: ClusterName::parse("c").unwrap(),
-        mode: ExecMode::Shell,
-        allowed_programs: Default::default(),
-        path: DEFAULT_COMMAND_PATH.to_owned(),
-        api: None,
-        identity: Default::default(),
-        description: String::new(),
-        shell: "bash".into(),
-        disable_run_command: false,
-        authorized_ip_ranges: Default::default(),
+fn exec(sandbox: SandboxMode) -> ExecSettings {
+    ExecSettings {
         sandbox,
+        ..ExecSettings::default()
     }
 }
 
+fn name() -> ClusterName {
+    ClusterName::parse("c").unwrap()
+}
+
 fn job(command: &str, files: Vec<Attachment>) -> Job {
-    let cluster = cluster(SandboxMode::On);
+    let exec = exec(SandboxMode::On);
     Job {
         id: CommandId::random().unwrap(),
-        argv: plan_argv(&cluster, command).unwrap(),
+        argv: plan_argv(&name(), &exec, command).unwrap(),
         spec: CommandSpec {
             cluster: "c".into(),
             command: command.into(),
             files,
             timeout: Duration::from_secs(60),
         },
-        cluster,
+        cluster: name(),
+        exec,
         output: Arc::new(OutputLog::new(64 * 1024)),
         cancel: CancellationToken::new(),
         kubeconfig: None,
@@ -237,13 +233,15 @@ async fn an_argv_program_named_by_its_path_outside_path_can_run() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let mut cluster = cluster(SandboxMode::On);
-    cluster.mode = ExecMode::Argv;
     let program = program.display().to_string();
-    cluster.allowed_programs = [program.clone()].into();
+    let exec = ExecSettings {
+        mode: ExecMode::Argv,
+        allowed_programs: [program.clone()].into(),
+        ..exec(SandboxMode::On)
+    };
     let mut j = job("x", vec![]);
-    j.argv = plan_argv(&cluster, &format!("{program} world")).unwrap();
-    j.cluster = cluster;
+    j.argv = plan_argv(&name(), &exec, &format!("{program} world")).unwrap();
+    j.exec = exec;
     let (outcome, out) = run(j).await;
     assert_eq!(outcome.exit_code, Some(0), "{outcome:?} {out}");
     assert_eq!(out, "hello world\n");

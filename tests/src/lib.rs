@@ -2550,8 +2550,8 @@ mod tests {
         assert!(local < strict, "{text}");
         let config = kinvoke_gateway::config::Config::parse(&text, Path::new("/tmp/gw")).unwrap();
         let strict = config.cluster("strict").unwrap();
-        assert_eq!(strict.mode, kinvoke_gateway::config::ExecMode::Argv);
-        assert!(strict.allowed_programs.contains("echo"));
+        assert_eq!(strict.exec.mode, kinvoke_gateway::config::ExecMode::Argv);
+        assert!(strict.exec.allowed_programs.contains("echo"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::raw::RawCluster;
 use super::sections::parse_identity;
-use super::{ApiServer, ClusterConfig, ConfigError, DEFAULT_COMMAND_PATH, invalid};
+use super::{ApiServer, ClusterConfig, ConfigError, DEFAULT_COMMAND_PATH, ExecSettings, invalid};
 use crate::access::cidr::CidrSet;
 use crate::command::ClusterName;
 use crate::sandbox::SandboxMode;
@@ -63,9 +63,13 @@ pub(super) fn parse_clusters(
             .map_err(|e| invalid(format!("{key}.authorized_ip_ranges"), e.to_string()))?;
         clusters.push(ClusterConfig {
             name,
-            mode: c.mode,
-            allowed_programs,
-            path,
+            exec: ExecSettings {
+                mode: c.mode,
+                allowed_programs,
+                path,
+                shell: c.shell.unwrap_or_else(|| PathBuf::from("bash")),
+                sandbox: c.sandbox,
+            },
             api: match (c.kubeconfig, c.in_cluster) {
                 (Some(_), true) => {
                     return Err(invalid(
@@ -90,10 +94,8 @@ pub(super) fn parse_clusters(
             },
             identity: parse_identity(&key, c.identity)?,
             description: c.description,
-            shell: c.shell.unwrap_or_else(|| PathBuf::from("bash")),
             disable_run_command: c.disable_run_command,
             authorized_ip_ranges,
-            sandbox: c.sandbox,
         });
         if c.sandbox == SandboxMode::Off {
             warnings.push(format!(

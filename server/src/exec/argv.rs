@@ -24,12 +24,17 @@
 
 use std::path::Path;
 
+use super::ExecSettings;
 pub use crate::command::ArgvRefusal;
+use crate::command::ClusterName;
 use crate::command::InvalidRequest;
-use crate::config::ClusterConfig;
 
 /// Splits an argv-mode command line and checks it against the cluster's policy.
-pub fn plan(cluster: &ClusterConfig, command: &str) -> Result<Vec<String>, InvalidRequest> {
+pub fn plan(
+    cluster: &ClusterName,
+    exec: &ExecSettings,
+    command: &str,
+) -> Result<Vec<String>, InvalidRequest> {
     let argv = shell_words::split(command).map_err(|err| InvalidRequest::Malformed {
         field: "command",
         message: format!("cannot split into words: {err}"),
@@ -44,14 +49,13 @@ pub fn plan(cluster: &ClusterConfig, command: &str) -> Result<Vec<String>, Inval
         }
         .into());
     }
-    if !cluster.allowed_programs.contains(program.as_str()) {
+    if !exec.allowed_programs.contains(program.as_str()) {
         return Err(InvalidRequest::Malformed {
             field: "command",
             message: format!(
                 "program \"{program}\" is not allowed on cluster \"{}\" (allowed: {}); cluster.allowed_programs lists them",
-                cluster.name,
-                cluster
-                    .allowed_programs
+                cluster,
+                exec.allowed_programs
                     .iter()
                     .cloned()
                     .collect::<Vec<_>>()
@@ -688,26 +692,21 @@ fn operator_in(word: &[(char, Quoting)]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::ClusterName;
-    use crate::config::ExecMode;
+    use crate::exec::ExecMode;
 
-    fn cluster(programs: &[&str]) -> ClusterConfig {
-        ClusterConfig {
-            name: ClusterName::parse("c").unwrap(),
+    fn cluster(programs: &[&str]) -> ExecSettings {
+        ExecSettings {
             mode: ExecMode::Argv,
             allowed_programs: programs.iter().map(|p| (*p).to_owned()).collect(),
-            path: crate::config::DEFAULT_COMMAND_PATH.to_owned(),
-            api: None,
-            identity: Default::default(),
-            description: String::new(),
-            shell: "bash".into(),
-            disable_run_command: false,
-            authorized_ip_ranges: Default::default(),
-            sandbox: crate::sandbox::SandboxMode::Off,
+            ..ExecSettings::default()
         }
     }
 
-    fn default_cluster() -> ClusterConfig {
+    fn name() -> ClusterName {
+        ClusterName::parse("c").unwrap()
+    }
+
+    fn default_cluster() -> ExecSettings {
         cluster(&[
             "kubectl",
             "helm",
@@ -719,14 +718,14 @@ mod tests {
     }
 
     fn refusal_of(line: &str) -> String {
-        match plan(&default_cluster(), line) {
+        match plan(&name(), &default_cluster(), line) {
             Ok(argv) => panic!("{line:?} was allowed as {argv:?}"),
             Err(err) => err.to_string(),
         }
     }
 
     fn allowed(line: &str) -> Vec<String> {
-        plan(&default_cluster(), line).unwrap_or_else(|err| panic!("{line:?}: {err}"))
+        plan(&name(), &default_cluster(), line).unwrap_or_else(|err| panic!("{line:?}: {err}"))
     }
 
     /// Every form of a long flag a tool reads, with and without a value.

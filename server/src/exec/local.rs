@@ -112,14 +112,14 @@ impl LocalExecutor {
     }
 
     async fn run_job(&self, job: Job) -> Outcome {
-        let sandbox = match (job.cluster.sandbox, &self.sandbox) {
+        let sandbox = match (job.exec.sandbox, &self.sandbox) {
             (SandboxMode::Off, _) => None,
             (SandboxMode::On, Some(sandbox)) => Some(sandbox.as_ref()),
             (SandboxMode::On, None) => {
                 // fail closed: never run a command unsandboxed that should not be
                 return failed(format!(
                     "cluster \"{}\" runs commands sandboxed, but this gateway has no sandbox",
-                    job.cluster.name
+                    job.cluster
                 ));
             }
         };
@@ -218,7 +218,7 @@ impl LocalExecutor {
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
         let no_terminal = path(dirs.no_terminal());
         let mut env = vec![
-            ("PATH".to_owned(), job.cluster.path.clone()),
+            ("PATH".to_owned(), job.exec.path.clone()),
             ("HOME".to_owned(), path(dirs.home())),
             ("TMPDIR".to_owned(), path(dirs.tmp())),
             ("KINVOKE_COMMAND_ID".to_owned(), job.id.as_str().to_owned()),
@@ -265,7 +265,7 @@ impl LocalExecutor {
                         .read_only_paths
                         .iter()
                         .cloned()
-                        .chain(command_dirs(&job.cluster.path, &job.cluster.programs()))
+                        .chain(command_dirs(&job.exec.path, &job.exec.programs()))
                         .chain([dirs.no_terminal()])
                         .collect(),
                     writable: [dirs.work(), dirs.home(), dirs.tmp()]
@@ -499,26 +499,20 @@ mod tests {
 
     use super::*;
     use crate::command::{ClusterName, CommandId, CommandSpec};
-    use crate::config::{ClusterConfig, DEFAULT_COMMAND_PATH, ExecMode};
+    use crate::exec::ExecSettings;
     use crate::exec::output::OutputLog;
 
+    /// A job on an unsandboxed shell cluster: the executor's own logic (the sandboxed
+    /// path is tested in server/tests/sandbox.rs, with the built launcher).
     fn job(command: &str, files: Vec<Attachment>, timeout: Duration) -> Job {
-        let cluster = ClusterConfig {
-            name: ClusterName::parse("c").unwrap(),
-            mode: ExecMode::Shell,
-            allowed_programs: Default::default(),
-            path: DEFAULT_COMMAND_PATH.to_owned(),
-            api: None,
-            identity: Default::default(),
-            description: String::new(),
-            shell: "bash".into(),
-            disable_run_command: false,
-            authorized_ip_ranges: Default::default(),
-            sandbox: crate::sandbox::SandboxMode::Off,
+        let cluster = ClusterName::parse("c").unwrap();
+        let exec = ExecSettings {
+            sandbox: SandboxMode::Off,
+            ..ExecSettings::default()
         };
         Job {
             id: CommandId::random().unwrap(),
-            argv: crate::exec::plan_argv(&cluster, command).unwrap(),
+            argv: crate::exec::plan_argv(&cluster, &exec, command).unwrap(),
             spec: CommandSpec {
                 cluster: "c".into(),
                 command: command.into(),
@@ -526,6 +520,7 @@ mod tests {
                 timeout,
             },
             cluster,
+            exec,
             output: Arc::new(OutputLog::new(1024)),
             cancel: CancellationToken::new(),
             kubeconfig: None,

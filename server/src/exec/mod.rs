@@ -12,8 +12,73 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::command::{CommandId, CommandSpec, CommandState, InvalidRequest};
-use crate::config::{ClusterConfig, ExecMode};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use crate::command::ClusterName;
+use crate::sandbox::{NamedProgram, SandboxMode};
 use output::OutputLog;
+
+/// Default `PATH` handed to commands.
+pub const DEFAULT_COMMAND_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// How a cluster's commands run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecMode {
+    /// `bash -c COMMAND`, like AKS: pipes and shell syntax work.
+    Shell,
+    /// The command is split with shell-word rules and run directly; the program must be allowed.
+    Argv,
+}
+
+/// A cluster's execution settings: what the executor needs of its config, and no more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecSettings {
+    /// Shell or argv.
+    pub mode: ExecMode,
+    /// Programs an `argv` command may start (base names or absolute paths).
+    pub allowed_programs: BTreeSet<String>,
+    /// `PATH` given to commands.
+    pub path: String,
+    /// Shell used in `shell` mode.
+    pub shell: PathBuf,
+    /// Whether its commands run in the sandbox (default: they do).
+    pub sandbox: SandboxMode,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        Self {
+            mode: ExecMode::Shell,
+            allowed_programs: ["kubectl".to_owned(), "helm".to_owned()].into(),
+            path: DEFAULT_COMMAND_PATH.to_owned(),
+            shell: PathBuf::from("bash"),
+            sandbox: SandboxMode::On,
+        }
+    }
+}
+
+impl ExecSettings {
+    /// The programs its commands start by name: the shell in shell mode, the allowed
+    /// programs in argv mode.
+    pub fn programs(&self) -> Vec<NamedProgram<'_>> {
+        match self.mode {
+            ExecMode::Shell => vec![NamedProgram {
+                path: &self.shell,
+                key: "shell",
+            }],
+            ExecMode::Argv => self
+                .allowed_programs
+                .iter()
+                .map(|p| NamedProgram {
+                    path: Path::new(p),
+                    key: "allowed_programs",
+                })
+                .collect(),
+        }
+    }
+}
 
 /// How a command ended, as the executor saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +100,10 @@ pub struct Job {
     pub argv: Vec<String>,
     /// Request data (files, timeout).
     pub spec: CommandSpec,
+    /// The cluster it runs for.
+    pub cluster: ClusterName,
     /// The cluster's execution settings.
-    pub cluster: ClusterConfig,
+    pub exec: ExecSettings,
     /// Where output goes.
     pub output: Arc<OutputLog>,
     /// Fires to stop the command (cancel or shutdown).
@@ -62,41 +129,44 @@ pub trait Executor: Send + Sync + 'static {
 }
 
 /// Turns a command line into argv under the cluster's mode and program allowlist.
-pub fn plan_argv(cluster: &ClusterConfig, command: &str) -> Result<Vec<String>, InvalidRequest> {
-    match cluster.mode {
+pub fn plan_argv(
+    cluster: &ClusterName,
+    exec: &ExecSettings,
+    command: &str,
+) -> Result<Vec<String>, InvalidRequest> {
+    match exec.mode {
         ExecMode::Shell => Ok(vec![
-            cluster.shell.to_string_lossy().into_owned(),
+            exec.shell.to_string_lossy().into_owned(),
             "-c".to_owned(),
             command.to_owned(),
         ]),
-        ExecMode::Argv => argv::plan(cluster, command),
+        ExecMode::Argv => argv::plan(cluster, exec, command),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::command::ClusterName;
 
-    fn cluster(mode: ExecMode) -> ClusterConfig {
-        ClusterConfig {
-            name: ClusterName::parse("c").unwrap(),
+    fn cluster(mode: ExecMode) -> ExecSettings {
+        ExecSettings {
             mode,
-            allowed_programs: ["kubectl".to_owned(), "helm".to_owned()].into(),
-            path: crate::config::DEFAULT_COMMAND_PATH.to_owned(),
-            api: None,
-            identity: Default::default(),
-            description: String::new(),
-            shell: "bash".into(),
-            disable_run_command: false,
-            authorized_ip_ranges: Default::default(),
-            sandbox: crate::sandbox::SandboxMode::Off,
+            ..ExecSettings::default()
         }
+    }
+
+    fn name() -> ClusterName {
+        ClusterName::parse("c").unwrap()
     }
 
     #[test]
     fn shell_mode_hands_the_line_to_bash() {
-        let argv = plan_argv(&cluster(ExecMode::Shell), "kubectl get pods | wc -l").unwrap();
+        let argv = plan_argv(
+            &name(),
+            &cluster(ExecMode::Shell),
+            "kubectl get pods | wc -l",
+        )
+        .unwrap();
         assert_eq!(argv, ["bash", "-c", "kubectl get pods | wc -l"]);
     }
 
@@ -104,7 +174,7 @@ mod tests {
     fn argv_mode_splits_with_shell_rules_and_applies_its_policy() {
         let c = cluster(ExecMode::Argv);
         assert_eq!(
-            plan_argv(&c, "kubectl get cm 'a b'").unwrap(),
+            plan_argv(&name(), &c, "kubectl get cm 'a b'").unwrap(),
             ["kubectl", "get", "cm", "a b"]
         );
         let cases = [
@@ -118,7 +188,7 @@ mod tests {
             ),
         ];
         for (line, expected) in cases {
-            let err = plan_argv(&c, line).unwrap_err().to_string();
+            let err = plan_argv(&name(), &c, line).unwrap_err().to_string();
             assert!(err.contains(expected), "{line}: {err}");
         }
     }
