@@ -150,6 +150,16 @@ pub struct RelayConfig {
     pub address: SocketAddr,
 }
 
+/// Where cloud CLIs and kubectl keep credentials, below a home directory.
+const CREDENTIAL_DIRS: &[&str] = &[".aws", ".azure", ".config/gcloud", ".kube", ".docker"];
+
+/// The gateway's own home directory, unless it is `/` (some service users have that).
+fn gateway_home() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .filter(|h| h.is_absolute() && h != Path::new("/"))
+}
+
 impl Config {
     /// Reads and validates a config file; relative paths are taken from the file's directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -332,10 +342,24 @@ impl Config {
                 crate::sandbox::SERVICE_ACCOUNT_DIR,
                 "the Pod's service account",
             ),
+            // daemons' Unix sockets: a read-only mount does not stop a connect
+            LabeledPath::new("/run", "the host's run-time directory (daemons' sockets)"),
+            LabeledPath::new(
+                "/var/run",
+                "the host's run-time directory (daemons' sockets)",
+            ),
             LabeledPath::new(&self.state_dir, "state_dir"),
             LabeledPath::new(&self.store.path, "store.path"),
             LabeledPath::new(&self.audit.path, "audit.path"),
         ];
+        if let Some(home) = gateway_home() {
+            for dir in CREDENTIAL_DIRS {
+                out.push(LabeledPath::new(
+                    home.join(dir),
+                    "the gateway's cloud and cluster credentials",
+                ));
+            }
+        }
         if let Some(source) = &self.source {
             out.push(LabeledPath::new(source, "the config file"));
         }
@@ -393,10 +417,13 @@ impl Config {
     /// own directory is made, naming both.
     pub fn check_sandbox_exposure(&self) -> Result<(), ConfigError> {
         let secrets = self.secret_paths();
-        let work_root = [LabeledPath::new(
+        let mut containers = vec![LabeledPath::new(
             std::env::temp_dir(),
             "the commands' work root (TMPDIR), which holds every command's directory and relay token",
         )];
+        if let Some(home) = gateway_home() {
+            containers.push(LabeledPath::new(home, "the gateway's home directory"));
+        }
         for (i, c) in self.clusters.iter().enumerate() {
             if c.exec.sandbox == SandboxMode::Off {
                 continue;
@@ -409,7 +436,7 @@ impl Config {
                 &key,
             );
             crate::sandbox::check_exposure(&readable, &secrets)
-                .and_then(|()| crate::sandbox::check_containment(&readable, &work_root))
+                .and_then(|()| crate::sandbox::check_containment(&readable, &containers))
                 .map_err(|e| invalid(e.readable_source.clone(), e.to_string()))?;
         }
         Ok(())

@@ -243,6 +243,11 @@ fn p2_writes_outside_the_commands_own_directories_fail() {
             "setgid program",
             "cp /usr/bin/true ./t2 && chmod g+s ./t2 && echo LEAKED",
         ),
+        (
+            "setuid mode at creation",
+            "python3 -c \"import os; os.open('t3', os.O_CREAT | os.O_WRONLY, 0o4755)\" && echo LEAKED",
+        ),
+        ("setgid directory", "mkdir -m 2755 d && echo LEAKED"),
     ];
     let cases: Vec<(&str, String)> = cases
         .iter()
@@ -617,6 +622,13 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
             "read / (".to_owned(),
         ),
         (
+            "\n[sandbox]\nextra_read_only_paths = [\"/run\"]\n".to_owned(),
+            "sandbox.read_only_paths",
+            // /var/run/secrets lies below /run on most hosts, and /run itself is secret
+            "which holds",
+            "read /run (".to_owned(),
+        ),
+        (
             format!("path = \"/usr/bin\"\nshell = \"{root}/state/bash\"\n"),
             "cluster[0].shell",
             "state_dir",
@@ -707,6 +719,13 @@ fn no_command_listens_on_tcp_where_other_commands_could_reach_it() {
         "kubectl says why:\n{out}"
     );
     assert!(out.stdout.contains("PermissionError"), "{out}");
+    // a listen() without bind() would get a port Landlock never sees
+    let out = env.invoke(
+        "python3 -c \"import socket; s = socket.socket(); s.listen(); print('LISTEN' + 'ING', s.getsockname())\"; true",
+        &[],
+    );
+    assert!(!out.stdout.contains("LISTENING"), "listens:\n{out}");
+    assert!(out.stdout.contains("PermissionError"), "{out}");
     // connecting out still works: the relay is a TCP connection
     let out = env.invoke("kubectl get ns -o name", &[]);
     assert_eq!(out.code, Some(0), "{out}");
@@ -741,4 +760,41 @@ fn descriptors_the_gateway_inherited_never_reach_a_command() {
         .unwrap();
     assert!(!out.stdout.contains("INHERITED-SECRET"), "{out}");
     assert!(out.stdout.contains("Bad file descriptor"), "{out}");
+}
+
+#[test]
+fn no_command_holds_capabilities_again_in_a_user_namespace_of_its_own() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let out = env.invoke(
+        "unshare -U -r sh -c 'grep CapEff /proc/self/status' && echo LEAKED; \
+         python3 -c \"import os; os.unshare(os.CLONE_NEWUSER); print('LEAK' + 'ED')\"; true",
+        &[],
+    );
+    assert!(!out.stdout.contains("LEAKED"), "{out}");
+    assert!(!out.stdout.contains("000001ff"), "{out}");
+    assert!(out.stdout.contains("Operation not permitted"), "{out}");
+}
+
+#[test]
+fn a_tree_fifteen_thousand_levels_deep_is_removed_and_the_gateway_survives_it() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let out = env.invoke(
+        "python3 -c \"import os\nfor _ in range(15000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')\"",
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("deep"), "{out}");
+    // the gateway removed it (in a process of its own) and serves on
+    let out = env.invoke("echo alive", &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(env.gw.is_running());
+    let left: Vec<_> = fs::read_dir(env.gw.work_root())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }

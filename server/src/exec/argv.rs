@@ -104,6 +104,7 @@ const KUSTOMIZE_PLUGINS: &str =
     "lets kustomize run plugin programs and function containers named by the kustomization";
 const KUSTOMIZE_HELM: &str = "lets kustomize run a helm program, chosen by --helm-command";
 const POST_RENDERER: &str = "runs a post-renderer plugin program over the rendered manifests";
+const KUSTOMIZE: &str = "runs kustomize, which fetches remote bases with git, and git runs programs named in a base's URL (--upload-pack)";
 
 /// kubectl flags refused in argv mode, whatever their value and in every form kubectl
 /// reads them: `--flag value`, `--flag=value`, `--flag_name` (kubectl turns `_` into `-`)
@@ -137,6 +138,11 @@ pub const KUBECTL_FLAGS: &[RefusedFlag] = &[
     flag("as-user-extra", OTHER_IDENTITY),
     // other programs: kuberc can allow credential plugins; kustomize can run programs
     flag("kuberc", KUBERC),
+    RefusedFlag {
+        long: "kustomize",
+        short: Some('k'),
+        why: KUSTOMIZE,
+    },
     flag("enable-alpha-plugins", KUSTOMIZE_PLUGINS),
     flag("enable-helm", KUSTOMIZE_HELM),
     flag("helm-command", KUSTOMIZE_HELM),
@@ -198,7 +204,6 @@ pub const KUBECTL_COMMANDS: &[&str] = &[
     "expose",
     "get",
     "help",
-    "kustomize",
     "label",
     "logs",
     "options",
@@ -488,6 +493,7 @@ fn check_subcommand(tool: Tool, subcommand: &str) -> Result<(), ArgvRefusal> {
     }
     let why = match (tool, subcommand) {
         (Tool::Kubectl, "plugin") => "kubectl plugins are programs of their own, which argv mode does not run, so there is nothing to list".to_owned(),
+        (Tool::Kubectl, "kustomize") => "kustomize fetches remote bases with git, and git runs programs named in a base's URL (ref=--upload-pack=...); render kustomizations in a shell-mode cluster, or apply rendered manifests".to_owned(),
         (Tool::Kubectl, "proxy") => "it would lend the command's credentials, which act as the caller, to whoever reaches its port; argv mode runs one-shot commands such as get, apply or logs".to_owned(),
         (Tool::Helm, "plugin") => "helm plugins are programs of their own, which argv mode does not install or run".to_owned(),
         (Tool::Kubectl, _) => format!(
@@ -890,8 +896,6 @@ mod tests {
             "kubectl exec web -- ls",
             "kubectl debug node/x -it --image=busybox",
             "kubectl config view",
-            "kubectl kustomize ./overlay",
-            "kubectl apply -k ./overlay",
             "helm list -A",
             "helm -n demo status web",
             "helm --debug install web ./chart --set a=b",
@@ -915,10 +919,17 @@ mod tests {
                 "--enable-alpha-plugins",
             ),
             ("kubectl --kuberc ./kuberc get pods", "--kuberc"),
+            ("kubectl apply -k ./overlay", "-k/--kustomize"),
+            ("kubectl apply --kustomize=./overlay", "-k/--kustomize"),
+            ("kubectl delete -nx -k .", "-k/--kustomize"),
         ] {
             let err = refusal_of(line);
             assert!(err.contains(&format!("{flag} of kubectl")), "{line}: {err}");
         }
+        // kustomize fetches remote bases with git, which runs what a URL's ref names
+        let err = refusal_of("kubectl kustomize 'file:///x/r?ref=--upload-pack=id%3E%262%3Bfalse'");
+        assert!(err.contains("\"kubectl kustomize\""), "{err}");
+        assert!(err.contains("--upload-pack"), "{err}");
     }
 
     #[test]

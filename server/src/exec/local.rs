@@ -133,13 +133,12 @@ impl LocalExecutor {
             Err(reason) => return failed(reason),
         };
         let outcome = self.spawn_and_wait(&job, &dirs, sandbox, owner).await;
-        drop(lease);
-        let path = dirs.root.path().to_owned();
-        // removing a large tree is blocking I/O: keep it off the runtime threads
-        let removed = tokio::task::spawn_blocking(move || dirs.root.close()).await;
-        if !matches!(removed, Ok(Ok(()))) {
-            tracing::warn!(command_id = %job.id, dir = %path.display(), "could not remove the command's work directory");
+        let path = dirs.root.keep();
+        if let Err(err) = remove_tree(&path).await {
+            tracing::warn!(command_id = %job.id, dir = %path.display(), %err, "could not remove the command's directory");
         }
+        // the user id is free again only once nothing of its files is left
+        drop(lease);
         outcome
     }
 
@@ -462,6 +461,27 @@ fn write_file(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
     io::Write::write_all(&mut f, content)?;
     // the umask may have narrowed the mode
     f.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+/// Removes a command's directory tree in a process of its own (`rm -rf`): the command
+/// shaped that tree, and a recursive removal in the gateway would overflow a thread's
+/// stack, or run out of descriptors, on one nested tens of thousands of levels deep.
+async fn remove_tree(path: &Path) -> io::Result<()> {
+    let status = Command::new("rm")
+        .args(["-rf", "--one-file-system", "--"])
+        .arg(path)
+        .env_clear()
+        .env("PATH", crate::exec::DEFAULT_COMMAND_PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("rm -rf ended with {status}")))
+    }
 }
 
 /// Gives a tree to `uid` (group `uid` too), without following symbolic links.

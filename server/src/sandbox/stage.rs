@@ -706,17 +706,32 @@ fn restrict(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
 /// Landlock's TCP rules do not cover it.
 const IPPROTO_MPTCP: u64 = 262;
 
-/// A seccomp filter of what no kubectl or helm needs and an escape would: tracing
-/// (`ptrace` could hold a dead main process hostage past its exit, and read memory),
-/// Multipath TCP sockets (around Landlock's no-listen rule; Go falls back to TCP), setuid
-/// and setgid modes and extended attributes (file capabilities) on the command's own
-/// files, kernel keyrings, BPF, perf, userfaultfd and io_uring.
+/// `setxattrat(2)` and `removexattrat(2)` (Linux 6.13): syscalls numbered 424 and up
+/// have one number on every architecture, and the libc crate does not name these yet.
+const SYS_SETXATTRAT: i64 = 463;
+const SYS_REMOVEXATTRAT: i64 = 466;
+
+/// The seccomp filters of what no kubectl or helm needs and an escape would:
+///
+/// - tracing (`ptrace` could hold a dead main process hostage past its exit, and read
+///   memory) and `process_vm_*`;
+/// - listening sockets: `listen` (a `bind`-less listen gets a port Landlock never sees)
+///   and Multipath TCP sockets (Landlock's TCP rules do not cover them; Go falls back to
+///   TCP), so no command serves its relay credentials to other commands;
+/// - new user namespaces (`unshare`/`clone` with `CLONE_NEWUSER`; `clone3`, whose flags
+///   seccomp cannot read, answers ENOSYS and the C library falls back to `clone`): in one,
+///   a command would hold every capability again;
+/// - setuid and setgid modes on any file it creates or changes, and extended
+///   attributes (file capabilities);
+/// - kernel keyrings, BPF, perf, userfaultfd and io_uring (`openat2` answers ENOSYS,
+///   callers fall back to `openat`, whose mode the filter reads).
 fn deny_syscalls() -> Result<(), String> {
     use nix::libc;
     use seccompiler::{
         BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
         SeccompRule,
     };
+    use std::collections::BTreeMap;
     let fail = |e: &dyn std::fmt::Display| format!("sandbox: seccomp: {e}");
     let when = |arg: u8, mask: u64, value: u64| -> Result<SeccompRule, String> {
         let condition = SeccompCondition::new(
@@ -732,10 +747,15 @@ fn deny_syscalls() -> Result<(), String> {
     let set_id = |arg: u8| -> Result<Vec<SeccompRule>, String> {
         Ok(vec![when(arg, 0o4000, 0o4000)?, when(arg, 0o2000, 0o2000)?])
     };
-    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = [
+    let new_user_ns = |arg: u8| -> Result<Vec<SeccompRule>, String> {
+        let flag = u64::from(CloneFlags::CLONE_NEWUSER.bits().cast_unsigned());
+        Ok(vec![when(arg, flag, flag)?])
+    };
+    let mut refused: BTreeMap<i64, Vec<SeccompRule>> = [
         libc::SYS_ptrace,
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
+        libc::SYS_listen,
         libc::SYS_keyctl,
         libc::SYS_add_key,
         libc::SYS_request_key,
@@ -746,28 +766,50 @@ fn deny_syscalls() -> Result<(), String> {
         libc::SYS_setxattr,
         libc::SYS_lsetxattr,
         libc::SYS_fsetxattr,
+        SYS_SETXATTRAT,
+        SYS_REMOVEXATTRAT,
     ]
     .into_iter()
     .map(|call| (call, Vec::new()))
     .collect();
-    rules.insert(
+    refused.insert(
         libc::SYS_socket,
         vec![when(2, u64::from(u32::MAX), IPPROTO_MPTCP)?],
     );
-    rules.insert(libc::SYS_chmod, set_id(1)?);
-    rules.insert(libc::SYS_fchmod, set_id(1)?);
-    rules.insert(libc::SYS_fchmodat, set_id(2)?);
-    rules.insert(libc::SYS_fchmodat2, set_id(2)?);
-    let arch = std::env::consts::ARCH.try_into().map_err(|e| fail(&e))?;
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| fail(&e))?;
-    let program: BpfProgram = filter.try_into().map_err(|e| fail(&e))?;
-    seccompiler::apply_filter(&program).map_err(|e| fail(&e))
+    refused.insert(libc::SYS_unshare, new_user_ns(0)?);
+    refused.insert(libc::SYS_clone, new_user_ns(0)?);
+    refused.insert(libc::SYS_fchmod, set_id(1)?);
+    refused.insert(libc::SYS_fchmodat, set_id(2)?);
+    refused.insert(libc::SYS_fchmodat2, set_id(2)?);
+    refused.insert(libc::SYS_openat, set_id(3)?);
+    refused.insert(libc::SYS_mknodat, set_id(2)?);
+    refused.insert(libc::SYS_mkdirat, set_id(2)?);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // the older calls only x86_64 still has
+        refused.insert(libc::SYS_chmod, set_id(1)?);
+        refused.insert(libc::SYS_open, set_id(2)?);
+        refused.insert(libc::SYS_creat, set_id(1)?);
+        refused.insert(libc::SYS_mknod, set_id(1)?);
+        refused.insert(libc::SYS_mkdir, set_id(1)?);
+    }
+    let not_implemented: BTreeMap<i64, Vec<SeccompRule>> = [libc::SYS_clone3, libc::SYS_openat2]
+        .into_iter()
+        .map(|call| (call, Vec::new()))
+        .collect();
+    let arch: seccompiler::TargetArch = std::env::consts::ARCH.try_into().map_err(|e| fail(&e))?;
+    for (rules, errno) in [(refused, libc::EPERM), (not_implemented, libc::ENOSYS)] {
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(errno.cast_unsigned()),
+            arch,
+        )
+        .map_err(|e| fail(&e))?;
+        let program: BpfProgram = filter.try_into().map_err(|e| fail(&e))?;
+        seccompiler::apply_filter(&program).map_err(|e| fail(&e))?;
+    }
+    Ok(())
 }
 
 /// Root of the user namespace keeps no capability across `exec`: the bounding and
