@@ -318,3 +318,38 @@ async fn shutdown_cancels_what_outlives_the_grace_and_records_why() {
     assert_eq!(kept.state, kinvoke_gateway::command::CommandState::Canceled);
     assert_eq!(kept.reason, kinvoke_gateway::runner::SHUTDOWN_REASON);
 }
+
+#[tokio::test]
+async fn a_host_that_cannot_sandbox_stops_the_gateway_unless_each_cluster_opts_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |extra: &str| {
+        let text = format!(
+            "state_dir = \"state\"\n[[listener]]\naddress = \"127.0.0.1:0\"\n\
+             tls = {{ cert = \"s.crt\", key = \"s.key\", client_ca = \"ca.crt\" }}\n\
+             [[cluster]]\nname = \"local\"\n{extra}"
+        );
+        kinvoke_gateway::config::Config::parse(&text, dir.path()).unwrap()
+    };
+    // a launcher that cannot run stands for a kernel without Landlock or user namespaces
+    let cannot = Some(std::path::PathBuf::from("/nonexistent/kinvoke-gateway"));
+    let refused = kinvoke_gateway::Gateway::open_with_launcher(config(""), cannot.clone()).await;
+    let Err(err) = refused else {
+        panic!("the gateway opened without a sandbox");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains("cannot sandbox commands on this host"),
+        "{message}"
+    );
+    assert!(message.contains("sandbox = \"off\""), "{message}");
+
+    // a cluster that says so explicitly runs unsandboxed (and check-config warns)
+    let off = config("sandbox = \"off\"\n");
+    assert!(
+        off.warnings
+            .iter()
+            .any(|w| w.contains("WITHOUT the sandbox"))
+    );
+    let opened = kinvoke_gateway::Gateway::open_with_launcher(off, cannot).await;
+    assert!(opened.is_ok(), "{:?}", opened.err().map(|e| e.to_string()));
+}

@@ -26,6 +26,9 @@ use kinvoke_tests::{
 /// The shell-mode cluster whose API server is the simulated one.
 const KUBE: &str = "kube";
 
+/// The argv-mode cluster on the same simulated API server.
+const KUBE_ARGV: &str = "kube-argv";
+
 /// What a hostile command prints only if its attack worked.
 const LEAKED: &str = "LEAKED";
 
@@ -41,14 +44,16 @@ impl Sandboxed {
     fn start() -> Option<Self> {
         let tools = kube_tools().unwrap()?;
         let sim = SimCluster::spawn(SimOptions::default()).expect("the simulated cluster starts");
+        let path = kube_tools_path(&tools);
         let options = GatewayOptions::default()
-            .kube_cluster(KUBE, &sim.admin_kubeconfig(), &kube_tools_path(&tools))
+            .kube_cluster(KUBE, &sim.admin_kubeconfig(), &path)
             // a command whose main process ends must not wait for stragglers: with a
             // grace this long, a test that waited for it would hit the client's timeout
             .limit("kill_grace", "10m")
-            .extra_toml(
-                "\n[[assignment]]\nprincipal = \"bob\"\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\n",
-            );
+            .extra_toml(&format!(
+                "\n[[cluster]]\nname = \"{KUBE_ARGV}\"\nmode = \"argv\"\nkubeconfig = \"{KUBE}.kubeconfig\"\npath = {path:?}\n\
+                 \n[[assignment]]\nprincipal = \"bob\"\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\n"
+            ));
         let gw = Gateway::start_with(options).expect("the gateway starts");
         let bob = gw.pki().client_cert("bob").unwrap();
         Some(Self { gw, _sim: sim, bob })
@@ -797,4 +802,99 @@ fn a_tree_fifteen_thousand_levels_deep_is_removed_and_the_gateway_survives_it() 
         .flatten()
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn argv_mode_holds_every_property_too() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let scratch = env.gw.scratch("argv");
+    fs::create_dir_all(&scratch).unwrap();
+    let evil = scratch.join("evil.kubeconfig");
+    fs::write(
+        &evil,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:1\"}\n\
+         users:\n- name: u\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      \
+         command: /bin/sh\n      args: [\"-c\", \"echo PLUGIN-RAN >&2\"]\n      interactiveMode: Never\n\
+         contexts:\n- name: x\n  context: {cluster: c, user: u}\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let evil = evil.display().to_string();
+    let invoke = |command: &str, extra: &[&str]| {
+        env.gw
+            .client()
+            .unwrap()
+            .args(["invoke", "--cluster", KUBE_ARGV, "--command"])
+            .arg(env.expand(command))
+            .args(extra)
+            .run()
+            .unwrap()
+    };
+    // refused before they start: INVALID_ARGUMENT (exit 65) naming what
+    let refused = [
+        (
+            "the gateway's kubeconfig",
+            "kubectl --kubeconfig {gw}/kube.kubeconfig auth whoami",
+            "--kubeconfig",
+        ),
+        (
+            "an attached kubeconfig's plugin",
+            "kubectl --kubeconfig evil.kubeconfig get ns",
+            "--kubeconfig",
+        ),
+        (
+            "another server",
+            "kubectl -s https://127.0.0.1:1 get ns",
+            "-s/--server",
+        ),
+        (
+            "another identity",
+            "kubectl --as system:admin get ns",
+            "--as",
+        ),
+        (
+            "git through kustomize",
+            "kubectl kustomize 'file:///x/r?ref=--upload-pack=id'",
+            "kubectl kustomize",
+        ),
+        (
+            "a pipeline",
+            "kubectl get pods -A | grep web",
+            "shell operator",
+        ),
+        ("a plugin program", "kubectl evil", "kubectl-evil"),
+        (
+            "a listening proxy",
+            "kubectl proxy --port=0",
+            "kubectl proxy",
+        ),
+    ];
+    for (name, command, named) in refused {
+        let out = invoke(command, &["--file", &evil]);
+        assert_eq!(out.code, Some(65), "{name}: {out}");
+        assert!(out.stderr.contains("INVALID_ARGUMENT"), "{name}: {out}");
+        assert!(out.stderr.contains(named), "{name}: {out}");
+        assert!(!out.stdout.contains("PLUGIN-RAN"), "{name}: {out}");
+    }
+    // run, and confined: a file of the gateway cannot be read through kubectl either
+    let out = invoke(
+        "kubectl create --dry-run=client -o yaml -f {gw}/pki/server.key",
+        &[],
+    );
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(!out.stdout.contains("PRIVATE KEY"), "{out}");
+    // no terminal: the editor fails at once
+    let out = invoke("kubectl edit namespace demo", &[]);
+    assert!(
+        out.stdout.contains("commands run without a terminal"),
+        "{out}"
+    );
+    // and the cluster sees the caller
+    let out = invoke(
+        "kubectl auth whoami -o jsonpath={.status.userInfo.username}",
+        &[],
+    );
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.lines()[1], "test-user", "{out}");
 }
