@@ -50,7 +50,7 @@ use crate::exec::local::LocalExecutor;
 use crate::guard::Guard;
 use crate::ingress::BoundListener;
 use crate::relay::Relay;
-use crate::runner::Runner;
+use crate::runner::{Runner, RunnerSettings};
 use crate::sandbox::SandboxMode;
 use crate::sandbox::launch::Sandbox;
 use crate::service::{AccessApi, CommandApi};
@@ -190,7 +190,11 @@ impl Gateway {
             });
         }
         let runner = Runner::new(
-            config.clone(),
+            RunnerSettings {
+                clusters: config.clusters.clone(),
+                limits: config.limits.clone(),
+                retention: config.store.retention,
+            },
             store,
             executor,
             audit.clone(),

@@ -14,8 +14,9 @@ use tokio_util::task::TaskTracker;
 use crate::access::authz::GrantUse;
 use crate::audit::{Audit, AuditEvent, AuditFile, AuditGrantUse};
 use crate::authn::Principal;
+use crate::command::Limits;
 use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequest};
-use crate::config::{ClusterConfig, Config};
+use crate::config::ClusterConfig;
 use crate::exec::output::OutputLog;
 use crate::exec::{Executor, Job, Outcome, SecretText, plan_argv};
 use crate::relay::{Binding, IdentityError, Relay, RelayError, identity_for};
@@ -134,9 +135,26 @@ pub enum Follow {
     Finished(Box<CommandRecord>),
 }
 
+/// What the runner needs of the configuration, and no more.
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    /// The clusters commands may run on.
+    pub clusters: Vec<ClusterConfig>,
+    /// Request and execution limits.
+    pub limits: Limits,
+    /// How long a finished command's record is kept.
+    pub retention: Duration,
+}
+
+impl RunnerSettings {
+    fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name.as_str() == name)
+    }
+}
+
 /// Runs and tracks commands.
 pub struct Runner {
-    config: Arc<Config>,
+    config: RunnerSettings,
     store: Store,
     executor: Arc<dyn Executor>,
     running: Mutex<HashMap<CommandId, Arc<Running>>>,
@@ -150,7 +168,7 @@ pub struct Runner {
 impl Runner {
     /// A runner over a store and an executor.
     pub fn new(
-        config: Arc<Config>,
+        config: RunnerSettings,
         store: Store,
         executor: Arc<dyn Executor>,
         audit: Audit,
@@ -564,10 +582,7 @@ impl Runner {
 
     /// Deletes records past their retention.
     pub async fn purge_expired(&self) -> Result<usize, RunError> {
-        Ok(self
-            .store
-            .purge_expired(self.config.store.retention)
-            .await?)
+        Ok(self.store.purge_expired(self.config.retention).await?)
     }
 }
 
@@ -582,5 +597,154 @@ impl Running {
             *slot = Some(reason);
         }
         self.cancel.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::audit::{AuditConfig, FsyncPolicy};
+    use crate::authn::AuthMethod;
+    use crate::command::ClusterName;
+    use crate::exec::ExecSettings;
+    use crate::exec::local::LocalExecutor;
+    use crate::sandbox::SandboxMode;
+
+    /// A runner over one unsandboxed shell cluster `c` (the sandbox has its own tests),
+    /// with its store and audit log in `dir`.
+    fn runner(dir: &std::path::Path, limits: Limits) -> Arc<Runner> {
+        let cluster = ClusterConfig {
+            name: ClusterName::parse("c").unwrap(),
+            exec: ExecSettings {
+                sandbox: SandboxMode::Off,
+                ..ExecSettings::default()
+            },
+            api: None,
+            identity: Default::default(),
+            description: String::new(),
+            disable_run_command: false,
+            authorized_ip_ranges: Default::default(),
+        };
+        let (store, _) = Store::open(&dir.join("kinvoke.db")).unwrap();
+        let audit = Audit::open(&AuditConfig {
+            path: dir.join("audit.jsonl"),
+            fsync: FsyncPolicy::Batch(Duration::from_millis(1)),
+            max_file_bytes: 1 << 20,
+            tracing: false,
+        })
+        .unwrap();
+        let executor = Arc::new(LocalExecutor::new(limits.kill_grace, None, None));
+        Runner::new(
+            RunnerSettings {
+                clusters: vec![cluster],
+                limits,
+                retention: Duration::from_secs(3600),
+            },
+            store,
+            executor,
+            audit,
+            None,
+        )
+    }
+
+    fn alice() -> Principal {
+        Principal {
+            id: "alice".into(),
+            groups: Vec::new(),
+            claims: Default::default(),
+            subject: String::new(),
+            auth_method: AuthMethod::Mtls,
+            source: "10.0.0.7".parse().unwrap(),
+            listener: "main".into(),
+        }
+    }
+
+    fn spec(command: &str) -> CommandSpec {
+        CommandSpec {
+            cluster: "c".into(),
+            command: command.into(),
+            files: Vec::new(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_started_command_is_recorded_running_then_finished_with_its_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = runner(dir.path(), Limits::default());
+        let started = runner
+            .start(&alice(), spec("echo hi; exit 4"), None)
+            .await
+            .unwrap();
+        assert_eq!(started.state, CommandState::Running);
+        assert_eq!(started.principal, "alice");
+        let done = runner.result("c", started.id.as_str(), true).await.unwrap();
+        assert_eq!(done.state, CommandState::Succeeded);
+        assert_eq!(done.exit_code, Some(4));
+        assert_eq!(done.output, b"hi\n");
+        assert_eq!(runner.running_count(), 0);
+        // another cluster's name does not find it
+        assert!(matches!(
+            runner.result("other", started.id.as_str(), false).await,
+            Err(RunError::CommandNotFound { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn admission_refuses_unknown_clusters_a_full_gateway_and_a_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = runner(
+            dir.path(),
+            Limits {
+                max_concurrent_commands: 1,
+                ..Limits::default()
+            },
+        );
+        let mut other = spec("true");
+        other.cluster = "nowhere".into();
+        assert!(matches!(
+            runner.start(&alice(), other, None).await,
+            Err(RunError::ClusterNotFound { .. })
+        ));
+        let first = runner
+            .start(&alice(), spec("sleep 30"), None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            runner.start(&alice(), spec("true"), None).await,
+            Err(RunError::TooManyCommands { limit: 1 })
+        ));
+        runner
+            .cancel("c", first.id.as_str(), "test".into())
+            .await
+            .unwrap();
+        let canceled = runner.result("c", first.id.as_str(), true).await.unwrap();
+        assert_eq!(canceled.state, CommandState::Canceled);
+        assert_eq!(canceled.reason, "test");
+
+        runner.shutdown(Duration::ZERO).await;
+        assert!(matches!(
+            runner.start(&alice(), spec("true"), None).await,
+            Err(RunError::ShuttingDown)
+        ));
+    }
+
+    #[tokio::test]
+    async fn shutdown_cancels_what_runs_past_the_grace_with_the_shutdown_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = runner(dir.path(), Limits::default());
+        let quick = runner.start(&alice(), spec("true"), None).await.unwrap();
+        let slow = runner
+            .start(&alice(), spec("sleep 30"), None)
+            .await
+            .unwrap();
+        runner.shutdown(Duration::from_millis(200)).await;
+        let quick = runner.result("c", quick.id.as_str(), false).await.unwrap();
+        assert_eq!(quick.state, CommandState::Succeeded);
+        let slow = runner.result("c", slow.id.as_str(), false).await.unwrap();
+        assert_eq!(slow.state, CommandState::Canceled);
+        assert_eq!(slow.reason, SHUTDOWN_REASON);
     }
 }
