@@ -121,113 +121,48 @@ impl HttpAnswer {
     }
 }
 
-/// A one-shot HTTPS GET of `url` (`https://HOST:PORT/PATH`) trusting only `ca_pem`, with
-/// `headers` added, over HTTP/1.1 with `Connection: close`: enough to knock on the relay
-/// from outside the gateway. I/O is bounded by [`PROCESS_TIMEOUT`] as a guard.
+/// A one-shot HTTPS GET of `url` (`https://HOST:PORT/PATH`) trusting `ca_pem`, with
+/// `headers` added: enough to knock on the relay from outside the gateway. reqwest on a
+/// runtime of its own, over the gateway's own outgoing-HTTPS client settings; bounded by
+/// [`PROCESS_TIMEOUT`] as a guard.
 pub fn https_get(url: &str, ca_pem: &str, headers: &[(&str, &str)]) -> Result<HttpAnswer> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-
-    let rest = url
-        .strip_prefix("https://")
-        .with_context(|| format!("{url} is not an https:// URL"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(slash) => rest.split_at(slash),
-        None => (rest, "/"),
-    };
-    let (host, _port) = authority
-        .rsplit_once(':')
-        .with_context(|| format!("{url} names no port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(cert.context("the CA is not a PEM certificate")?)
-            .context("the CA certificate is not usable")?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("no TLS versions")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let name = ServerName::try_from(host.to_owned())
-        .with_context(|| format!("{host} is not a server name"))?;
-    let tls = rustls::ClientConnection::new(Arc::new(config), name)
-        .context("cannot set up the TLS client")?;
-    let tcp =
-        TcpStream::connect(authority).with_context(|| format!("cannot connect to {authority}"))?;
-    tcp.set_read_timeout(Some(PROCESS_TIMEOUT))?;
-    tcp.set_write_timeout(Some(PROCESS_TIMEOUT))?;
-    let mut stream = rustls::StreamOwned::new(tls, tcp);
-    let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n"
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    std::io::Write::write_all(&mut stream, request.as_bytes())
-        .with_context(|| format!("cannot send the request to {url}"))?;
-    let mut raw = Vec::new();
-    if let Err(err) = stream.read_to_end(&mut raw) {
-        // a server that closes without TLS close_notify still sent a whole answer
-        if err.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
-            return Err(err).with_context(|| format!("cannot read the answer from {url}"));
+    let dir = tempfile::tempdir().context("cannot create a directory for the CA")?;
+    let ca = dir.path().join("ca.crt");
+    fs::write(&ca, ca_pem).context("cannot write the CA")?;
+    let client = kinvoke_gateway::outbound_https::client(Some(&ca), PROCESS_TIMEOUT, true)
+        .map_err(|e| anyhow!("cannot build the HTTPS client: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime for the request")?;
+    runtime.block_on(async {
+        let mut request = client.get(url).header("accept", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
-    }
-    parse_http_answer(&raw)
-}
-
-/// Parses a complete HTTP/1.1 answer (status line, headers, body to the end of the
-/// stream, chunked or not).
-pub(crate) fn parse_http_answer(raw: &[u8]) -> Result<HttpAnswer> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("the answer has no end of headers")?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .with_context(|| format!("bad status line {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let mut body = &raw[end + 4..];
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let mut decoded = Vec::new();
-    if chunked {
-        loop {
-            let line_end = body
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .context("a chunk size line is cut off")?;
-            let size_text = String::from_utf8_lossy(&body[..line_end]);
-            let size_hex = size_text.split(';').next().unwrap_or_default().trim();
-            let size = usize::from_str_radix(size_hex, 16)
-                .with_context(|| format!("bad chunk size {size_text:?}"))?;
-            body = &body[line_end + 2..];
-            if size == 0 {
-                break;
-            }
-            let chunk = body.get(..size).context("a chunk is cut off")?;
-            decoded.extend_from_slice(chunk);
-            body = body.get(size + 2..).context("a chunk is cut off")?;
-        }
-    } else {
-        decoded.extend_from_slice(body);
-    }
-    Ok(HttpAnswer {
-        status,
-        headers,
-        body: String::from_utf8_lossy(&decoded).into_owned(),
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("GET {url} failed"))?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = response
+            .text()
+            .await
+            .with_context(|| format!("cannot read the answer from {url}"))?;
+        Ok(HttpAnswer {
+            status,
+            headers,
+            body,
+        })
     })
 }

@@ -5,9 +5,6 @@ use super::*;
 
 // webhook receiver (where the gateway announces break-glass activity)
 
-/// Longest request head (request line and headers) the [`WebhookReceiver`] reads.
-pub(crate) const MAX_WEBHOOK_HEAD: usize = 64 * 1024;
-
 /// Largest request body the [`WebhookReceiver`] reads.
 pub(crate) const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 
@@ -41,148 +38,54 @@ impl WebhookRequest {
     }
 }
 
-/// Reads one request from `reader`: `None` at a clean end of stream (the client closed an
-/// idle keep-alive connection). Bodies must come with `content-length`; chunked bodies
-/// are refused, which is enough for a gateway that posts one JSON document.
-pub(crate) fn read_webhook_request(reader: &mut impl BufRead) -> Result<Option<WebhookRequest>> {
-    let mut head = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        let n = reader
-            .read_until(b'\n', &mut line)
-            .context("cannot read the request head")?;
-        if n == 0 {
-            if head.is_empty() {
-                return Ok(None);
-            }
-            bail!("the connection closed inside a request head");
-        }
-        if line == b"\r\n" || line == b"\n" {
-            if head.is_empty() {
-                // stray empty lines before a request line are allowed (RFC 9112 2.2)
-                continue;
-            }
-            break;
-        }
-        head.push(String::from_utf8_lossy(&line).trim_end().to_owned());
-        if head.iter().map(String::len).sum::<usize>() > MAX_WEBHOOK_HEAD {
-            bail!("the request head is longer than {MAX_WEBHOOK_HEAD} bytes");
-        }
-    }
-    let mut request_line = head[0].split_whitespace();
-    let (Some(method), Some(path)) = (request_line.next(), request_line.next()) else {
-        bail!("bad request line {:?}", head[0]);
-    };
-    let headers: Vec<(String, String)> = head[1..]
-        .iter()
-        .map(|h| {
-            let (name, value) = h
-                .split_once(':')
-                .with_context(|| format!("bad header line {h:?}"))?;
-            Ok((name.trim().to_ascii_lowercase(), value.trim().to_owned()))
-        })
-        .collect::<Result<_>>()?;
-    if headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && !v.eq_ignore_ascii_case("identity"))
-    {
-        bail!("chunked request bodies are not supported by this test receiver");
-    }
-    let length = match headers.iter().find(|(n, _)| n == "content-length") {
-        Some((_, v)) => v
-            .parse::<usize>()
-            .with_context(|| format!("bad content-length {v:?}"))?,
-        None => 0,
-    };
-    if length > MAX_WEBHOOK_BODY {
-        bail!("the body ({length} bytes) is larger than {MAX_WEBHOOK_BODY} bytes");
-    }
-    let mut body = vec![0; length];
-    reader
-        .read_exact(&mut body)
-        .context("cannot read the request body")?;
-    Ok(Some(WebhookRequest {
-        method: method.to_owned(),
-        path: path.to_owned(),
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }))
-}
-
-/// Answers every request on `stream` with `200 OK` and sends it to `requests`, until the
-/// client closes the connection.
-pub(crate) fn serve_webhook_connection(stream: TcpStream, requests: &mpsc::Sender<WebhookRequest>) {
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
-    };
-    let mut reader = BufReader::new(stream);
-    loop {
-        match read_webhook_request(&mut reader) {
-            Ok(Some(request)) => {
-                let answered = std::io::Write::write_all(
-                    &mut writer,
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
-                );
-                // a gone receiver only means the test stopped listening
-                let _ = requests.send(request);
-                if answered.is_err() {
-                    return;
-                }
-            }
-            Ok(None) => return,
-            Err(err) => {
-                eprintln!("kinvoke-tests webhook receiver: {err:#}");
-                let _ = std::io::Write::write_all(
-                    &mut writer,
-                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                );
-                return;
-            }
-        }
-    }
-}
-
-/// A tiny HTTP/1.1 server on `127.0.0.1:0` standing in for a chat or paging webhook: it
-/// answers every request with `200 OK` and hands it to the test
+/// A hyper HTTP/1.1 server on `127.0.0.1:0` standing in for a chat or paging webhook,
+/// on a runtime of its own: it answers every request with `200 OK` (bodies over
+/// [`MAX_WEBHOOK_BODY`] with 413) and hands it to the test
 /// ([`next_request`](Self::next_request)). Keep-alive connections are served request
 /// after request.
 ///
-/// Dropping it stops accepting, shuts down its connections and joins its threads.
+/// Dropping it stops the server and joins its thread.
 #[derive(Debug)]
 pub struct WebhookReceiver {
-    server: LoopbackServer,
+    addr: SocketAddr,
     requests: Receiver<WebhookRequest>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl WebhookReceiver {
     /// Starts the server.
     pub fn start() -> Result<Self> {
+        let listener =
+            TcpListener::bind(("127.0.0.1", 0)).context("cannot bind the webhook receiver")?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
         let (tx, requests) = mpsc::channel();
-        let server = LoopbackServer::start("webhook receiver", move |stream, sockets, threads| {
-            if let (Ok(mut list), Ok(copy)) = (sockets.lock(), stream.try_clone()) {
-                list.push(copy);
-            }
-            let tx = tx.clone();
-            let handle = thread::Builder::new()
-                .name("webhook-conn".to_owned())
-                .spawn(move || serve_webhook_connection(stream, &tx))?;
-            if let Ok(mut list) = threads.lock() {
-                list.push(handle);
-            }
-            Ok(())
-        })?;
-        Ok(Self { server, requests })
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the webhook receiver's runtime")?;
+        let thread = thread::Builder::new()
+            .name("webhook-receiver".to_owned())
+            .spawn(move || runtime.block_on(serve_webhooks(listener, tx, stopped)))?;
+        Ok(Self {
+            addr,
+            requests,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 
     /// The server's address.
     pub fn addr(&self) -> SocketAddr {
-        self.server.addr
+        self.addr
     }
 
     /// `http://127.0.0.1:PORT/hook`, for `[break_glass] webhook_url` (the gateway takes
     /// plain http to a loopback address).
     pub fn url(&self) -> String {
-        format!("http://{}/hook", self.server.addr)
+        format!("http://{}/hook", self.addr)
     }
 
     /// The next request received, waiting for it at most `timeout` (a guard against
@@ -202,6 +105,99 @@ impl WebhookReceiver {
     pub fn received_so_far(&self) -> Vec<WebhookRequest> {
         self.requests.try_iter().collect()
     }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Accepts connections until `stopped`, each served by hyper in a task of its own.
+async fn serve_webhooks(
+    listener: TcpListener,
+    requests: mpsc::Sender<WebhookRequest>,
+    mut stopped: tokio::sync::oneshot::Receiver<()>,
+) {
+    let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+        eprintln!("kinvoke-tests webhook receiver: cannot use its listener");
+        return;
+    };
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stopped => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    eprintln!("kinvoke-tests webhook receiver: accept failed: {err}");
+                    continue;
+                }
+            },
+        };
+        let requests = requests.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let requests = requests.clone();
+            async move { Ok::<_, std::convert::Infallible>(receive(req, &requests).await) }
+        });
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                eprintln!("kinvoke-tests webhook receiver: {err}");
+            }
+        });
+    }
+    connections.abort_all();
+}
+
+/// Reads one request whole, hands it to the test and answers 200 (413 when too big).
+async fn receive(
+    req: hyper::Request<hyper::body::Incoming>,
+    requests: &mpsc::Sender<WebhookRequest>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let status = match http_body_util::Limited::new(body, MAX_WEBHOOK_BODY)
+        .collect()
+        .await
+    {
+        Ok(collected) => {
+            let request = WebhookRequest {
+                method: parts.method.to_string(),
+                path: parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str().to_owned())
+                    .unwrap_or_else(|| "/".to_owned()),
+                headers: parts
+                    .headers
+                    .iter()
+                    .map(|(n, v)| {
+                        (
+                            n.as_str().to_owned(),
+                            String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                        )
+                    })
+                    .collect(),
+                body: String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+            };
+            // a gone receiver only means the test stopped listening
+            let _ = requests.send(request);
+            hyper::StatusCode::OK
+        }
+        Err(_) => hyper::StatusCode::PAYLOAD_TOO_LARGE,
+    };
+    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+    *response.status_mut() = status;
+    response
 }
 
 /// A loopback port nothing listens on: bound to learn a free port, then released, so a
