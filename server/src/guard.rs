@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use tonic::Request;
 
-use crate::access::authz::{Action, Decision, Denied, GrantUse};
+use crate::access::authz::{Action, Decision, Denied, GrantUse, Policy};
 use crate::audit::{Audit, AuditEvent};
 use crate::authn::{Authenticator, AuthnError, Principal};
 use crate::breakglass::BreakGlass;
-use crate::config::Config;
+use crate::command::ClusterName;
 use crate::connection::ConnInfo;
 use crate::store::{CommandRecord, Visibility};
 
@@ -67,18 +67,38 @@ pub enum Use {
     Cancel,
 }
 
+/// A cluster as the guard and the services show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterInfo {
+    /// Its name.
+    pub name: ClusterName,
+    /// Shown by `kinvoke clusters`.
+    pub description: String,
+    /// Every command refused (AKS's `disableRunCommand`).
+    pub disable_run_command: bool,
+}
+
+/// What the guard needs of the configuration: the policy and the clusters.
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    /// Roles, assignments and cluster gates.
+    pub policy: Policy,
+    /// The configured clusters.
+    pub clusters: Vec<ClusterInfo>,
+}
+
 /// Authentication and authorization for the services.
 pub struct Guard {
-    config: Arc<Config>,
+    config: GuardSettings,
     authn: Authenticator,
     audit: Audit,
     breakglass: Arc<BreakGlass>,
 }
 
 impl Guard {
-    /// A guard over the config's policy and an authenticator.
+    /// A guard over a policy and an authenticator.
     pub fn new(
-        config: Arc<Config>,
+        config: GuardSettings,
         authn: Authenticator,
         audit: Audit,
         breakglass: Arc<BreakGlass>,
@@ -109,9 +129,14 @@ impl Guard {
         &self.audit
     }
 
-    /// The configuration this guard enforces.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The policy this guard enforces.
+    pub fn policy(&self) -> &Policy {
+        &self.config.policy
+    }
+
+    /// The configured clusters.
+    pub fn clusters(&self) -> &[ClusterInfo] {
+        &self.config.clusters
     }
 
     /// Identifies the caller, or refuses with UNAUTHENTICATED (audited).
@@ -154,7 +179,12 @@ impl Guard {
     ) -> Result<(), AccessError> {
         let refusal = if cluster.is_empty() {
             AccessError::ClusterMissing
-        } else if self.config.cluster(cluster).is_some() {
+        } else if self
+            .config
+            .clusters
+            .iter()
+            .any(|c| c.name.as_str() == cluster)
+        {
             return Ok(());
         } else {
             AccessError::ClusterNotFound {

@@ -47,7 +47,7 @@ use crate::authn::jwt::Issuers;
 use crate::breakglass::BreakGlass;
 use crate::config::Config;
 use crate::exec::local::LocalExecutor;
-use crate::guard::Guard;
+use crate::guard::{ClusterInfo, Guard, GuardSettings};
 use crate::ingress::BoundListener;
 use crate::relay::Relay;
 use crate::runner::{Runner, RunnerSettings};
@@ -163,7 +163,18 @@ impl Gateway {
         )
         .await?;
         let guard = Arc::new(Guard::new(
-            config.clone(),
+            GuardSettings {
+                policy: config.policy.clone(),
+                clusters: config
+                    .clusters
+                    .iter()
+                    .map(|c| ClusterInfo {
+                        name: c.name.clone(),
+                        description: c.description.clone(),
+                        disable_run_command: c.disable_run_command,
+                    })
+                    .collect(),
+            },
             authenticator,
             audit.clone(),
             breakglass.clone(),
@@ -255,9 +266,13 @@ impl Gateway {
             .unwrap_or(usize::MAX)
             .saturating_add(config.limits.max_command_bytes)
             .saturating_add(MESSAGE_OVERHEAD);
-        let commands = CommandServiceServer::new(CommandApi::new(guard.clone(), runner.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(usize::MAX);
+        let commands = CommandServiceServer::new(CommandApi::new(
+            guard.clone(),
+            runner.clone(),
+            config.limits.clone(),
+        ))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(usize::MAX);
 
         let stop_accepting = CancellationToken::new();
         let incoming = ingress::incoming(listeners, stop_accepting.clone(), audit.clone());

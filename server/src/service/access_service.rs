@@ -26,12 +26,11 @@ impl AccessApi {
 
     /// Clusters the caller holds any assignment on, with what they may do now.
     fn clusters_of(&self, who: &Principal) -> Vec<pb::ClusterAccess> {
-        let config = self.guard.config();
-        let policy = &config.policy;
+        let policy = self.guard.policy();
         let grants = self.guard.breakglass().grants_of(&who.id);
         let now = std::time::SystemTime::now();
-        config
-            .clusters
+        self.guard
+            .clusters()
             .iter()
             .filter(|c| policy.holds_any(who, c.name.as_str()))
             .map(|c| {

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::access::authz::Action;
 use crate::audit::AuditEvent;
-use crate::command::CommandSpec;
+use crate::command::{CommandSpec, Limits};
 use crate::guard::{Guard, Use};
 use crate::runner::{Follow, RunError, Runner};
 use crate::store::{CommandRecord, ListQuery, millis};
@@ -25,12 +25,17 @@ const MAX_PAGE: usize = 1000;
 pub struct CommandApi {
     guard: Arc<Guard>,
     runner: Arc<Runner>,
+    limits: Limits,
 }
 
 impl CommandApi {
-    /// The service over a guard and a runner.
-    pub fn new(guard: Arc<Guard>, runner: Arc<Runner>) -> Self {
-        Self { guard, runner }
+    /// The service over a guard and a runner, validating requests against `limits`.
+    pub fn new(guard: Arc<Guard>, runner: Arc<Runner>, limits: Limits) -> Self {
+        Self {
+            guard,
+            runner,
+            limits,
+        }
     }
 
     /// The record a caller asked for, if they may use it that way.
@@ -181,7 +186,7 @@ impl CommandService for CommandApi {
             .authorize(&principal, Action::RunCommand, &req.cluster)?;
         let no_wait = req.no_wait;
         let spec = wire::command_request(req)
-            .and_then(|req| CommandSpec::validate(req, &self.guard.config().limits))
+            .and_then(|req| CommandSpec::validate(req, &self.limits))
             .map_err(|err| {
                 tracing::info!(principal = %principal.id, %err, "command refused");
                 RunError::from(err)
