@@ -353,3 +353,48 @@ async fn a_host_that_cannot_sandbox_stops_the_gateway_unless_each_cluster_opts_o
     let opened = kinvoke_gateway::Gateway::open_with_launcher(off, cannot).await;
     assert!(opened.is_ok(), "{:?}", opened.err().map(|e| e.to_string()));
 }
+
+#[tokio::test]
+async fn the_listener_refuses_an_address_outside_its_ranges_before_tls_and_audits_it() {
+    let gw =
+        TestGateway::start_with_listener("authorized_ip_ranges = [\"127.0.0.2/32\"]", "", "").await;
+    let allowed = gw
+        .channel_from(Some("127.0.0.2".parse().unwrap()), ADMIN)
+        .await
+        .expect("127.0.0.2 is in the listener's ranges");
+    let result = pb::command_service_client::CommandServiceClient::new(allowed)
+        .invoke_command(invoke("local", "echo in", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(result.output, b"in\n");
+
+    let refused = gw
+        .channel_from(Some("127.0.0.3".parse().unwrap()), ADMIN)
+        .await;
+    assert!(refused.is_err(), "127.0.0.3 got a connection");
+    let events = gw
+        .audit_until("the refused connection", |events| {
+            events.iter().any(|e| e["event"] == "connection_refused")
+        })
+        .await;
+    let refusal = events
+        .iter()
+        .find(|e| e["event"] == "connection_refused")
+        .unwrap();
+    assert!(
+        refusal["peer"].as_str().unwrap().starts_with("127.0.0.3:"),
+        "{refusal}"
+    );
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("authorized_ip_ranges"),
+        "{refusal}"
+    );
+    // and nothing about it reached authentication
+    assert!(events.iter().all(|e| e["event"] != "authentication_failed"));
+}

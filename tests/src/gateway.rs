@@ -412,6 +412,24 @@ impl Gateway {
             .collect()
     }
 
+    /// The audit events named `event` logged so far.
+    pub fn audit_events_named(&self, event: &str) -> Vec<AuditRecord> {
+        self.audit_events()
+            .into_iter()
+            .filter(|e| e.event() == event)
+            .collect()
+    }
+
+    /// Stops the gateway with SIGTERM (which flushes the audit file), checks that it
+    /// stopped cleanly, and reads the audit file.
+    pub fn stop_and_read_audit(&mut self) -> Result<Vec<AuditLine>> {
+        let status = self.terminate()?;
+        if !status.success() {
+            bail!("the gateway stopped with {status}");
+        }
+        read_audit_file(&self.audit_path())
+    }
+
     /// Waits until the gateway has logged an audit event that satisfies `found`, and
     /// returns it; `what` describes the event in the error. For events the gateway logs
     /// on its own time (a grant's expiry, a failed webhook after its retries) rather

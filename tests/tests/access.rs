@@ -95,14 +95,6 @@ fn assert_refused(out: &Output, code: i32, needles: &[&str]) {
     }
 }
 
-/// The audit events of this kind logged so far.
-fn audit_events(gw: &Gateway, event: &str) -> Vec<AuditRecord> {
-    gw.audit_events()
-        .into_iter()
-        .filter(|e| e.event() == event)
-        .collect()
-}
-
 /// The IP of an audit event's `peer` field (`IP:PORT`), IPv4-mapped addresses shown as
 /// IPv4.
 fn peer_ip(event: &AuditRecord) -> IpAddr {
@@ -141,7 +133,7 @@ fn the_same_client_is_served_from_an_authorized_address_and_refused_from_another
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["command"], "echo ok", "{records:?}");
 
-    let refusals = audit_events(&gw, "connection_refused");
+    let refusals = gw.audit_events_named("connection_refused");
     assert!(
         refusals.iter().any(|e| peer_ip(e) == ip("127.0.0.3")
             && e.get("listener") == Some("main")
@@ -202,7 +194,7 @@ fn ipv4_mapped_peers_of_a_dual_stack_listener_are_matched_against_ipv4_ranges() 
     assert_refused(&refused, EXIT_UNAVAILABLE, &[]);
     assert!(!marker.exists(), "the command ran:\n{refused}");
     assert!(
-        audit_events(&gw, "connection_refused")
+        gw.audit_events_named("connection_refused")
             .iter()
             .any(|e| peer_ip(e) == ip("127.0.0.3")),
         "no refusal of 127.0.0.3 in the audit log:\n{}",
@@ -227,7 +219,7 @@ fn a_dual_stack_listener_shows_ipv4_callers_by_their_ipv4_address() {
 
     let out = invoke_with(from("127.0.0.2"), CLUSTER, "true");
     assert_eq!(out.code, Some(0), "{out}");
-    let decisions = audit_events(&gw, "authorization");
+    let decisions = gw.audit_events_named("authorization");
     assert!(!decisions.is_empty(), "{}", gw.stderr_log());
     for decision in decisions {
         assert_eq!(decision.get("source"), Some("127.0.0.2"), "{decision}");
@@ -285,7 +277,7 @@ fn assert_caller_seen_through(gw: &Gateway, relay: &TcpRelay, caller_ip: &str) {
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(&out.lines()[1..], ["through the proxy"], "{out}");
     assert!(
-        audit_events(gw, "authorization")
+        gw.audit_events_named("authorization")
             .iter()
             .any(|e| e.get("source") == Some(caller_ip)
                 && e.get("action") == Some("runcommand/action")
@@ -316,7 +308,7 @@ fn a_proxy_v1_header_from_a_trusted_proxy_gives_the_callers_address() {
     let direct = invoke_with(gw.client().unwrap(), CLUSTER, "true");
     assert_refused(&direct, EXIT_UNAVAILABLE, &[]);
     assert!(
-        audit_events(&gw, "connection_refused").iter().any(|e| e
+        gw.audit_events_named("connection_refused").iter().any(|e| e
             .get("reason")
             .is_some_and(|r| r.contains("127.0.0.1") && r.contains("authorized_ip_ranges"))),
         "{}",
@@ -355,7 +347,7 @@ fn a_proxy_header_from_an_untrusted_peer_is_refused() {
     );
     assert_refused(&out, EXIT_UNAVAILABLE, &[]);
     assert!(!marker.exists(), "the command ran:\n{out}");
-    let refusals = audit_events(&gw, "connection_refused");
+    let refusals = gw.audit_events_named("connection_refused");
     assert!(
         refusals.iter().any(|e| peer_ip(e) == ip("127.0.0.1")),
         "no refusal of the relay in the audit log:\n{}",
@@ -377,7 +369,7 @@ fn a_proxy_header_from_an_untrusted_peer_is_refused() {
     assert_refused(&out, EXIT_UNAVAILABLE, &[]);
     assert!(!marker.exists(), "the command ran:\n{out}");
     assert!(
-        audit_events(&gw, "connection_refused")
+        gw.audit_events_named("connection_refused")
             .iter()
             .any(|e| peer_ip(e) == ip("127.0.0.1")
                 && e.get("reason")
@@ -494,7 +486,7 @@ fn an_oidc_token_identifies_a_ci_job_without_a_client_certificate() {
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(&out.lines()[1..], ["from a token file"], "{out}");
 
-    let granted = audit_events(&gw, "authorization");
+    let granted = gw.audit_events_named("authorization");
     assert!(
         granted
             .iter()
@@ -589,7 +581,7 @@ fn bad_oidc_tokens_are_refused_with_the_reason() {
             );
         }
         assert!(
-            audit_events(&gw, "authentication_failed")
+            gw.audit_events_named("authentication_failed")
                 .iter()
                 .any(|e| e.get("reason").is_some_and(|r| r.contains(message))),
             "{name}: no failed authentication in the audit log:\n{}",
@@ -636,7 +628,7 @@ fn a_valid_token_of_another_branch_authenticates_but_may_not_run_commands() {
     assert_eq!(me["principal"], principal, "{me}");
     assert_eq!(me["clusters"], json!([]), "{me}");
     assert!(
-        audit_events(&gw, "authorization")
+        gw.audit_events_named("authorization")
             .iter()
             .any(|e| e.get("principal") == Some(principal)
                 && e.get("decision") == Some("deny")
@@ -927,7 +919,7 @@ fn another_callers_command_is_not_found_unless_one_may_read_all_results() {
 
     // bob's refusals were recorded, naming the command
     assert!(
-        audit_events(&gw, "authorization")
+        gw.audit_events_named("authorization")
             .iter()
             .any(|e| e.get("principal") == Some("bob")
                 && e.get("command_id") == Some(id.as_str())
@@ -1043,7 +1035,7 @@ async fn without_an_assignment_an_authenticated_caller_may_do_nothing() {
             "PERMISSION_DENIED: principal {USER} lacks runcommand/action on clusters/{CLUSTER}"
         )],
     );
-    let denied = audit_events(&gw, "authorization");
+    let denied = gw.audit_events_named("authorization");
     assert!(
         denied.iter().any(|e| e.get("principal") == Some(USER)
             && e.get("action") == Some("runcommand/action")

@@ -80,13 +80,6 @@ fn logs_of(json: &Value) -> String {
         .to_owned()
 }
 
-/// Stops the gateway with SIGTERM (which flushes the audit file) and reads the file.
-fn stop_and_read(gw: &mut Gateway) -> Vec<AuditLine> {
-    let status = gw.terminate().unwrap();
-    assert!(status.success(), "the gateway stopped with {status}");
-    read_audit_file(&gw.audit_path()).unwrap()
-}
-
 /// All lines, for failure messages.
 fn show(lines: &[AuditLine]) -> String {
     lines
@@ -209,7 +202,7 @@ fn a_real_runs_chain_verifies_and_records_each_step_of_a_command() {
         .unwrap();
     assert_eq!(ended.code, Some(EXIT_CANCELED), "{ended}");
 
-    let lines = stop_and_read(&mut gw);
+    let lines = gw.stop_and_read_audit().unwrap();
     let all = show(&lines);
 
     // the verifier agrees with the file, and with a chain computed here
@@ -322,7 +315,7 @@ fn the_output_digest_covers_output_beyond_the_cap() {
     assert_eq!(json["outputTruncated"], true, "{out}");
     let id = id_of(&json);
 
-    let lines = stop_and_read(&mut gw);
+    let lines = gw.stop_and_read_audit().unwrap();
     let finished = &lines[position_of(&lines, "command_finished", &id)].value;
     assert_eq!(finished["output_bytes"], 5000, "{finished}");
     assert_eq!(
@@ -339,7 +332,7 @@ fn tampering_with_a_real_file_is_caught_at_the_first_broken_line() {
         let (out, _) = invoke_json(gw.client().unwrap(), &format!("echo run {n}"), &[]);
         assert_eq!(out.code, Some(0), "{out}");
     }
-    let lines = stop_and_read(&mut gw);
+    let lines = gw.stop_and_read_audit().unwrap();
     assert!(
         lines.len() >= 8,
         "too short to tamper with:\n{}",
@@ -437,7 +430,7 @@ fn a_restarted_gateway_continues_the_chain() {
     let (second, _) = invoke_json(gw.client().unwrap(), "echo second run", &[]);
     assert_eq!(second.code, Some(0), "{second}");
 
-    let lines = stop_and_read(&mut gw);
+    let lines = gw.stop_and_read_audit().unwrap();
     let all = show(&lines);
     assert_chained_from_genesis(&lines);
     let report = verified(&[gw.audit_path()]);
@@ -646,7 +639,7 @@ scope = "clusters/local"
         .unwrap();
     assert_eq!(refused.code, Some(EXIT_DENIED), "{refused}");
 
-    let lines = stop_and_read(&mut gw);
+    let lines = gw.stop_and_read_audit().unwrap();
     let all = show(&lines);
     let file_text = fs::read_to_string(gw.audit_path()).unwrap();
     let log = gw.stderr_log();

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use kinvoke_tests::{
     AuditLine, AuditRecord, CLUSTER, Client, ClientCert, Gateway, GatewayOptions, Output,
-    WebhookReceiver, closed_loopback_port, command_id_from_tsv, is_utc_time, read_audit_file,
+    WebhookReceiver, closed_loopback_port, command_id_from_tsv, is_utc_time,
 };
 use serde_json::{Value, json};
 
@@ -244,13 +244,6 @@ fn grant_events(gw: &Gateway, event: &str, grant: &str) -> Vec<AuditRecord> {
         .collect()
 }
 
-/// Stops the gateway with SIGTERM (which flushes the audit file) and reads the file.
-fn stop_and_read(gw: &mut Gateway) -> Vec<AuditLine> {
-    let status = gw.terminate().unwrap();
-    assert!(status.success(), "the gateway stopped with {status}");
-    read_audit_file(&gw.audit_path()).unwrap()
-}
-
 /// All lines, for failure messages.
 fn show(lines: &[AuditLine]) -> String {
     lines
@@ -389,7 +382,7 @@ fn a_principal_without_rights_breaks_glass_runs_a_marked_command_and_is_denied_a
     })
     .unwrap();
 
-    let lines = stop_and_read(&mut gw);
+    let lines = gw.stop_and_read_audit().unwrap();
     let is_grant = |l: &AuditLine| l.str_field("grant_id") == Some(grant.as_str());
     let activation = position(&lines, "break_glass_activated", is_grant);
     let a = &lines[activation].value;
@@ -913,7 +906,7 @@ fn an_unreachable_webhook_never_blocks_an_activation() {
         "{failed}"
     );
 
-    let lines = stop_and_read(&mut gw);
+    let lines = gw.stop_and_read_audit().unwrap();
     let is_grant = |l: &AuditLine| l.str_field("grant_id") == Some(grant.as_str());
     let activation = position(&lines, "break_glass_activated", is_grant);
     let failure = position(&lines, "break_glass_notification_failed", is_grant);

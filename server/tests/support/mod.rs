@@ -40,6 +40,12 @@ impl TestGateway {
     /// appended as is: more clusters, assignments, `[limits]` come first, see below).
     /// `limits` is the body of the `[limits]` table.
     pub async fn start(limits: &str, extra: &str) -> Self {
+        Self::start_with_listener("", limits, extra).await
+    }
+
+    /// [`TestGateway::start`] with `listener` (TOML keys) added to the listener's table,
+    /// e.g. its `authorized_ip_ranges`.
+    pub async fn start_with_listener(listener: &str, limits: &str, extra: &str) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().expect("a temporary directory");
         let ca = CertificateAuthority::new("kinvoke in-process test CA").expect("a CA");
@@ -55,7 +61,7 @@ impl TestGateway {
         let text = format!(
             "state_dir = \"state\"\nshutdown_grace = \"1s\"\n\n[limits]\n{limits}\n\n\
              [[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n\
-             tls = {{ cert = \"server.crt\", key = \"server.key\", client_ca = \"ca.crt\" }}\n\n\
+             tls = {{ cert = \"server.crt\", key = \"server.key\", client_ca = \"ca.crt\" }}\n{listener}\n\n\
              [[cluster]]\nname = \"local\"\nmode = \"shell\"\n\n\
              [[assignment]]\nname = \"test-admin\"\nprincipal = \"{ADMIN}\"\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\n\n\
              {extra}\n"
@@ -83,6 +89,18 @@ impl TestGateway {
 
     /// A channel presenting a certificate whose common name is `name`.
     pub async fn channel_as(&self, name: &str) -> Channel {
+        self.channel_from(None, name)
+            .await
+            .expect("the gateway accepts the connection")
+    }
+
+    /// A channel from the local address `source` (a loopback address such as
+    /// 127.0.0.3, to test address rules), or the error the connection ended with.
+    pub async fn channel_from(
+        &self,
+        source: Option<std::net::IpAddr>,
+        name: &str,
+    ) -> Result<Channel, tonic::transport::Error> {
         let cert = self.ca.client_cert(name, None).expect("a client cert");
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.ca.cert_pem()))
@@ -90,11 +108,11 @@ impl TestGateway {
             .identity(Identity::from_pem(cert.cert_pem, cert.key_pem));
         Channel::from_shared(format!("https://{}", self.addr))
             .expect("a valid endpoint")
+            .local_address(source)
             .tls_config(tls)
             .expect("a valid TLS config")
             .connect()
             .await
-            .expect("the gateway accepts the connection")
     }
 
     /// `CommandService` as `name`.
