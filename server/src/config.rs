@@ -153,10 +153,17 @@ pub struct RelayConfig {
 /// Where cloud CLIs and kubectl keep credentials, below a home directory.
 const CREDENTIAL_DIRS: &[&str] = &[".aws", ".azure", ".config/gcloud", ".kube", ".docker"];
 
-/// The gateway's own home directory, unless it is `/` (some service users have that).
+/// The gateway's own home directory (`HOME`, else its user's entry in the password
+/// database), unless it is `/` (some service users have that).
 fn gateway_home() -> Option<PathBuf> {
     std::env::var_os("HOME")
         .map(PathBuf::from)
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten()
+                .map(|u| u.dir)
+        })
         .filter(|h| h.is_absolute() && h != Path::new("/"))
 }
 
@@ -438,6 +445,14 @@ impl Config {
             crate::sandbox::check_exposure(&readable, &secrets)
                 .and_then(|()| crate::sandbox::check_containment(&readable, &containers))
                 .map_err(|e| invalid(e.readable_source.clone(), e.to_string()))?;
+            let writable: Vec<LabeledPath> = self
+                .sandbox
+                .writable_paths
+                .iter()
+                .map(|p| LabeledPath::new(p, "sandbox.writable_paths"))
+                .collect();
+            crate::sandbox::check_writable_nesting(&readable, &writable)
+                .map_err(|e| invalid(e.inner_source.clone(), e.to_string()))?;
         }
         Ok(())
     }

@@ -239,6 +239,47 @@ pub fn check_containment(
     check_paths(readable, dirs, false)
 }
 
+/// A path a command can read lies inside a path every command may write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{inner} ({inner_source}) lies inside {outer} ({outer_source}), which every command may write: \
+     a command could replace a directory on its way with a symbolic link and have the next \
+     command's sandbox mount something else there; keep sandbox.writable_paths apart from every other path"
+)]
+pub struct NestedInWritable {
+    /// The inner path.
+    pub inner: String,
+    /// Where it comes from.
+    pub inner_source: String,
+    /// The writable path around it.
+    pub outer: String,
+    /// Where that comes from.
+    pub outer_source: String,
+}
+
+/// Refuses any readable path (another writable path included) that lies strictly inside
+/// one of the `writable` paths.
+pub fn check_writable_nesting(
+    readable: &[LabeledPath],
+    writable: &[LabeledPath],
+) -> Result<(), NestedInWritable> {
+    for w in writable {
+        let wp = resolved(&w.path);
+        for r in readable {
+            let rp = resolved(&r.path);
+            if rp != wp && rp.starts_with(&wp) {
+                return Err(NestedInWritable {
+                    inner: r.path.display().to_string(),
+                    inner_source: r.source.clone(),
+                    outer: w.path.display().to_string(),
+                    outer_source: w.source.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_paths(
     readable: &[LabeledPath],
     secrets: &[LabeledPath],
@@ -504,6 +545,21 @@ mod tests {
         assert!(check_containment(&labeled(&["/tmp/kinvoke-x/work"]), &work_root).is_ok());
         assert!(check_containment(&labeled(&["/"]), &work_root).is_err());
         assert!(check_containment(&labeled(&["/tmp"]), &work_root).is_err());
+    }
+
+    #[test]
+    fn nothing_may_lie_inside_a_path_every_command_writes() {
+        let writable = labeled(&["/srv/shared"]);
+        for (readable, refused) in [
+            ("/srv/shared/a/b", true),
+            ("/srv/shared/bin", true),
+            ("/srv/shared", false),
+            ("/srv", false),
+            ("/srv/sharedother", false),
+        ] {
+            let result = check_writable_nesting(&labeled(&[readable]), &writable);
+            assert_eq!(result.is_err(), refused, "{readable}: {result:?}");
+        }
     }
 
     #[test]

@@ -634,6 +634,26 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
             "read /run (".to_owned(),
         ),
         (
+            format!("\n[sandbox]\nwritable_paths = [\"{root}/shared\", \"{root}/shared/a/b\"]\n"),
+            "sandbox.writable_paths",
+            "which every command may write",
+            format!("{root}/shared/a/b"),
+        ),
+        (
+            format!(
+                "path = \"{root}/shared/bin:/usr/bin\"\n\n[sandbox]\nwritable_paths = [\"{root}/shared\"]\n"
+            ),
+            "cluster[0].path",
+            "which every command may write",
+            format!("{root}/shared/bin"),
+        ),
+        (
+            "path = \"/usr/bin:\"\n".to_owned(),
+            "cluster[0].path",
+            "empty or relative",
+            "\"\"".to_owned(),
+        ),
+        (
             format!("path = \"/usr/bin\"\nshell = \"{root}/state/bash\"\n"),
             "cluster[0].shell",
             "state_dir",
@@ -868,6 +888,11 @@ fn argv_mode_holds_every_property_too() {
             "a listening proxy",
             "kubectl proxy --port=0",
             "kubectl proxy",
+        ),
+        (
+            "a create plugin found as a path",
+            "kubectl create x/../evil",
+            "kubectl-create-x/../evil",
         ),
     ];
     for (name, command, named) in refused {

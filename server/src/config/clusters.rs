@@ -59,6 +59,15 @@ pub(super) fn parse_clusters(
         if path.contains('\0') {
             return Err(invalid(format!("{key}.path"), "must not contain NUL"));
         }
+        if let Some(bad) = path.split(':').find(|dir| !dir.starts_with('/')) {
+            return Err(invalid(
+                format!("{key}.path"),
+                format!(
+                    "entry \"{bad}\" is empty or relative, so commands would run programs from \
+                     their working directory, where attached files land; list absolute directories only"
+                ),
+            ));
+        }
         let authorized_ip_ranges = CidrSet::parse(&c.authorized_ip_ranges)
             .map_err(|e| invalid(format!("{key}.authorized_ip_ranges"), e.to_string()))?;
         clusters.push(ClusterConfig {

@@ -104,6 +104,8 @@ const KUSTOMIZE_PLUGINS: &str =
     "lets kustomize run plugin programs and function containers named by the kustomization";
 const KUSTOMIZE_HELM: &str = "lets kustomize run a helm program, chosen by --helm-command";
 const POST_RENDERER: &str = "runs a post-renderer plugin program over the rendered manifests";
+const REGISTRY_HELPERS: &str =
+    "loads a registry config whose credsStore or credHelpers name programs for helm to run";
 const KUSTOMIZE: &str = "runs kustomize, which fetches remote bases with git, and git runs programs named in a base's URL (--upload-pack)";
 
 /// kubectl flags refused in argv mode, whatever their value and in every form kubectl
@@ -150,7 +152,7 @@ pub const KUBECTL_FLAGS: &[RefusedFlag] = &[
 
 /// helm flags refused in argv mode, in the same forms as kubectl's (helm has no
 /// single-letter form of any of them). Left alone on purpose: `--repository-config`,
-/// `--registry-config`, `--repository-cache`, `--content-cache` and chart-repository
+/// `--repository-cache`, `--content-cache` and chart-repository
 /// TLS flags (`--ca-file`, `--cert-file`, `--key-file`, `--insecure-skip-tls-verify` of
 /// `helm pull`/`install`) concern chart sources, not the cluster; helm 4 has no
 /// `--plugins` flag (plugins come from `$HELM_PLUGINS` or the command's own, empty,
@@ -167,6 +169,7 @@ pub const HELM_FLAGS: &[RefusedFlag] = &[
     flag("kube-as-group", OTHER_IDENTITY),
     flag("post-renderer", POST_RENDERER),
     flag("post-renderer-args", POST_RENDERER),
+    flag("registry-config", REGISTRY_HELPERS),
 ];
 
 /// kubectl's own commands (kubectl 1.35, `kubectl __complete ""` without plugins). Any
@@ -219,6 +222,40 @@ pub const KUBECTL_COMMANDS: &[&str] = &[
     "uncordon",
     "version",
     "wait",
+];
+
+/// `kubectl create`'s own subcommands and their aliases (kubectl 1.35). kubectl runs
+/// any other word after `create` as the plugin `kubectl-create-<word>`, looked up with
+/// the word as a path when it holds a `/` (`create x/../evil` runs `./evil`), so argv
+/// mode refuses it.
+pub const KUBECTL_CREATE_COMMANDS: &[&str] = &[
+    "clusterrole",
+    "clusterrolebinding",
+    "configmap",
+    "cm",
+    "cronjob",
+    "cj",
+    "deployment",
+    "deploy",
+    "ingress",
+    "ing",
+    "job",
+    "namespace",
+    "ns",
+    "poddisruptionbudget",
+    "pdb",
+    "priorityclass",
+    "pc",
+    "quota",
+    "resourcequota",
+    "role",
+    "rolebinding",
+    "secret",
+    "service",
+    "svc",
+    "serviceaccount",
+    "sa",
+    "token",
 ];
 
 /// helm's own commands (helm 4.1, `helm __complete ""` without plugins). Any other first
@@ -419,9 +456,48 @@ pub fn check_arguments(argv: &[String]) -> Result<(), ArgvRefusal> {
     // after the flags, so a refused flag is named even where it hides the subcommand
     // (`kubectl --kubeconfig get ns` reads `get` as the kubeconfig)
     match subcommand {
-        Some(sub) => check_subcommand(tool, sub),
-        None => Ok(()),
+        Some(sub) => check_subcommand(tool, sub)?,
+        None => return Ok(()),
     }
+    if tool == Tool::Kubectl && subcommand == Some("create") {
+        let positionals = positionals_of(tool, args);
+        if let Some(word) = positionals.get(1)
+            && !KUBECTL_CREATE_COMMANDS.contains(word)
+        {
+            return Err(ArgvRefusal::Subcommand {
+                program: tool.name(),
+                subcommand: format!("create {word}"),
+                why: format!(
+                    "\"{word}\" is not one of kubectl create's own commands, and kubectl would run it as the plugin program kubectl-create-{word}; argv mode runs only the cluster's allowed_programs"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The positional words before a `--`, skipping the values of flags that take one (as
+/// [`subcommand_of`] reads them: an unknown long flag is taken to have a value, so a
+/// misread can only refuse, never let a word pass unseen).
+fn positionals_of<'a>(tool: Tool, args: &'a [String]) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut skip_next = false;
+    for word in args {
+        if std::mem::take(&mut skip_next) {
+            continue;
+        }
+        match classify(word) {
+            Word::EndOfFlags => break,
+            Word::Positional => out.push(word.as_str()),
+            Word::Long { name, inline_value } => {
+                skip_next = !inline_value && !tool.bool_flags().contains(&name.as_str());
+            }
+            Word::Short(letters) => {
+                skip_next = letters.chars().count() == 1 && letters != "h";
+            }
+        }
+    }
+    out
 }
 
 /// Refuses a long flag in the tool's table; otherwise whether it takes the next word.
@@ -930,6 +1006,32 @@ mod tests {
         let err = refusal_of("kubectl kustomize 'file:///x/r?ref=--upload-pack=id%3E%262%3Bfalse'");
         assert!(err.contains("\"kubectl kustomize\""), "{err}");
         assert!(err.contains("--upload-pack"), "{err}");
+    }
+
+    #[test]
+    fn kubectl_create_runs_only_its_own_subcommands() {
+        for line in [
+            "kubectl create x/../evil",
+            "kubectl create -n demo foo",
+            "kubectl create x/../../../../usr/bin/python3 -c 1",
+        ] {
+            let err = refusal_of(line);
+            assert!(err.contains("kubectl-create-"), "{line}: {err}");
+        }
+        for line in [
+            "kubectl create -f deploy.yaml",
+            "kubectl create -n demo secret generic s --from-literal=a=b",
+            "kubectl create cm c --from-file=x",
+            "kubectl create --dry-run=client -o yaml deployment web --image=nginx",
+        ] {
+            allowed(line);
+        }
+    }
+
+    #[test]
+    fn helms_registry_config_is_refused_for_the_programs_it_names() {
+        let err = refusal_of("helm registry logout localhost:5000 --registry-config reg.json");
+        assert!(err.contains("--registry-config of helm"), "{err}");
     }
 
     #[test]

@@ -224,6 +224,8 @@ impl LocalExecutor {
             ("LANG".to_owned(), "C.UTF-8".to_owned()),
             // no terminal: programs must not wait for one
             ("TERM".to_owned(), "dumb".to_owned()),
+            // kubectl runs no plugin in place of one of its own subcommands
+            ("KUBECTL_ENABLE_CMD_SHADOW".to_owned(), "false".to_owned()),
         ];
         for editor in ["EDITOR", "VISUAL", "KUBE_EDITOR", "PAGER"] {
             env.push((editor.to_owned(), no_terminal.clone()));
