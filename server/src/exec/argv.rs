@@ -479,7 +479,7 @@ pub fn check_arguments(argv: &[String]) -> Result<(), ArgvRefusal> {
 /// The positional words before a `--`, skipping the values of flags that take one (as
 /// [`subcommand_of`] reads them: an unknown long flag is taken to have a value, so a
 /// misread can only refuse, never let a word pass unseen).
-fn positionals_of<'a>(tool: Tool, args: &'a [String]) -> Vec<&'a str> {
+fn positionals_of(tool: Tool, args: &[String]) -> Vec<&str> {
     let mut out = Vec::new();
     let mut skip_next = false;
     for word in args {
