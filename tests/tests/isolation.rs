@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use kinvoke_simcluster::{SimCluster, SimOptions};
 use kinvoke_tests::{
-    ClientCert, Gateway, GatewayOptions, Output, audit_verify, check_config, kube_tools,
-    kube_tools_path,
+    Background, ClientCert, Gateway, GatewayOptions, Output, audit_verify, check_config,
+    kube_tools, kube_tools_path,
 };
 
 /// The shell-mode cluster whose API server is the simulated one.
@@ -68,6 +68,47 @@ impl Sandboxed {
             .args(extra)
             .run()
             .unwrap()
+    }
+
+    /// Starts `command` with `--no-wait` (and `extra`) as the test user, follows it until
+    /// it prints `ready`, and returns its id and the follower.
+    fn start_until_ready(&self, command: &str, extra: &[&str]) -> (String, Background) {
+        let started = self
+            .gw
+            .client()
+            .unwrap()
+            .args([
+                "-o",
+                "tsv",
+                "invoke",
+                "--cluster",
+                KUBE,
+                "--no-wait",
+                "--command",
+            ])
+            .arg(command)
+            .args(extra)
+            .run()
+            .unwrap();
+        assert_eq!(started.code, Some(0), "{started}");
+        let id = started.stdout.split('\t').next().unwrap().trim().to_owned();
+        let mut follow = self.gw.follow(KUBE, &id).unwrap();
+        follow.wait_for_line("ready").unwrap();
+        (id, follow)
+    }
+
+    /// Cancels a command and checks its follower saw it end canceled (exit 130).
+    fn cancel(&self, id: &str, follow: Background) {
+        let cancel = self
+            .gw
+            .client()
+            .unwrap()
+            .args(["cancel", "--cluster", KUBE, "--command-id", id])
+            .run()
+            .unwrap();
+        assert_eq!(cancel.code, Some(0), "{cancel}");
+        let followed = follow.wait().unwrap();
+        assert_eq!(followed.code, Some(130), "canceled: {followed}");
     }
 
     /// Replaces the placeholders a hostile command names its targets with.
@@ -372,43 +413,16 @@ fn p4_a_timed_out_or_canceled_command_takes_its_daemons_with_it() {
     assert_eq!(processes_with(&b), Vec::<String>::new(), "left behind");
 
     let c = unique_sleep(9);
-    let started = env
-        .gw
-        .client()
-        .unwrap()
-        .args([
-            "-o",
-            "tsv",
-            "invoke",
-            "--cluster",
-            KUBE,
-            "--no-wait",
-            "--command",
-        ])
-        .arg(format!(
-            "setsid sleep {c} & {SLEEPING}; echo ready; sleep 300"
-        ))
-        .run()
-        .unwrap();
-    assert_eq!(started.code, Some(0), "{started}");
-    let id = started.stdout.split('\t').next().unwrap().trim().to_owned();
-    let mut follow = env.gw.follow(KUBE, &id).unwrap();
-    follow.wait_for_line("ready").unwrap();
+    let (id, follow) = env.start_until_ready(
+        &format!("setsid sleep {c} & {SLEEPING}; echo ready; sleep 300"),
+        &[],
+    );
     assert_eq!(
         processes_with(&c).len(),
         1,
         "the daemon runs while the command does"
     );
-    let cancel = env
-        .gw
-        .client()
-        .unwrap()
-        .args(["cancel", "--cluster", KUBE, "--command-id", &id])
-        .run()
-        .unwrap();
-    assert_eq!(cancel.code, Some(0), "{cancel}");
-    let followed = follow.wait().unwrap();
-    assert_eq!(followed.code, Some(130), "canceled: {followed}");
+    env.cancel(&id, follow);
     assert_eq!(processes_with(&c), Vec::<String>::new(), "left behind");
 }
 
@@ -470,30 +484,10 @@ fn one_caller_cannot_read_or_signal_another_callers_running_command() {
     };
     let marker = unique_sleep(10);
     // alice (the test user) runs a command that holds its relay kubeconfig
-    let started = env
-        .gw
-        .client()
-        .unwrap()
-        .args([
-            "-o",
-            "tsv",
-            "invoke",
-            "--cluster",
-            KUBE,
-            "--no-wait",
-            "--command",
-        ])
-        .arg(format!(
-            "sleep {marker} & {SLEEPING}; echo ready; wait; echo alice-finished"
-        ))
-        .arg("--timeout")
-        .arg("2m")
-        .run()
-        .unwrap();
-    assert_eq!(started.code, Some(0), "{started}");
-    let id = started.stdout.split('\t').next().unwrap().trim().to_owned();
-    let mut follow = env.gw.follow(KUBE, &id).unwrap();
-    follow.wait_for_line("ready").unwrap();
+    let (id, follow) = env.start_until_ready(
+        &format!("sleep {marker} & {SLEEPING}; echo ready; wait; echo alice-finished"),
+        &["--timeout", "2m"],
+    );
 
     // the test (not sandboxed) knows where alice's directory is and which pid her sleep has
     let dirs: Vec<PathBuf> = fs::read_dir(env.gw.work_root())
@@ -539,15 +533,7 @@ fn one_caller_cannot_read_or_signal_another_callers_running_command() {
         1,
         "bob's kill reached alice's sleep"
     );
-    let cancel = env
-        .gw
-        .client()
-        .unwrap()
-        .args(["cancel", "--cluster", KUBE, "--command-id", &id])
-        .run()
-        .unwrap();
-    assert_eq!(cancel.code, Some(0), "{cancel}");
-    assert_eq!(follow.wait().unwrap().code, Some(130));
+    env.cancel(&id, follow);
 }
 
 /// The bearer token in a relay kubeconfig kinvoke wrote.
