@@ -97,6 +97,21 @@ pub enum AuditEvent {
         /// Why; names the rule (ranges, untrusted PROXY header).
         reason: String,
     },
+    /// An authorized request to run a command was refused before the command existed:
+    /// invalid or over a limit, refused by argv mode's policy, no Kubernetes identity,
+    /// the gateway full or shutting down.
+    CommandRefused {
+        /// Principal id.
+        principal: String,
+        /// Caller address.
+        source: String,
+        /// The cluster asked for.
+        cluster: String,
+        /// The gRPC code the caller got, e.g. `InvalidArgument`.
+        code: String,
+        /// The message the caller got (never a credential or a file's content).
+        reason: String,
+    },
     /// Credentials were missing or wrong.
     AuthenticationFailed {
         /// Listener name.
@@ -290,6 +305,7 @@ impl AuditEvent {
             Self::GatewayStopped { .. } => "gateway_stopped",
             Self::ConnectionRefused { .. } => "connection_refused",
             Self::AuthenticationFailed { .. } => "authentication_failed",
+            Self::CommandRefused { .. } => "command_refused",
             Self::Authorization { .. } => "authorization",
             Self::CommandAccepted { .. } => "command_accepted",
             Self::CommandStarted { .. } => "command_started",

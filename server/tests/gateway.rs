@@ -398,3 +398,76 @@ async fn the_listener_refuses_an_address_outside_its_ranges_before_tls_and_audit
     // and nothing about it reached authentication
     assert!(events.iter().all(|e| e["event"] != "authentication_failed"));
 }
+
+#[tokio::test]
+async fn every_refused_command_is_audited_with_its_code_and_reason() {
+    let gw = TestGateway::start(
+        "max_command_bytes = \"64B\"\nmax_concurrent_commands = 1",
+        "",
+    )
+    .await;
+    let mut client = gw.commands_as(ADMIN).await;
+    let mut traversing = invoke("local", "cat x", false);
+    traversing.files.push(pb::AttachedFile {
+        path: "../../etc/cron.d/x".into(),
+        content: b"* * * * * root id".to_vec(),
+        mode: 0,
+    });
+    let too_long = invoke("local", &"x".repeat(65), false);
+    let first = started(&gw, ADMIN, "sleep 30").await;
+    let cases = [
+        (traversing, Code::InvalidArgument, "files.path"),
+        (
+            too_long,
+            Code::ResourceExhausted,
+            "limits.max_command_bytes",
+        ),
+        (
+            invoke("local", "echo second", false),
+            Code::ResourceExhausted,
+            "limits.max_concurrent_commands",
+        ),
+    ];
+    for (request, code, message) in cases {
+        let status = client.invoke_command(request).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(message), "{status:?}");
+    }
+    let events = gw
+        .audit_until("a refusal per refused command", |events| {
+            events
+                .iter()
+                .filter(|e| e["event"] == "command_refused")
+                .count()
+                == 3
+        })
+        .await;
+    let refusals: Vec<(String, String)> = events
+        .iter()
+        .filter(|e| e["event"] == "command_refused")
+        .map(|e| {
+            assert_eq!(e["principal"], ADMIN, "{e}");
+            assert_eq!(e["cluster"], "local", "{e}");
+            (
+                e["code"].as_str().unwrap().to_owned(),
+                e["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(refusals[0].0, "InvalidArgument");
+    assert!(refusals[0].1.contains("files.path"), "{refusals:?}");
+    assert_eq!(refusals[1].0, "ResourceExhausted");
+    assert!(
+        refusals[2].1.contains("max_concurrent_commands"),
+        "{refusals:?}"
+    );
+    // the file's content never reaches the audit log
+    assert!(events.iter().all(|e| !e.to_string().contains("root id")));
+    client
+        .cancel_command(pb::CancelCommandRequest {
+            cluster: "local".into(),
+            command_id: first.id,
+        })
+        .await
+        .unwrap();
+}

@@ -185,13 +185,29 @@ impl CommandService for CommandApi {
             .guard
             .authorize(&principal, Action::RunCommand, &req.cluster)?;
         let no_wait = req.no_wait;
-        let spec = wire::command_request(req)
+        let cluster = req.cluster.clone();
+        let started = match wire::command_request(req)
             .and_then(|req| CommandSpec::validate(req, &self.limits))
-            .map_err(|err| {
-                tracing::info!(principal = %principal.id, %err, "command refused");
-                RunError::from(err)
-            })?;
-        let record = self.runner.start(&principal, spec, break_glass).await?;
+        {
+            Ok(spec) => self.runner.start(&principal, spec, break_glass).await,
+            Err(invalid) => Err(RunError::from(invalid)),
+        };
+        let record = match started {
+            Ok(record) => record,
+            Err(err) => {
+                // every refusal leaves its trace, not only the "allow" that preceded it
+                let status = Status::from(err);
+                self.guard.audit().record(AuditEvent::CommandRefused {
+                    principal: principal.id.clone(),
+                    source: principal.source.to_string(),
+                    cluster,
+                    code: format!("{:?}", status.code()),
+                    reason: status.message().to_owned(),
+                });
+                tracing::info!(principal = %principal.id, code = ?status.code(), reason = %status.message(), "command refused");
+                return Err(status);
+            }
+        };
         let record = if no_wait {
             record
         } else {
