@@ -221,6 +221,11 @@ impl Gateway {
         })
     }
 
+    /// The runner of this gateway's commands (for tests and tooling that watch it).
+    pub fn runner(&self) -> Arc<Runner> {
+        self.runner.clone()
+    }
+
     /// Serves until `shutdown` resolves; see [`run`].
     pub async fn serve(
         self,

@@ -555,6 +555,13 @@ impl Runner {
         self.running_map().len()
     }
 
+    /// How many followers a running command's live output has (`None` when it is not
+    /// running): a follower whose client went away must not count.
+    pub fn followers(&self, id: &str) -> Option<usize> {
+        let id = CommandId::parse(id)?;
+        self.running_map().get(&id).map(|r| r.output.followers())
+    }
+
     /// Refuses new commands, lets running ones finish for `grace`, then cancels the rest
     /// and waits until they are recorded.
     pub async fn shutdown(&self, grace: Duration) {

@@ -471,3 +471,42 @@ async fn every_refused_command_is_audited_with_its_code_and_reason() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_follower_ends_when_its_client_goes_away_even_while_the_command_is_silent() {
+    let gw = TestGateway::start("", "").await;
+    let record = started(&gw, ADMIN, "echo start; exec sleep 240").await;
+    let mut client = gw.commands_as(ADMIN).await;
+    for _ in 0..20 {
+        let mut stream = client
+            .stream_command_output(pb::StreamCommandOutputRequest {
+                cluster: "local".into(),
+                command_id: record.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // the kept "start" arrives; then the client goes away while the command is silent
+        assert!(stream.message().await.unwrap().is_some());
+        drop(stream);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let followers = gw.runner().followers(&record.id);
+        if followers == Some(0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "abandoned followers are still held: {followers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+        .cancel_command(pb::CancelCommandRequest {
+            cluster: "local".into(),
+            command_id: record.id,
+        })
+        .await
+        .unwrap();
+}

@@ -114,6 +114,14 @@ impl OutputLog {
         }
     }
 
+    /// How many followers receive the live feed now.
+    pub fn followers(&self) -> usize {
+        self.lock()
+            .live
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
     /// Starts following: the kept prefix and count, and the live feed from here on.
     pub fn subscribe(&self) -> Subscription {
         let inner = self.lock();

@@ -124,7 +124,15 @@ async fn stream_output(
                 sent = sub.total;
             }
             loop {
-                match sub.live.recv().await {
+                // a client that went away ends its follower at once, even while the
+                // command is silent: otherwise every abandoned stream is held until the
+                // command prints again or ends
+                let received = tokio::select! {
+                    biased;
+                    () = tx.closed() => return,
+                    received = sub.live.recv() => received,
+                };
+                match received {
                     Ok(c) => {
                         let end = c.offset + c.data.len() as u64;
                         if end <= sent {
@@ -146,7 +154,12 @@ async fn stream_output(
                 }
             }
             // the live feed closes once the result is stored
-            match runner.result(&cluster, &id, true).await {
+            let result = tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                result = runner.result(&cluster, &id, true) => result,
+            };
+            match result {
                 Ok(record) => record,
                 Err(err) => {
                     let _ = tx.send(Err(err.into())).await;

@@ -28,6 +28,7 @@ pub const ADMIN: &str = "admin";
 /// A gateway serving in this process.
 pub struct TestGateway {
     dir: tempfile::TempDir,
+    runner: std::sync::Arc<kinvoke_gateway::runner::Runner>,
     ca: CertificateAuthority,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -74,12 +75,14 @@ impl TestGateway {
         let gateway = Gateway::open_with_launcher(config, Some(launcher()))
             .await
             .expect("the gateway opens");
+        let runner = gateway.runner();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(listeners, async move {
             let _ = stopped.await;
         }));
         Self {
             dir,
+            runner,
             ca,
             addr,
             stop: Some(stop),
@@ -133,6 +136,11 @@ impl TestGateway {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+
+    /// The gateway's runner, to watch its commands from the inside.
+    pub fn runner(&self) -> &kinvoke_gateway::runner::Runner {
+        &self.runner
     }
 
     /// The state directory.
