@@ -392,7 +392,10 @@ fn a_command_interrupted_by_a_gateway_crash_is_marked_failed_after_restart() {
     // a sleep no other process has, to find the command's processes on the host
     let marker = format!("60.{}", std::process::id());
     let id = gw
-        .start_command(&format!("echo started; sleep {marker}"))
+        // "started" only once the sleep runs: the test looks for it on the host
+        .start_command(&format!(
+            "sleep {marker} & until [ \"$(cat /proc/$!/comm 2>/dev/null)\" = sleep ]; do :; done; echo started; wait"
+        ))
         .unwrap();
     let mut follower = gw.follow(CLUSTER, &id).unwrap();
     follower.wait_for_line("started").unwrap();
