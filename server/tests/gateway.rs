@@ -13,7 +13,7 @@ mod support;
 use std::time::Duration;
 
 use kinvoke_proto::v1 as pb;
-use support::{ADMIN, TestGateway, invoke};
+use support::{ADMIN, TestGateway, cancel_request, invoke, result_request};
 use tonic::Code;
 
 /// Clusters and callers for the guard's cases: `frozen` refuses every command, `office`
@@ -120,10 +120,7 @@ async fn another_callers_command_is_not_found_unless_one_may_read_all_and_never_
         command_id: record.id.clone(),
         wait: false,
     };
-    let cancel = pb::CancelCommandRequest {
-        cluster: "local".into(),
-        command_id: record.id.clone(),
-    };
+    let cancel = cancel_request(&record.id);
 
     let status = gw
         .commands_as("stranger")
@@ -175,11 +172,7 @@ async fn a_command_runs_to_its_end_and_its_result_is_kept() {
     assert_eq!(result.principal, ADMIN);
 
     let kept = client
-        .get_command_result(pb::GetCommandResultRequest {
-            cluster: "local".into(),
-            command_id: result.id.clone(),
-            wait: false,
-        })
+        .get_command_result(result_request(&result.id, false))
         .await
         .unwrap()
         .into_inner();
@@ -229,18 +222,11 @@ async fn cancel_and_timeout_end_a_command_with_their_state_and_reason() {
     let record = started(&gw, ADMIN, "sleep 30").await;
     assert_eq!(record.state(), pb::CommandState::Running);
     client
-        .cancel_command(pb::CancelCommandRequest {
-            cluster: "local".into(),
-            command_id: record.id.clone(),
-        })
+        .cancel_command(cancel_request(&record.id))
         .await
         .unwrap();
     let canceled = client
-        .get_command_result(pb::GetCommandResultRequest {
-            cluster: "local".into(),
-            command_id: record.id.clone(),
-            wait: true,
-        })
+        .get_command_result(result_request(&record.id, true))
         .await
         .unwrap()
         .into_inner();
@@ -281,18 +267,11 @@ async fn a_full_gateway_refuses_naming_the_limit_and_frees_the_slot_when_one_end
         "{status:?}"
     );
     client
-        .cancel_command(pb::CancelCommandRequest {
-            cluster: "local".into(),
-            command_id: first.id.clone(),
-        })
+        .cancel_command(cancel_request(&first.id))
         .await
         .unwrap();
     client
-        .get_command_result(pb::GetCommandResultRequest {
-            cluster: "local".into(),
-            command_id: first.id,
-            wait: true,
-        })
+        .get_command_result(result_request(&first.id, true))
         .await
         .unwrap();
     let second = client
@@ -464,10 +443,7 @@ async fn every_refused_command_is_audited_with_its_code_and_reason() {
     // the file's content never reaches the audit log
     assert!(events.iter().all(|e| !e.to_string().contains("root id")));
     client
-        .cancel_command(pb::CancelCommandRequest {
-            cluster: "local".into(),
-            command_id: first.id,
-        })
+        .cancel_command(cancel_request(&first.id))
         .await
         .unwrap();
 }
@@ -503,10 +479,7 @@ async fn a_follower_ends_when_its_client_goes_away_even_while_the_command_is_sil
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     client
-        .cancel_command(pb::CancelCommandRequest {
-            cluster: "local".into(),
-            command_id: record.id,
-        })
+        .cancel_command(cancel_request(&record.id))
         .await
         .unwrap();
 }

@@ -793,6 +793,8 @@ fn a_tree_fifteen_thousand_levels_deep_is_removed_and_the_gateway_survives_it() 
     let Some(env) = Sandboxed::start() else {
         return;
     };
+    // 15,000 levels overflow a 2 MiB thread stack in std's recursive remove_dir_all
+    // (8,000 do not), which the gateway used to remove a command's directory with
     let out = env.invoke(
         "python3 -c \"import os\nfor _ in range(15000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')\"",
         &[],

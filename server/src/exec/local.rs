@@ -1,7 +1,9 @@
-//! The local executor: each command is a child process in a fresh temporary directory
-//! that holds its attached files, with a cleared environment, stdin closed, stdout and
-//! stderr merged into one pipe, and its own process group so that a timeout or a cancel
-//! stops everything it started (SIGTERM, then SIGKILL after a grace period).
+//! The local executor: each command runs in a fresh directory of its own that holds its
+//! attached files, with a cleared environment, stdin closed, and stdout and stderr
+//! merged into one pipe; in the sandbox (`crate::sandbox`) unless its cluster says
+//! `sandbox = "off"`. A timeout or cancel signals the command's process group (SIGTERM,
+//! then SIGKILL after the grace period); in the sandbox, the end of its main process
+//! ends every process it started.
 
 use std::future::Future;
 use std::io;

@@ -209,3 +209,20 @@ pub fn invoke(cluster: &str, command: &str, no_wait: bool) -> pb::InvokeCommandR
         no_wait,
     }
 }
+
+/// A `GetCommandResultRequest` for a command on `local`.
+pub fn result_request(id: &str, wait: bool) -> pb::GetCommandResultRequest {
+    pb::GetCommandResultRequest {
+        cluster: "local".into(),
+        command_id: id.into(),
+        wait,
+    }
+}
+
+/// A `CancelCommandRequest` for a command on `local`.
+pub fn cancel_request(id: &str) -> pb::CancelCommandRequest {
+    pb::CancelCommandRequest {
+        cluster: "local".into(),
+        command_id: id.into(),
+    }
+}
