@@ -3,8 +3,6 @@
 //! the outside world: TLS files, JWKS, each cluster's API server, the sandbox.
 
 use crate::config::{ApiServer, Config, ExecMode};
-use crate::sandbox::SandboxMode;
-use crate::sandbox::launch::Sandbox;
 
 /// What `check-config` found: lines to print, warnings, and problems that would stop
 /// the gateway (any problem = the config is not OK).
@@ -67,26 +65,17 @@ async fn clusters(config: &Config, report: &mut Report) {
 }
 
 async fn sandbox(config: &Config, report: &mut Report) {
-    if config
-        .clusters
-        .iter()
-        .all(|c| c.exec.sandbox == SandboxMode::Off)
-    {
-        report
+    match crate::probe_sandbox(config, None).await {
+        Ok(None) => report
             .lines
-            .push("sandbox: not used (every cluster has sandbox = \"off\")".to_owned());
-        return;
-    }
-    match Sandbox::new(config.sandbox.clone()).probe().await {
-        Ok(features) => {
+            .push("sandbox: not used (every cluster has sandbox = \"off\")".to_owned()),
+        Ok(Some((_, features))) => {
             report.lines.push(format!("sandbox: {features}"));
             report
                 .warnings
                 .extend(crate::sandbox_warnings(config, &features));
         }
-        Err(reason) => report
-            .problems
-            .push(crate::GatewayError::Sandbox(reason).to_string()),
+        Err(err) => report.problems.push(err.to_string()),
     }
 }
 

@@ -343,7 +343,9 @@ impl Config {
     /// Every path this config names that a command must never read: the config file
     /// itself, the state directory, store and audit log, TLS keys and certificates, CA
     /// bundles, JWKS files, kubeconfigs, and the Pod service-account directory.
-    pub fn secret_paths(&self) -> Vec<LabeledPath> {
+    /// Fails naming a kubeconfig that cannot be read: the files it names could not be
+    /// kept secret.
+    pub fn secret_paths(&self) -> Result<Vec<LabeledPath>, ConfigError> {
         let mut out = vec![
             LabeledPath::new(
                 crate::sandbox::SERVICE_ACCOUNT_DIR,
@@ -386,8 +388,18 @@ impl Config {
         for (i, c) in self.clusters.iter().enumerate() {
             if let Some(ApiServer::Kubeconfig { path, .. }) = &c.api {
                 let key = format!("cluster[{i}].kubeconfig");
+                let named = sandbox_settings::kubeconfig_files(path).map_err(|e| {
+                    invalid(
+                        key.clone(),
+                        format!(
+                            "cluster \"{}\": cannot read its kubeconfig {} to keep the files it names out of the sandbox: {e}",
+                            c.name,
+                            path.display()
+                        ),
+                    )
+                })?;
                 out.extend(
-                    sandbox_settings::kubeconfig_files(path)
+                    named
                         .into_iter()
                         .map(|f| LabeledPath::new(f, format!("a file {key} names"))),
                 );
@@ -416,14 +428,23 @@ impl Config {
         {
             out.push(LabeledPath::new(path, "break_glass.webhook_ca_cert"));
         }
-        out
+        Ok(out)
     }
 
     /// Refuses a sandbox whose readable paths (for any sandboxed cluster) contain a
     /// secret path or lie inside one, or contain the directory where every command's
     /// own directory is made, naming both.
     pub fn check_sandbox_exposure(&self) -> Result<(), ConfigError> {
-        let secrets = self.secret_paths();
+        if self
+            .clusters
+            .iter()
+            .all(|c| c.exec.sandbox == SandboxMode::Off)
+        {
+            return Ok(());
+        }
+        crate::sandbox::check_configured_paths_exist(&self.sandbox)
+            .map_err(|message| invalid("sandbox", message))?;
+        let secrets = self.secret_paths()?;
         let mut containers = vec![LabeledPath::new(
             std::env::temp_dir(),
             "the commands' work root (TMPDIR), which holds every command's directory and relay token",

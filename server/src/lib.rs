@@ -179,7 +179,7 @@ impl Gateway {
             audit.clone(),
             breakglass.clone(),
         ));
-        let sandbox = open_sandbox_with(&config, launcher).await?;
+        let sandbox = open_sandbox(&config, launcher).await?;
         let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None, sandbox));
         let clusters = kube_clients(&config).await?;
         let relay = if clusters.is_empty() {
@@ -366,25 +366,18 @@ impl Gateway {
     }
 }
 
-/// The command sandbox, when a cluster wants one: probed first, so a host that cannot
-/// sandbox refuses to start instead of running commands unconfined.
-pub async fn open_sandbox(config: &Config) -> Result<Option<Arc<Sandbox>>, GatewayError> {
-    open_sandbox_with(config, None).await
-}
-
-/// [`open_sandbox`] with another launcher executable (see
-/// [`Gateway::open_with_launcher`]).
-pub async fn open_sandbox_with(
+/// The command sandbox and what the host gives it, when a cluster wants one: probed
+/// (with `launcher`, or this executable), so a host that cannot sandbox is found before
+/// any command runs. `None` when every cluster has `sandbox = "off"`.
+pub async fn probe_sandbox(
     config: &Config,
     launcher: Option<std::path::PathBuf>,
-) -> Result<Option<Arc<Sandbox>>, GatewayError> {
-    let sandboxed: Vec<&str> = config
+) -> Result<Option<(Sandbox, sandbox::Features)>, GatewayError> {
+    if config
         .clusters
         .iter()
-        .filter(|c| c.exec.sandbox == SandboxMode::On)
-        .map(|c| c.name.as_str())
-        .collect();
-    if sandboxed.is_empty() {
+        .all(|c| c.exec.sandbox == SandboxMode::Off)
+    {
         return Ok(None);
     }
     let sandbox = match launcher {
@@ -392,6 +385,23 @@ pub async fn open_sandbox_with(
         None => Sandbox::new(config.sandbox.clone()),
     };
     let features = sandbox.probe().await.map_err(GatewayError::Sandbox)?;
+    Ok(Some((sandbox, features)))
+}
+
+/// [`probe_sandbox`] at start-up: what the host gives commands goes to the log.
+async fn open_sandbox(
+    config: &Config,
+    launcher: Option<std::path::PathBuf>,
+) -> Result<Option<Arc<Sandbox>>, GatewayError> {
+    let Some((sandbox, features)) = probe_sandbox(config, launcher).await? else {
+        return Ok(None);
+    };
+    let sandboxed: Vec<&str> = config
+        .clusters
+        .iter()
+        .filter(|c| c.exec.sandbox == SandboxMode::On)
+        .map(|c| c.name.as_str())
+        .collect();
     tracing::info!(clusters = %sandboxed.join(", "), "commands run sandboxed: {features}");
     for warning in sandbox_warnings(config, &features) {
         tracing::warn!("{warning}");

@@ -12,7 +12,8 @@
 //!    private `/proc` and `/tmp`), moves into it, and starts a last stage that restricts itself with
 //!    Landlock (read and execute on the system paths, read-write on the command's own
 //!    directories, no signals or abstract sockets beyond its own domain), drops every
-//!    capability, and only then becomes the command.
+//!    capability, installs seccomp filters (no tracing, listening, new user namespaces
+//!    or setuid files), and only then becomes the command.
 //!
 //! When the command's main process ends, init ends, and the kernel kills everything left
 //! in the namespace: nothing the command started outlives it.
@@ -104,6 +105,9 @@ pub struct SandboxSettings {
     /// gateway runs as root; `None` = commands keep the gateway's user, mapped to root of
     /// their own user namespace.
     pub run_as_uids: Option<RangeInclusive<u32>>,
+    /// The paths the config names itself (not the defaults), with their keys: each must
+    /// exist on the host, or a typo would silently grant nothing.
+    pub configured_paths: Vec<LabeledPath>,
 }
 
 impl Default for SandboxSettings {
@@ -112,6 +116,7 @@ impl Default for SandboxSettings {
             read_only_paths: DEFAULT_READ_ONLY_PATHS.iter().map(PathBuf::from).collect(),
             writable_paths: Vec::new(),
             run_as_uids: None,
+            configured_paths: Vec::new(),
         }
     }
 }
@@ -195,10 +200,10 @@ pub fn readable_paths(
     out
 }
 
-/// The directories a cluster's commands need besides the read-only paths: each absolute
-/// directory on their `PATH` and the directory of each program named by an absolute path
-/// (relative `PATH` entries are skipped: they would name a directory inside the
-/// command's own).
+/// The directories a cluster's commands need besides the read-only paths: each directory
+/// on their `PATH` and the directory of each program named by an absolute path (the
+/// config refuses relative `PATH` entries; any that reached here would be skipped, as
+/// they would name a directory inside the command's own).
 pub fn command_dirs(command_path: &str, programs: &[NamedProgram<'_>]) -> Vec<PathBuf> {
     path_dirs(command_path)
         .map(PathBuf::from)
@@ -217,6 +222,18 @@ fn path_dirs(command_path: &str) -> impl Iterator<Item = &str> {
 
 fn program_dir(program: &Path) -> Option<&Path> {
     program.parent().filter(|_| program.is_absolute())
+}
+
+/// Names the first configured path that does not exist on this host.
+pub fn check_configured_paths_exist(settings: &SandboxSettings) -> Result<(), String> {
+    match settings.configured_paths.iter().find(|p| !p.path.exists()) {
+        None => Ok(()),
+        Some(missing) => Err(format!(
+            "{} ({}) does not exist on this host, so it would grant commands nothing; fix the path or remove it",
+            missing.path.display(),
+            missing.source
+        )),
+    }
 }
 
 /// Refuses a readable path that is, contains, or lies inside a secret path (a readable
@@ -602,6 +619,7 @@ mod tests {
                 read_only_paths: vec!["/usr".into()],
                 writable_paths: vec!["/srv/cache".into()],
                 run_as_uids: None,
+                configured_paths: Vec::new(),
             },
             "/opt/kube/bin:relative:/usr/bin",
             &[

@@ -163,8 +163,6 @@ impl GatewayOptions {
              mode = \"shell\"\n\n",
         );
         text.push_str(&self.extra_toml);
-        // commands may leave marker files for the test in scratch/ (and wait for go-files)
-        text.push_str("\n[sandbox]\nwritable_paths = [\"scratch\"]\n");
         if self.admin_assignment {
             text.push_str(&format!(
                 "\n[[assignment]]\nname = \"test-admin\"\nprincipal = \"{USER}\"\nrole = \"Cluster Admin\"\nscope = \"clusters/*\"\n"
@@ -230,7 +228,13 @@ impl Gateway {
             write_file(&path, contents, 0o644)?;
         }
         let config = dir.path().join("gateway.toml");
-        write_file(&config, options.render().as_bytes(), 0o644)?;
+        // commands may leave marker files for the test in scratch/ (and wait for go-files);
+        // the directory exists only in a started gateway's, so render() leaves it out
+        let text = format!(
+            "{}\n[sandbox]\nwritable_paths = [\"scratch\"]\n",
+            options.render()
+        );
+        write_file(&config, text.as_bytes(), 0o644)?;
         let mut gateway = Self {
             client_config: dir.path().join("client.toml"),
             dir,

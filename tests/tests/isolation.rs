@@ -555,6 +555,10 @@ fn check_config_refuses_a_sandbox_that_exposes_a_secret_naming_both_paths() {
         fs::create_dir(d).unwrap();
     }
     let root = dir.path().display().to_string();
+    // configured paths must exist, or check-config refuses them before anything else
+    fs::create_dir_all(dir.path().join("shared/a/b")).unwrap();
+    fs::create_dir_all(dir.path().join("shared/bin")).unwrap();
+    fs::create_dir_all(dir.path().join("state/cache")).unwrap();
     let keys = dir.path().join("keys");
     fs::create_dir(&keys).unwrap();
     fs::write(keys.join("token"), "not read").unwrap();
@@ -910,4 +914,64 @@ fn argv_mode_holds_every_property_too() {
     );
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(out.lines()[1], "test-user", "{out}");
+}
+
+/// Each system call the seccomp filter refuses, tried with its x86_64 number: the error
+/// number the command gets (1, EPERM) for each.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_seccomp_filter_refuses_tracing_keyrings_bpf_perf_userfaultfd_io_uring_xattrs_and_mptcp() {
+    let Some(env) = Sandboxed::start() else {
+        return;
+    };
+    let probe = r#"
+import ctypes, errno, socket
+libc = ctypes.CDLL(None, use_errno=True)
+def call(nr, *args):
+    ctypes.set_errno(0)
+    libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return ctypes.get_errno()
+buf = ctypes.create_string_buffer(64)
+addr = ctypes.addressof(buf)
+calls = {
+    "ptrace": (101, 16, 1, 0, 0),
+    "process_vm_readv": (310, 1, 0, 0, 0, 0, 0),
+    "keyctl": (250, 0, 0, 0, 0),
+    "add_key": (248, addr, addr, 0, 0, -2),
+    "bpf": (321, 0, 0, 0),
+    "perf_event_open": (298, addr, 0, -1, -1, 0),
+    "userfaultfd": (323, 0),
+    "io_uring_setup": (425, 1, addr),
+    "setxattr": (188, addr, addr, 0, 0, 0),
+}
+for name, args in calls.items():
+    print(name, call(*args))
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+    print("mptcp", 0)
+except OSError as e:
+    print("mptcp", e.errno)
+"#;
+    std::fs::create_dir_all(env.gw.scratch("seccomp")).unwrap();
+    let script = env.gw.scratch("seccomp").join("probe.py");
+    std::fs::write(&script, probe).unwrap();
+    let out = env.invoke("python3 probe.py", &["--file", script.to_str().unwrap()]);
+    assert_eq!(out.code, Some(0), "{out}");
+    for name in [
+        "ptrace",
+        "process_vm_readv",
+        "keyctl",
+        "add_key",
+        "bpf",
+        "perf_event_open",
+        "userfaultfd",
+        "io_uring_setup",
+        "setxattr",
+        "mptcp",
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l == format!("{name} 1")),
+            "{name} was not refused with EPERM:\n{out}"
+        );
+    }
 }

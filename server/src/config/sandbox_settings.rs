@@ -4,14 +4,12 @@ use std::path::{Path, PathBuf};
 
 use super::raw::RawSandbox;
 use super::{ConfigError, invalid};
-use crate::sandbox::SandboxSettings;
+use crate::sandbox::{LabeledPath, SandboxSettings};
 
 /// The files a kubeconfig names (CA, client certificate and key, token file), absolute;
-/// nothing when it cannot be read here (the gateway then fails on it at start-up).
-pub(super) fn kubeconfig_files(path: &Path) -> Vec<PathBuf> {
-    let Ok(file) = kube::config::Kubeconfig::read_from(path) else {
-        return Vec::new();
-    };
+/// an error when it cannot be read, since its files could then not be kept secret.
+pub(super) fn kubeconfig_files(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let file = kube::config::Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let clusters = file
         .clusters
@@ -30,7 +28,7 @@ pub(super) fn kubeconfig_files(path: &Path) -> Vec<PathBuf> {
             .into_iter()
             .flatten()
         });
-    clusters.chain(users).map(|f| base.join(f)).collect()
+    Ok(clusters.chain(users).map(|f| base.join(f)).collect())
 }
 
 pub(super) fn parse_sandbox(
@@ -39,14 +37,27 @@ pub(super) fn parse_sandbox(
     max_concurrent_commands: usize,
 ) -> Result<SandboxSettings, ConfigError> {
     let mut settings = SandboxSettings::default();
-    if let Some(paths) = raw.read_only_paths {
-        settings.read_only_paths = paths;
+    let named = |paths: &[PathBuf], key: &str| -> Vec<LabeledPath> {
+        paths
+            .iter()
+            .map(|p| LabeledPath::new(resolve(p), key))
+            .collect()
+    };
+    let explicit = raw
+        .read_only_paths
+        .as_deref()
+        .map(|paths| named(paths, "sandbox.read_only_paths"))
+        .unwrap_or_default();
+    let extra = named(&raw.extra_read_only_paths, "sandbox.extra_read_only_paths");
+    let writable = named(&raw.writable_paths, "sandbox.writable_paths");
+    if raw.read_only_paths.is_some() {
+        settings.read_only_paths = explicit.iter().map(|p| p.path.clone()).collect();
     }
-    settings.read_only_paths.extend(raw.extra_read_only_paths);
-    for p in settings.read_only_paths.iter_mut() {
-        *p = resolve(p);
-    }
-    settings.writable_paths = raw.writable_paths.iter().map(|p| resolve(p)).collect();
+    settings
+        .read_only_paths
+        .extend(extra.iter().map(|p| p.path.clone()));
+    settings.writable_paths = writable.iter().map(|p| p.path.clone()).collect();
+    settings.configured_paths = [explicit, extra, writable].concat();
     if let Some(text) = raw.run_as_uids {
         let range = crate::sandbox::parse_uid_range(&text)
             .map_err(|message| invalid("sandbox.run_as_uids", message))?;

@@ -13,8 +13,8 @@
 //!   kills whatever is left. Init stays outside the command's Landlock domain, so the
 //!   command can neither signal nor trace it.
 //! - **exec**: unblocks the signals init blocked, restricts itself with Landlock, drops
-//!   every capability, and replaces itself with the command (same process: the command's
-//!   main process).
+//!   every capability, installs the seccomp filters, and replaces itself with the command
+//!   (same process: the command's main process).
 //!
 //! Every stage is single-threaded (unsharing a user namespace requires it) and talks to
 //! its parent over a Unix socket on its standard input: one JSON line down (the spec)
@@ -267,8 +267,6 @@ fn write_proc(path: &str, content: &str) -> Result<(), String> {
 // ---- stage 2: init, PID 1 of the command's namespace ----
 
 fn init() -> ExitCode {
-    // the launcher is this process's only link to the gateway: die with it
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     let control = match control_socket() {
         Ok(c) => c,
         Err(reason) => {
@@ -276,7 +274,11 @@ fn init() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = read_spec(&control).and_then(|spec| supervise(&spec, &control));
+    // the launcher is this process's only link to the gateway: die with it
+    let report = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| format!("sandbox: cannot tie init to its launcher: {e}"))
+        .and_then(|()| read_spec(&control))
+        .and_then(|spec| supervise(&spec, &control));
     send(&control, &report.unwrap_or_else(Report::Failed));
     // returning ends PID 1: the kernel kills every process left in the namespace
     ExitCode::SUCCESS
