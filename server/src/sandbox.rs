@@ -284,7 +284,10 @@ pub fn check_writable_nesting(
         let wp = resolved(&w.path);
         for r in readable {
             let rp = resolved(&r.path);
-            if rp != wp && rp.starts_with(&wp) {
+            // the writable entry itself is listed among the readable ones; anything else
+            // may neither be it (a PATH directory commands can fill) nor lie inside it
+            let itself = r.path == w.path && r.source == w.source;
+            if !itself && rp.starts_with(&wp) {
                 return Err(NestedInWritable {
                     inner: r.path.display().to_string(),
                     inner_source: r.source.clone(),
@@ -319,40 +322,50 @@ fn check_paths(
     Ok(())
 }
 
-/// The path with symbolic links resolved as far as it exists, `.` and `..` removed.
+/// The path with every symbolic link on it resolved, the dangling ones too (their
+/// target, where it would be created), component by component; `.` and `..` as the
+/// kernel reads them. A path that does not exist resolves as far as its links lead: a
+/// link that points into a writable directory is seen even before its target exists.
 fn resolved(path: &Path) -> PathBuf {
-    if let Ok(real) = std::fs::canonicalize(path) {
-        return real;
-    }
-    let path = &normalized(path);
-    // resolve the longest existing prefix, then append the rest lexically
-    let mut existing = path.to_owned();
-    let mut rest = Vec::new();
-    while let Some(parent) = existing.parent().map(Path::to_owned) {
-        if let Some(name) = existing.file_name() {
-            rest.push(name.to_owned());
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    // a bound against link loops, as the kernel's own (40)
+    const MAX_LINKS: usize = 40;
+    let absolute = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        Path::new("/").join(path)
+    };
+    let mut pending: VecDeque<OsString> = absolute
+        .components()
+        .filter(|c| !matches!(c, Component::RootDir | Component::Prefix(_)))
+        .map(|c| c.as_os_str().to_owned())
+        .collect();
+    let mut out = PathBuf::from("/");
+    let mut links = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == "." {
+            continue;
         }
-        existing = parent;
-        if let Ok(real) = std::fs::canonicalize(&existing) {
-            let mut out = real;
-            for name in rest.iter().rev() {
-                out.push(name);
-            }
-            return out;
+        if part == ".." {
+            out.pop();
+            continue;
         }
-    }
-    path.to_owned()
-}
-
-fn normalized(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::ParentDir => {
-                out.pop();
+        let next = out.join(&part);
+        let is_link = std::fs::symlink_metadata(&next).is_ok_and(|m| m.file_type().is_symlink());
+        match std::fs::read_link(&next) {
+            Ok(target) if is_link && links < MAX_LINKS => {
+                links += 1;
+                if target.is_absolute() {
+                    out = PathBuf::from("/");
+                }
+                for c in target.components().rev() {
+                    if !matches!(c, Component::RootDir | Component::Prefix(_)) {
+                        pending.push_front(c.as_os_str().to_owned());
+                    }
+                }
             }
-            Component::CurDir => {}
-            other => out.push(other),
+            _ => out = next,
         }
     }
     out
@@ -570,13 +583,37 @@ mod tests {
         for (readable, refused) in [
             ("/srv/shared/a/b", true),
             ("/srv/shared/bin", true),
-            ("/srv/shared", false),
             ("/srv", false),
             ("/srv/sharedother", false),
         ] {
             let result = check_writable_nesting(&labeled(&[readable]), &writable);
             assert_eq!(result.is_err(), refused, "{readable}: {result:?}");
         }
+        // a PATH directory that is the writable path itself: commands could fill it
+        let path_dir = [LabeledPath::new("/srv/shared", "cluster[0].path")];
+        assert!(check_writable_nesting(&path_dir, &writable).is_err());
+        // the writable entry, listed among the readable paths, is not its own problem
+        assert!(check_writable_nesting(&writable, &writable).is_ok());
+    }
+
+    #[test]
+    fn a_dangling_link_is_resolved_to_where_its_target_would_be() {
+        let dir = tempfile::tempdir().unwrap();
+        let writable = dir.path().join("kw");
+        std::fs::create_dir(&writable).unwrap();
+        let link = dir.path().join("ktools");
+        // its target does not exist yet: a command could create it and fill it
+        std::os::unix::fs::symlink(writable.join("tools"), &link).unwrap();
+        let err = check_writable_nesting(
+            &[LabeledPath::new(&link, "cluster[0].path")],
+            &[LabeledPath::new(&writable, "sandbox.writable_paths")],
+        )
+        .unwrap_err();
+        assert_eq!(err.inner_source, "cluster[0].path");
+        // and relative links and `..` resolve as the kernel reads them
+        let rel = dir.path().join("rel");
+        std::os::unix::fs::symlink("kw/../kw/sub", &rel).unwrap();
+        assert!(resolved(&rel).starts_with(resolved(&writable)));
     }
 
     #[test]

@@ -7,8 +7,14 @@ use super::{ConfigError, invalid};
 use crate::sandbox::{LabeledPath, SandboxSettings};
 
 /// The files a kubeconfig names (CA, client certificate and key, token file), absolute;
-/// an error when it cannot be read, since its files could then not be kept secret.
+/// an error when it exists but cannot be read, since its files could then not be kept
+/// secret. One that does not exist yet names nothing (`dev` writes its simulated
+/// cluster's kubeconfig after loading the config; the gateway fails at start-up on one
+/// still missing).
 pub(super) fn kubeconfig_files(path: &Path) -> Result<Vec<PathBuf>, String> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
     let file = kube::config::Kubeconfig::read_from(path).map_err(|e| e.to_string())?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let clusters = file

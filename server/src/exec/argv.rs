@@ -120,6 +120,8 @@ pub const KUBECTL_FLAGS: &[RefusedFlag] = &[
         short: Some('s'),
         why: OTHER_SERVER,
     },
+    // kubectl 1.37+: sends the relay traffic through a proxy of the caller's choosing
+    flag("proxy-url", OTHER_SERVER),
     flag("context", OTHER_ENTRY),
     flag("cluster", OTHER_ENTRY),
     flag("user", OTHER_ENTRY),
@@ -441,8 +443,11 @@ pub fn check_arguments(argv: &[String]) -> Result<(), ArgvRefusal> {
     for word in args {
         let consumed = std::mem::take(&mut value_of_previous);
         match classify(word) {
-            // a `--` that is the previous flag's value (`-l --`) does not end the flags
-            Word::EndOfFlags if !consumed => break,
+            // a `--` ends the flags only where the words after it go to a remote command
+            // (`kubectl exec pod -- ls --token`); anywhere else it may be a flag's value
+            // the checker misjudged (`helm template -a -- --kubeconfig=x`), so every word
+            // after it is checked too; nor does a `--` that is the previous flag's value
+            Word::EndOfFlags if !consumed && ends_flags(tool, subcommand) => break,
             Word::EndOfFlags | Word::Positional => {}
             // a flag-looking value (`-l --token`) is checked too: a refusal, never a pass
             Word::Long { name, inline_value } => {
@@ -474,6 +479,12 @@ pub fn check_arguments(argv: &[String]) -> Result<(), ArgvRefusal> {
         }
     }
     Ok(())
+}
+
+/// Whether a `--` hands the rest of the line to a remote command: only kubectl's `exec`,
+/// `run`, `debug` and `attach` have words after it that are not the tool's own.
+fn ends_flags(tool: Tool, subcommand: Option<&str>) -> bool {
+    tool == Tool::Kubectl && matches!(subcommand, Some("exec" | "run" | "debug" | "attach"))
 }
 
 /// The positional words before a `--`, skipping the values of flags that take one (as
@@ -1026,6 +1037,31 @@ mod tests {
         ] {
             allowed(line);
         }
+    }
+
+    #[test]
+    fn a_double_dash_hides_no_flag_from_argv_mode_outside_remote_commands() {
+        for (line, flag) in [
+            (
+                "helm template x ./chart -a -- --kubeconfig=kc.yaml",
+                "--kubeconfig of helm",
+            ),
+            (
+                "helm template x ./chart -- --kube-apiserver=https://x",
+                "--kube-apiserver of helm",
+            ),
+            (
+                "kubectl get -- --kubeconfig=x ns",
+                "--kubeconfig of kubectl",
+            ),
+        ] {
+            let err = refusal_of(line);
+            assert!(err.contains(flag), "{line}: {err}");
+        }
+        allowed("kubectl exec web -- ls --token");
+        allowed("kubectl run t --image=busybox -- sh -c --kubeconfig");
+        let err = refusal_of("kubectl-1.37 --proxy-url=http://127.0.0.1:1 auth whoami");
+        assert!(err.contains("--proxy-url of kubectl"), "{err}");
     }
 
     #[test]

@@ -503,21 +503,20 @@ fn build_root(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> 
             None::<&str>,
         )
         .map_err(|e| fail("bind-mount", path, &e))?;
+        // no setuid programs or device nodes from any bind; everything but the command's
+        // own directories read-only, so no chmod, chown, utimes or xattr reaches the
+        // host's files (writing to a device node works on a read-only mount); flags the
+        // host locked on the mount (nosuid, noexec, atime) must be kept
+        let mut flags =
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | locked_flags(&target);
         if kind != Bind::Writable {
-            // read-only, so no chmod, chown, utimes or xattr reaches the host's files
-            // (writing to a device node works on a read-only mount); flags the host
-            // locked on the mount (nosuid, noexec, atime) must be kept
-            let mut flags = MsFlags::MS_REMOUNT
-                | MsFlags::MS_BIND
-                | MsFlags::MS_NOSUID
-                | MsFlags::MS_RDONLY
-                | locked_flags(&target);
-            if kind == Bind::ReadOnly {
-                flags |= MsFlags::MS_NODEV;
-            }
-            mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
-                .map_err(|e| fail("make read-only", path, &e))?;
+            flags |= MsFlags::MS_RDONLY;
         }
+        if kind != Bind::Device {
+            flags |= MsFlags::MS_NODEV;
+        }
+        mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
+            .map_err(|e| fail("restrict", path, &e))?;
     }
 
     let proc = inside(Path::new("/proc"));

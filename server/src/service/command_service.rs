@@ -217,7 +217,9 @@ impl CommandService for CommandApi {
                     code: format!("{:?}", status.code()),
                     reason: status.message().to_owned(),
                 });
-                tracing::info!(principal = %principal.id, code = ?status.code(), reason = %status.message(), "command refused");
+                // Debug-escaped: the reason holds the caller's own text (a program name), which
+                // must not be able to forge log lines
+                tracing::info!(principal = ?principal.id, code = ?status.code(), reason = ?status.message(), "command refused");
                 return Err(status);
             }
         };
