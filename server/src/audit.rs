@@ -112,6 +112,20 @@ pub enum AuditEvent {
         /// The message the caller got (never a credential or a file's content).
         reason: String,
     },
+    /// A request refused by the transport before its caller was identified: a message
+    /// over the size limit.
+    RequestRefused {
+        /// Listener name.
+        listener: String,
+        /// Caller address.
+        source: String,
+        /// The gRPC method, e.g. `/kinvoke.v1.CommandService/InvokeCommand`.
+        method: String,
+        /// The gRPC code the caller got.
+        code: String,
+        /// The message the caller got.
+        reason: String,
+    },
     /// Credentials were missing or wrong.
     AuthenticationFailed {
         /// Listener name.
@@ -306,6 +320,7 @@ impl AuditEvent {
             Self::ConnectionRefused { .. } => "connection_refused",
             Self::AuthenticationFailed { .. } => "authentication_failed",
             Self::CommandRefused { .. } => "command_refused",
+            Self::RequestRefused { .. } => "request_refused",
             Self::Authorization { .. } => "authorization",
             Self::CommandAccepted { .. } => "command_accepted",
             Self::CommandStarted { .. } => "command_started",

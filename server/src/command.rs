@@ -457,6 +457,30 @@ pub struct Limits {
     pub kill_grace: Duration,
 }
 
+impl Limits {
+    /// Room for protobuf framing per attached file (tag, lengths, the entry itself)
+    /// and for the message's other fields, in bytes.
+    const FRAMING_PER_FILE: usize = 32;
+    const FRAMING: usize = 64 * 1024;
+
+    /// The largest gRPC message, in bytes, a request within these limits can need: the
+    /// attached files' bytes, their longest paths, the command line and framing. The
+    /// transport refuses longer messages before reading them, so this bounds the memory
+    /// one request can take; the service answers such a refusal with the limit's name.
+    pub fn max_request_bytes(&self) -> usize {
+        usize::try_from(self.max_total_file_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(
+                self.max_files.saturating_mul(
+                    self.max_file_path_bytes
+                        .saturating_add(Self::FRAMING_PER_FILE),
+                ),
+            )
+            .saturating_add(self.max_command_bytes)
+            .saturating_add(Self::FRAMING)
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {

@@ -53,6 +53,7 @@ use crate::relay::Relay;
 use crate::runner::{Runner, RunnerSettings};
 use crate::sandbox::SandboxMode;
 use crate::sandbox::launch::Sandbox;
+use crate::service::oversized::OversizedRequests;
 use crate::service::{AccessApi, CommandApi};
 use crate::store::Store;
 
@@ -93,9 +94,6 @@ pub enum GatewayError {
 
 /// How long connections may take to close after commands drained at shutdown.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
-
-/// Room for the command line and message framing on top of the attached files.
-const MESSAGE_OVERHEAD: usize = 1024 * 1024;
 
 /// Serves on already bound listeners until `shutdown` resolves, then stops accepting,
 /// lets running commands finish for the configured grace and cancels the rest.
@@ -267,16 +265,12 @@ impl Gateway {
             reflection_v1 = reflection_v1.register_encoded_file_descriptor_set(set);
             reflection_v1alpha = reflection_v1alpha.register_encoded_file_descriptor_set(set);
         }
-        let max_message = usize::try_from(config.limits.max_total_file_bytes)
-            .unwrap_or(usize::MAX)
-            .saturating_add(config.limits.max_command_bytes)
-            .saturating_add(MESSAGE_OVERHEAD);
         let commands = CommandServiceServer::new(CommandApi::new(
             guard.clone(),
             runner.clone(),
             config.limits.clone(),
         ))
-        .max_decoding_message_size(max_message)
+        .max_decoding_message_size(config.limits.max_request_bytes())
         .max_encoding_message_size(usize::MAX);
 
         let stop_accepting = CancellationToken::new();
@@ -309,6 +303,7 @@ impl Gateway {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(OversizedRequests::new(&config.limits, audit.clone()))
             .add_service(health)
             .add_service(reflection_v1.build_v1()?)
             .add_service(reflection_v1alpha.build_v1alpha()?)

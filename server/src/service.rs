@@ -3,6 +3,7 @@
 
 mod access_service;
 mod command_service;
+pub mod oversized;
 pub mod wire;
 
 pub use access_service::AccessApi;

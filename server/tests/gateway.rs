@@ -449,6 +449,69 @@ async fn every_refused_command_is_audited_with_its_code_and_reason() {
 }
 
 #[tokio::test]
+async fn a_request_over_the_transport_limit_names_the_file_limit_and_is_audited() {
+    let gw = TestGateway::start("max_total_file_bytes = \"1MiB\"", "").await;
+    let mut client = gw.commands_as(ADMIN).await;
+    let marker = gw.state_dir().join("ran");
+    let mut request = invoke("local", &format!("touch {}", marker.display()), false);
+    // one attachment a little over what a request within the limits can need
+    let max = kinvoke_gateway::command::Limits {
+        max_total_file_bytes: 1024 * 1024,
+        ..Default::default()
+    }
+    .max_request_bytes();
+    request.files.push(pb::AttachedFile {
+        path: "big".into(),
+        content: vec![b'x'; max + 1],
+        mode: 0,
+    });
+    let status = client.invoke_command(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("limits.max_total_file_bytes = 1048576 bytes"),
+        "{status:?}"
+    );
+    assert!(
+        status.message().contains(&format!("at most {max} bytes")),
+        "{status:?}"
+    );
+    let events = gw
+        .audit_until("the refusal", |events| {
+            events.iter().any(|e| e["event"] == "request_refused")
+        })
+        .await;
+    let refusal = events
+        .iter()
+        .find(|e| e["event"] == "request_refused")
+        .unwrap();
+    assert_eq!(refusal["code"], "ResourceExhausted", "{refusal}");
+    assert_eq!(refusal["listener"], "main", "{refusal}");
+    assert!(
+        refusal["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{refusal}"
+    );
+    assert_eq!(
+        refusal["method"], "/kinvoke.v1.CommandService/InvokeCommand",
+        "{refusal}"
+    );
+    // the gateway is still up and the same connection still serves
+    let ok = client
+        .invoke_command(invoke("local", "echo fine", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(ok.exit_code, Some(0));
+    assert!(!marker.exists(), "the refused command ran");
+}
+
+#[tokio::test]
 async fn a_follower_ends_when_its_client_goes_away_even_while_the_command_is_silent() {
     let gw = TestGateway::start("", "").await;
     let record = started(&gw, ADMIN, "echo start; exec sleep 240").await;
