@@ -380,6 +380,7 @@ impl Audit {
         let writer = Writer {
             head: head.clone(),
             file,
+            changed: None,
             config: config.clone(),
             healthy: healthy.clone(),
             health: health_tx,
@@ -482,6 +483,8 @@ impl Audit {
 struct Writer {
     head: Arc<std::sync::Mutex<Head>>,
     file: ChainFile,
+    /// Set once the file was found changed by another process: sticky.
+    changed: Option<chain::FileChanged>,
     config: AuditConfig,
     healthy: Arc<AtomicBool>,
     health: watch::Sender<bool>,
@@ -513,7 +516,7 @@ impl Writer {
                     }
                 }
             }
-            let result = self.write(&batch);
+            let result = self.write_checked(&batch);
             if let Err(err) = &result {
                 if self.healthy.swap(false, Ordering::Relaxed) {
                     tracing::error!(path = %self.config.path.display(), %err, "audit log write failed; refusing new commands until it recovers");
@@ -532,6 +535,28 @@ impl Writer {
         let _ = self.file.sync();
     }
 
+    /// Writes a batch unless the file on disk was changed by someone else, now or
+    /// before: then nothing more is written to it until the gateway restarts, so the
+    /// chain on disk is never continued by lines that no one will see.
+    fn write_checked(&mut self, batch: &[Entry]) -> std::io::Result<()> {
+        if self.changed.is_none()
+            && let Err(changed) = self.file.check_unchanged()
+        {
+            tracing::error!(
+                "audit log tampered with: {changed}; refusing new commands; keep the file \
+                 and the rotated ones as evidence, check them with `kinvoke-gateway audit \
+                 verify --head {}:{}`, then restart the gateway",
+                changed.seq,
+                changed.hash
+            );
+            self.changed = Some(changed);
+        }
+        if let Some(changed) = &self.changed {
+            return Err(std::io::Error::other(changed.to_string()));
+        }
+        self.write(batch)
+    }
+
     fn write(&mut self, batch: &[Entry]) -> std::io::Result<()> {
         let time = jiff::Timestamp::now().to_string();
         let mut head: Head = self.file.head().clone();
@@ -544,6 +569,8 @@ impl Writer {
         }
         self.file.append(&bytes, head.clone())?;
         self.file.sync()?;
+        // the anchor: a second sink an edit of the file cannot reach
+        tracing::info!(target: "kinvoke::audit::head", seq = head.seq, sha256 = %head.hash, "audit log head");
         *self
             .head
             .lock()
@@ -633,5 +660,29 @@ mod tests {
             audit.record_durable(stopped("y")).await,
             Err(AuditUnavailable)
         );
+    }
+
+    #[tokio::test]
+    async fn a_deleted_log_fails_closed_and_stays_closed_until_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), FsyncPolicy::Always);
+        let audit = Audit::open(&cfg).unwrap();
+        audit.record_durable(stopped("before")).await.unwrap();
+        std::fs::remove_file(&cfg.path).unwrap();
+        let mut health = audit.health();
+        assert_eq!(
+            audit.record_durable(stopped("after")).await,
+            Err(AuditUnavailable)
+        );
+        health.wait_for(|ok| !ok).await.unwrap();
+        // a new file at the path does not make the writer continue somewhere else
+        std::fs::write(&cfg.path, b"").unwrap();
+        audit.record(stopped("queued"));
+        assert_eq!(
+            audit.record_durable(stopped("later")).await,
+            Err(AuditUnavailable)
+        );
+        assert!(!audit.is_healthy());
+        assert_eq!(std::fs::read(&cfg.path).unwrap(), b"");
     }
 }

@@ -36,6 +36,11 @@ enum AuditCmd {
         /// Audit files, oldest first (e.g. audit.120.jsonl audit.jsonl).
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// A head recorded elsewhere, as SEQ:SHA256 (from a `kinvoke::audit::head` log
+        /// line or the head logged at a clean stop): the chain must pass through it, so
+        /// removed last lines or a file replaced by another chain are found.
+        #[arg(long, value_name = "SEQ:SHA256")]
+        head: Option<kinvoke_gateway::audit::chain::Head>,
     },
 }
 
@@ -135,29 +140,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Cmd::Audit {
-            command: AuditCmd::Verify { files },
+            command: AuditCmd::Verify { files, head },
         } => {
             use kinvoke_gateway::audit::chain;
-            let mut head: Option<chain::Head> = None;
-            let mut total = 0usize;
-            for file in &files {
-                match chain::verify(file, head.as_ref()) {
-                    Ok((count, h)) => {
-                        total += count;
-                        head = Some(h);
-                    }
-                    Err(err) => {
-                        println!("{}: {err}", file.display());
-                        return Ok(ExitCode::FAILURE);
-                    }
+            match chain::verify_files(&files, head.as_ref()) {
+                Ok((total, last)) => {
+                    let anchored = head
+                        .map(|h| format!(", through the recorded head seq {}", h.seq))
+                        .unwrap_or_default();
+                    println!(
+                        "ok: {total} events{anchored}, head seq {} sha256 {}",
+                        last.seq, last.hash
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(err) => {
+                    println!("{err}");
+                    Ok(ExitCode::FAILURE)
                 }
             }
-            let head = head.unwrap_or_else(chain::Head::genesis);
-            println!(
-                "ok: {total} events, head seq {} sha256 {}",
-                head.seq, head.hash
-            );
-            Ok(ExitCode::SUCCESS)
         }
         Cmd::HashToken { generate } => {
             let token = if generate {

@@ -589,6 +589,73 @@ async fn an_unwritable_audit_log_refuses_commands() {
     }
 }
 
+/// The heads the gateway logged on target `kinvoke::audit::head`, oldest first, as
+/// `SEQ:SHA256`.
+fn logged_heads(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("kinvoke::audit::head") || l.contains("audit log head"))
+        .filter_map(|l| {
+            let seq = l.split("seq=").nth(1)?.split(' ').next()?;
+            let hash = l.split("sha256=").nth(1)?.get(..64)?;
+            Some(format!("{seq}:{hash}"))
+        })
+        .collect()
+}
+
+#[test]
+fn an_audit_file_replaced_under_the_gateway_fails_closed_and_a_logged_head_finds_removed_lines()
+{
+    let mut gw = gateway();
+    let (first, _) = invoke_json(gw.client().unwrap(), "echo before", &[]);
+    assert_eq!(first.code, Some(0), "{first}");
+    // another process on the host puts a copy in the file's place
+    let path = gw.audit_path();
+    let copy = path.with_extension("copy");
+    fs::copy(&path, &copy).unwrap();
+    fs::rename(&copy, &path).unwrap();
+    let before = fs::read(&path).unwrap();
+
+    let marker = gw.scratch("ran");
+    let out = gw
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", CLUSTER, "--command"])
+        .arg(format!("touch '{}'", marker.display()))
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(EXIT_UNAVAILABLE), "{out}");
+    assert!(out.stderr.contains("audit log unavailable"), "{out}");
+    assert!(!marker.exists(), "a command ran without its audit record");
+    let log = gw.stderr_log();
+    assert!(
+        log.contains("audit log tampered with") && log.contains("was replaced by another file"),
+        "{log}"
+    );
+    gw.terminate().unwrap();
+    // nothing more went into the file in the old one's place
+    assert_eq!(fs::read(&path).unwrap(), before);
+
+    // the heads logged per batch anchor the chain: the file verifies through the last
+    // one written, and with its last line removed it verifies alone but not through it
+    let heads = logged_heads(&gw.stderr_log());
+    let last = heads.last().unwrap_or_else(|| panic!("no head logged:\n{log}"));
+    let anchored = |files: &[PathBuf], head: &str| {
+        let mut args = vec!["audit".into(), "verify".into(), format!("--head={head}")];
+        args.extend(files.iter().map(|f| f.display().to_string()));
+        kinvoke_tests::gateway_cli(args).unwrap()
+    };
+    let ok = anchored(std::slice::from_ref(&path), last);
+    assert_eq!(ok.code, Some(0), "{ok}");
+    let text = fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.pop();
+    fs::write(&path, lines.join("\n") + "\n").unwrap();
+    verified(std::slice::from_ref(&path));
+    let cut = anchored(std::slice::from_ref(&path), last);
+    assert_eq!(cut.code, Some(1), "{cut}");
+    assert!(cut.stdout.contains("lines were removed from its end"), "{cut}");
+}
+
 #[test]
 fn secrets_never_reach_the_audit_file_or_the_log() {
     let token = "kinvoke-e2e-audit-token-3b9e17d2";

@@ -103,11 +103,145 @@ pub enum ChainBreak {
         /// 1-based line number.
         line: usize,
     },
+    /// The line with the anchor's sequence number does not hash to the anchor: the
+    /// chain was rewritten from that line or before.
+    #[error(
+        "line {line}: seq {seq} does not hash to the recorded head: the chain was rewritten at or before this line"
+    )]
+    AnchorMismatch {
+        /// 1-based line number.
+        line: usize,
+        /// The anchor's sequence number.
+        seq: u64,
+    },
+    /// The chain ends before the anchor: lines recorded as written are gone.
+    #[error(
+        "the chain ends at seq {last}, before the recorded head seq {seq}: lines were removed from its end or the file was replaced"
+    )]
+    AnchorAfter {
+        /// The anchor's sequence number.
+        seq: u64,
+        /// The last sequence number in the files.
+        last: u64,
+    },
+    /// The files start after the anchor: the rotated file holding it was not given.
+    #[error(
+        "the recorded head seq {seq} is before these files, which start at seq {first}: give the older rotated files too, oldest first"
+    )]
+    AnchorBefore {
+        /// The anchor's sequence number.
+        seq: u64,
+        /// The first sequence number in the files.
+        first: u64,
+    },
+}
+
+impl std::str::FromStr for Head {
+    type Err = String;
+
+    /// Parses `SEQ:SHA256`, e.g. `42:9f86d0…` (64 hex digits), as `audit verify --head`
+    /// takes it.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (seq, hash) = text
+            .split_once(':')
+            .ok_or_else(|| format!("head {text:?} is not SEQ:SHA256"))?;
+        let seq = seq
+            .parse()
+            .map_err(|_| format!("head {text:?}: {seq:?} is not a sequence number"))?;
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("head {text:?}: the hash is not 64 hex digits"));
+        }
+        Ok(Self {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
 }
 
 /// Checks a chain from `start` (genesis, or the previous rotated file's head); returns
 /// the number of lines and the head.
 pub fn verify(path: &Path, start: Option<&Head>) -> Result<(usize, Head), ChainBreak> {
+    scan(path, start, |_, _, _| Ok(())).map(|(count, head, _)| (count, head))
+}
+
+/// Checks audit files given oldest first (each continuing the one before) and, when
+/// `anchor` is given, that the chain passes through it: a head recorded elsewhere (the
+/// `kinvoke::audit::head` log lines, or the head logged at a clean stop). Without an
+/// anchor a chain cannot show that its last lines were removed or that the whole file
+/// was replaced by another well-formed chain; with one it can, up to the anchor.
+/// Returns the number of lines and the last head.
+pub fn verify_files(files: &[PathBuf], anchor: Option<&Head>) -> Result<(usize, Head), FilesBreak> {
+    let mut head: Option<Head> = None;
+    let mut first_seq: Option<u64> = None;
+    let mut anchor_seen = false;
+    let mut total = 0usize;
+    for file in files {
+        let (count, h, _) = scan(file, head.as_ref(), |line, seq, hash| {
+            first_seq.get_or_insert(seq);
+            if let Some(anchor) = anchor
+                && seq == anchor.seq
+            {
+                anchor_seen = hash == anchor.hash;
+                if !anchor_seen {
+                    return Err(ChainBreak::AnchorMismatch { line, seq });
+                }
+            }
+            Ok(())
+        })
+        .map_err(|cause| FilesBreak {
+            file: Some(file.display().to_string()),
+            cause,
+        })?;
+        total += count;
+        head = Some(h);
+    }
+    let head = head.unwrap_or_else(Head::genesis);
+    if let Some(anchor) = anchor
+        && !anchor_seen
+    {
+        let cause = match first_seq {
+            Some(first) if anchor.seq < first => ChainBreak::AnchorBefore {
+                seq: anchor.seq,
+                first,
+            },
+            _ => ChainBreak::AnchorAfter {
+                seq: anchor.seq,
+                last: head.seq,
+            },
+        };
+        return Err(FilesBreak { file: None, cause });
+    }
+    Ok((total, head))
+}
+
+/// Why a set of audit files does not verify, with the file where it was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesBreak {
+    /// The file, when the break is in one (not for an anchor past the last file).
+    pub file: Option<String>,
+    /// What is wrong.
+    pub cause: ChainBreak,
+}
+
+impl std::fmt::Display for FilesBreak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{file}: {}", self.cause),
+            None => self.cause.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for FilesBreak {}
+
+/// Walks a file's chain, calling `on_line(line, seq, hash)` for every line that chains;
+/// returns the number of lines, the head and the length of the last line in bytes
+/// (without its newline).
+fn scan(
+    path: &Path,
+    start: Option<&Head>,
+    mut on_line: impl FnMut(usize, u64, &str) -> Result<(), ChainBreak>,
+) -> Result<(usize, Head, u64), ChainBreak> {
     let io_err = |e: io::Error| ChainBreak::Io {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -116,6 +250,7 @@ pub fn verify(path: &Path, start: Option<&Head>) -> Result<(usize, Head), ChainB
     let mut reader = BufReader::new(file);
     let mut head = start.cloned();
     let mut count = 0usize;
+    let mut last_line = 0u64;
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -160,12 +295,12 @@ pub fn verify(path: &Path, start: Option<&Head>) -> Result<(usize, Head), ChainB
         if head.is_none() && seq == 1 && prev != GENESIS {
             return Err(ChainBreak::HashMismatch { line: count, seq });
         }
-        head = Some(Head {
-            seq,
-            hash: line_hash(&buf),
-        });
+        let hash = line_hash(&buf);
+        on_line(count, seq, &hash)?;
+        last_line = buf.len() as u64;
+        head = Some(Head { seq, hash });
     }
-    Ok((count, head.unwrap_or_else(Head::genesis)))
+    Ok((count, head.unwrap_or_else(Head::genesis), last_line))
 }
 
 /// An open audit file being appended to.
@@ -174,6 +309,25 @@ pub struct ChainFile {
     file: File,
     size: u64,
     head: Head,
+    /// Device and inode of the open file, when it is a regular file.
+    identity: Option<(u64, u64)>,
+    /// Bytes of the last line, without its newline (0 when the file is empty).
+    last_line: u64,
+}
+
+/// The audit file on disk is no longer the one this gateway has been writing: another
+/// process deleted, replaced, truncated, extended or edited it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path} {what} (this gateway's last line there was seq {seq}, sha256 {hash})")]
+pub struct FileChanged {
+    /// The audit file.
+    pub path: String,
+    /// What happened to it.
+    pub what: String,
+    /// The head this gateway had written.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
 }
 
 impl std::fmt::Debug for ChainFile {
@@ -198,9 +352,9 @@ impl ChainFile {
         let mut note = None;
         // only a regular file has a chain to continue; a device (e.g. /dev/full in tests
         // of a full disk) is written to as it is
-        let head = if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
-            match verify(path, None) {
-                Ok((_, head)) => head,
+        let (head, last_line) = if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            match scan(path, None, |_, _, _| Ok(())) {
+                Ok((_, head, last_line)) => (head, last_line),
                 Err(err) => {
                     let good = last_good_head(path)?;
                     let aside = path.with_extension(format!("broken-{}", good.seq));
@@ -211,23 +365,77 @@ impl ChainFile {
                         aside.display(),
                         good.seq
                     ));
-                    good
+                    (good, 0)
                 }
             }
         } else {
-            Head::genesis()
+            (Head::genesis(), 0)
         };
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let size = file.metadata()?.len();
+        let file = open_append(path)?;
+        let meta = file.metadata()?;
         Ok((
             Self {
                 path: path.to_owned(),
+                identity: identity(&meta),
+                size: meta.len(),
                 file,
-                size,
                 head,
+                last_line,
             },
             note,
         ))
+    }
+
+    /// Checks that the file at the path is still the one being written, as this writer
+    /// left it: the same inode, the same size, and a last line that still hashes to the
+    /// head. Run before each batch, so a file deleted, replaced, truncated, appended to
+    /// or whose last line was edited by another process is found before anything more
+    /// is written to it. A file that is not a regular file (a device) is not checked.
+    pub fn check_unchanged(&self) -> Result<(), FileChanged> {
+        let Some((dev, ino)) = self.identity else {
+            return Ok(());
+        };
+        let changed = |what: String| FileChanged {
+            path: self.path.display().to_string(),
+            what,
+            seq: self.head.seq,
+            hash: self.head.hash.clone(),
+        };
+        let on_disk = match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                return Err(changed("was deleted".to_owned()));
+            }
+            Err(err) => return Err(changed(format!("cannot be inspected: {err}"))),
+        };
+        if identity(&on_disk) != Some((dev, ino)) {
+            return Err(changed("was replaced by another file".to_owned()));
+        }
+        let size = on_disk.len();
+        if size < self.size {
+            return Err(changed(format!(
+                "was truncated from {} to {size} bytes",
+                self.size
+            )));
+        }
+        if size > self.size {
+            return Err(changed(format!(
+                "grew from {} to {size} bytes written by another process",
+                self.size
+            )));
+        }
+        if self.last_line > 0 {
+            let mut line = vec![0u8; usize::try_from(self.last_line).unwrap_or(0)];
+            let at = self.size.saturating_sub(self.last_line + 1);
+            use std::os::unix::fs::FileExt;
+            if let Err(err) = self.file.read_exact_at(&mut line, at) {
+                return Err(changed(format!("cannot be read back: {err}")));
+            }
+            if line_hash(&line) != self.head.hash {
+                return Err(changed("had its last line edited".to_owned()));
+            }
+        }
+        Ok(())
     }
 
     /// The current head.
@@ -244,6 +452,11 @@ impl ChainFile {
     pub fn append(&mut self, bytes: &[u8], new_head: Head) -> io::Result<()> {
         self.file.write_all(bytes)?;
         self.size += bytes.len() as u64;
+        let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        if !body.is_empty() {
+            let start = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            self.last_line = (body.len() - start) as u64;
+        }
         self.head = new_head;
         Ok(())
     }
@@ -259,13 +472,27 @@ impl ChainFile {
         self.file.sync_data()?;
         let rotated = self.path.with_extension(format!("{}.jsonl", self.head.seq));
         std::fs::rename(&self.path, &rotated)?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
+        self.file = open_append(&self.path)?;
+        self.identity = identity(&self.file.metadata()?);
         self.size = 0;
+        self.last_line = 0;
         Ok(rotated)
     }
+}
+
+/// Opens (creating) a file to append to and read back from.
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+}
+
+/// Device and inode of a regular file.
+fn identity(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    meta.is_file().then(|| (meta.dev(), meta.ino()))
 }
 
 /// The head after the last complete, parseable line of a damaged file.
@@ -443,5 +670,167 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    fn appended(f: &mut ChainFile, n: u64) {
+        for i in 0..n {
+            let (mut line, head) = next_line(f.head(), "t", &event(i));
+            line.push(b'\n');
+            f.append(&line, head).unwrap();
+        }
+        f.sync().unwrap();
+    }
+
+    #[test]
+    fn a_file_changed_under_the_writer_is_found_before_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let other = dir.path().join("other.jsonl");
+        type Change = fn(&Path, &Path);
+        let changes: [(&str, Change, &str); 6] = [
+            (
+                "deleted",
+                |p, _| std::fs::remove_file(p).unwrap(),
+                "was deleted",
+            ),
+            (
+                "replaced",
+                |p, o| {
+                    std::fs::copy(p, o).unwrap();
+                    std::fs::rename(o, p).unwrap();
+                },
+                "was replaced by another file",
+            ),
+            (
+                "truncated",
+                |p, _| {
+                    let f = OpenOptions::new().write(true).open(p).unwrap();
+                    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+                },
+                "was truncated from",
+            ),
+            (
+                "emptied",
+                |p, _| {
+                    OpenOptions::new()
+                        .write(true)
+                        .open(p)
+                        .unwrap()
+                        .set_len(0)
+                        .unwrap();
+                },
+                "was truncated from",
+            ),
+            (
+                "appended to",
+                |p, _| {
+                    let mut f = OpenOptions::new().append(true).open(p).unwrap();
+                    f.write_all(b"{}\n").unwrap();
+                },
+                "grew from",
+            ),
+            (
+                "last line edited in place, same size",
+                |p, _| {
+                    let mut text = std::fs::read(p).unwrap();
+                    let at = text.len() - 3;
+                    text[at] = if text[at] == b'1' { b'2' } else { b'1' };
+                    std::fs::write(p, text).unwrap();
+                },
+                "had its last line edited",
+            ),
+        ];
+        for (name, change, message) in changes {
+            let _ = std::fs::remove_file(&path);
+            let (mut f, _) = ChainFile::open(&path).unwrap();
+            appended(&mut f, 3);
+            f.check_unchanged().unwrap();
+            change(&path, &other);
+            let err = f.check_unchanged().expect_err(name);
+            assert!(err.what.starts_with(message), "{name}: {err}");
+            assert_eq!(err.seq, 3, "{name}");
+            assert_eq!(&err.hash, &f.head().hash, "{name}");
+        }
+    }
+
+    #[test]
+    fn the_writers_own_appends_reopening_and_rotation_leave_the_file_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (mut f, _) = ChainFile::open(&path).unwrap();
+        f.check_unchanged().unwrap();
+        appended(&mut f, 2);
+        f.check_unchanged().unwrap();
+        drop(f);
+        let (mut f, _) = ChainFile::open(&path).unwrap();
+        f.check_unchanged().unwrap();
+        appended(&mut f, 1);
+        f.check_unchanged().unwrap();
+        f.rotate().unwrap();
+        f.check_unchanged().unwrap();
+        appended(&mut f, 1);
+        f.check_unchanged().unwrap();
+    }
+
+    #[test]
+    fn an_anchor_recorded_elsewhere_finds_removed_last_lines_and_replaced_chains() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (mut f, _) = ChainFile::open(&path).unwrap();
+        appended(&mut f, 3);
+        let anchor = f.head().clone();
+        let rotated = f.rotate().unwrap();
+        appended(&mut f, 2);
+        let files = vec![rotated.clone(), path.clone()];
+        assert_eq!(verify_files(&files, Some(&anchor)).unwrap().0, 5);
+        let last = f.head().clone();
+        assert_eq!(verify_files(&files, Some(&last)).unwrap().1, last);
+
+        // the current file alone starts after the anchor
+        let err = verify_files(std::slice::from_ref(&path), Some(&anchor)).unwrap_err();
+        assert!(
+            matches!(err.cause, ChainBreak::AnchorBefore { seq: 3, first: 4 }),
+            "{err}"
+        );
+
+        // the last line removed: the chain still verifies alone, not against the anchor
+        let mut lines = lines(&path);
+        lines.pop();
+        rewrite(&path, &lines);
+        assert!(verify_files(&files, None).is_ok());
+        let err = verify_files(&files, Some(&last)).unwrap_err();
+        assert!(
+            matches!(err.cause, ChainBreak::AnchorAfter { seq: 5, last: 4 }),
+            "{err}"
+        );
+
+        // the whole history replaced by another well-formed chain of the same length
+        let forged = dir.path().join("forged.jsonl");
+        write_chain(&forged, 3);
+        let err = verify_files(std::slice::from_ref(&forged), Some(&anchor)).unwrap_err();
+        assert!(
+            matches!(err.cause, ChainBreak::AnchorMismatch { line: 3, seq: 3 }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: line 3: ", forged.display()))
+        );
+    }
+
+    #[test]
+    fn a_head_is_given_as_seq_colon_sha256() {
+        let hash = "AB".repeat(32);
+        let head: Head = format!("7:{hash}").parse().unwrap();
+        assert_eq!(
+            head,
+            Head {
+                seq: 7,
+                hash: hash.to_ascii_lowercase()
+            }
+        );
+        for bad in ["7", "x:ab", "7:abc", &format!("7:{}", "zz".repeat(32))] {
+            assert!(bad.parse::<Head>().is_err(), "{bad}");
+        }
     }
 }
