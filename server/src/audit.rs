@@ -112,13 +112,17 @@ pub enum AuditEvent {
         /// The message the caller got (never a credential or a file's content).
         reason: String,
     },
-    /// A request refused by the transport before its caller was identified: a message
-    /// over the size limit.
+    /// A request refused before it reached its handler: a message over the size limit
+    /// (refused before its caller was identified), the gateway's in-flight cap, or the
+    /// caller's request rate.
     RequestRefused {
         /// Listener name.
         listener: String,
         /// Caller address.
         source: String,
+        /// The principal, when the caller was identified.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        principal: Option<String>,
         /// The gRPC method, e.g. `/kinvoke.v1.CommandService/InvokeCommand`.
         method: String,
         /// The gRPC code the caller got.

@@ -160,7 +160,7 @@ fn summary(config: &Config) -> String {
         ));
     }
     out.push_str(&format!(
-        "limits: command {} B, {} files / {} B, output {} B, timeout {} (max {}), {} concurrent\n",
+        "limits: command {} B, {} files / {} B, output {} B, timeout {} (max {}), {} concurrent ({} per principal), {} requests/s per principal (burst {}), {} requests in flight, {} connections ({} per source)\n",
         l.max_command_bytes,
         l.max_files,
         l.max_total_file_bytes,
@@ -168,6 +168,12 @@ fn summary(config: &Config) -> String {
         humantime::format_duration(l.default_timeout),
         humantime::format_duration(l.max_timeout),
         l.max_concurrent_commands,
+        l.max_commands_per_principal,
+        l.requests_per_second_per_principal,
+        l.request_burst_per_principal,
+        l.max_in_flight_requests,
+        l.max_connections,
+        l.max_connections_per_source,
     ));
     out
 }

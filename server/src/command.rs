@@ -451,6 +451,21 @@ pub struct Limits {
     pub max_timeout: Duration,
     /// Commands running at once on this gateway.
     pub max_concurrent_commands: usize,
+    /// Commands running at once per principal.
+    pub max_commands_per_principal: usize,
+    /// Requests (any RPC) a second per principal, on average: the refill rate of the
+    /// principal's token bucket.
+    pub requests_per_second_per_principal: u32,
+    /// Requests a principal may send at once before the rate applies: the size of its
+    /// token bucket.
+    pub request_burst_per_principal: u32,
+    /// RPCs being handled at once on this gateway, all callers together; a request over
+    /// it is refused at once rather than queued.
+    pub max_in_flight_requests: usize,
+    /// Open connections (TLS handshakes included) from one source address.
+    pub max_connections_per_source: usize,
+    /// Open connections on this gateway, all listeners together.
+    pub max_connections: usize,
     /// Output kept per command; the rest is counted but cut.
     pub max_output_bytes: usize,
     /// Time between SIGTERM and SIGKILL when a command is stopped.
@@ -491,6 +506,12 @@ impl Default for Limits {
             default_timeout: Duration::from_secs(10 * 60),
             max_timeout: Duration::from_secs(60 * 60),
             max_concurrent_commands: 64,
+            max_commands_per_principal: 16,
+            requests_per_second_per_principal: 20,
+            request_burst_per_principal: 100,
+            max_in_flight_requests: 1024,
+            max_connections_per_source: 64,
+            max_connections: 4096,
             max_output_bytes: 512 * 1024,
             kill_grace: Duration::from_secs(5),
         }

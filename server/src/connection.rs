@@ -43,3 +43,8 @@ impl ListenerAuth {
         }
     }
 }
+
+/// The gRPC method of a request (`/package.Service/Method`), put in the request's
+/// extensions by the transport layer so the services can name it in audit events.
+#[derive(Debug, Clone)]
+pub struct RpcMethod(pub Arc<str>);

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use tonic::Request;
 
 use crate::access::authz::{Action, Decision, Denied, GrantUse, Policy};
+use crate::admission::{RateLimited, RequestRate};
 use crate::audit::{Audit, AuditEvent};
 use crate::authn::{Authenticator, AuthnError, Principal};
 use crate::breakglass::BreakGlass;
 use crate::command::ClusterName;
-use crate::connection::ConnInfo;
+use crate::connection::{ConnInfo, RpcMethod};
 use crate::store::{CommandRecord, Visibility};
 
 /// Why the guard refused a call; `status.rs` turns it into a gRPC status.
@@ -56,6 +57,9 @@ pub enum AccessError {
     /// Authorization refused the action.
     #[error(transparent)]
     Denied(#[from] Denied),
+    /// The caller sends requests faster than one principal may.
+    #[error(transparent)]
+    RateLimited(#[from] RateLimited),
 }
 
 /// What a caller may do with a command record they asked for.
@@ -78,18 +82,24 @@ pub struct ClusterInfo {
     pub disable_run_command: bool,
 }
 
-/// What the guard needs of the configuration: the policy and the clusters.
+/// What the guard needs of the configuration: the policy, the clusters and the request
+/// rate each principal may use.
 #[derive(Debug, Clone)]
 pub struct GuardSettings {
     /// Roles, assignments and cluster gates.
     pub policy: Policy,
     /// The configured clusters.
     pub clusters: Vec<ClusterInfo>,
+    /// `limits.requests_per_second_per_principal`.
+    pub requests_per_second: u32,
+    /// `limits.request_burst_per_principal`.
+    pub request_burst: u32,
 }
 
 /// Authentication and authorization for the services.
 pub struct Guard {
     config: GuardSettings,
+    rate: RequestRate,
     authn: Authenticator,
     audit: Audit,
     breakglass: Arc<BreakGlass>,
@@ -104,6 +114,7 @@ impl Guard {
         breakglass: Arc<BreakGlass>,
     ) -> Self {
         Self {
+            rate: RequestRate::new(config.requests_per_second, config.request_burst),
             config,
             authn,
             audit,
@@ -156,6 +167,21 @@ impl Guard {
         {
             Ok(principal) => {
                 tracing::debug!(principal = %principal.id, method = %principal.auth_method, source = %principal.source, "caller identified");
+                if let Err(limited) = self.rate.check(&principal.id) {
+                    self.audit.record(AuditEvent::RequestRefused {
+                        listener: conn.listener.to_string(),
+                        source: conn.source.to_string(),
+                        principal: Some(principal.id.clone()),
+                        method: req
+                            .extensions()
+                            .get::<RpcMethod>()
+                            .map(|m| m.0.to_string())
+                            .unwrap_or_default(),
+                        code: "ResourceExhausted".to_owned(),
+                        reason: limited.to_string(),
+                    });
+                    return Err(limited.into());
+                }
                 Ok(principal)
             }
             Err(err) => {

@@ -227,17 +227,111 @@ pub async fn bind(listeners: &[ListenerConfig]) -> Result<Vec<BoundListener>, In
     Ok(bound)
 }
 
+/// How many connections the listeners keep open at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// From one source address (`limits.max_connections_per_source`).
+    pub per_source: usize,
+    /// All listeners together (`limits.max_connections`).
+    pub total: usize,
+}
+
+/// The open connections, counted in total and per source address. A connection holds
+/// its [`ConnectionSlot`] from accept (total) and from the moment its source is known
+/// (per source) until it closes.
+#[derive(Debug)]
+struct ConnectionSlots {
+    limits: ConnectionLimits,
+    open: std::sync::Mutex<OpenConnections>,
+}
+
+#[derive(Debug, Default)]
+struct OpenConnections {
+    total: usize,
+    per_source: std::collections::HashMap<std::net::IpAddr, usize>,
+}
+
+/// One connection's place in [`ConnectionSlots`]; given back on drop.
+#[derive(Debug)]
+struct ConnectionSlot {
+    slots: Arc<ConnectionSlots>,
+    source: Option<std::net::IpAddr>,
+}
+
+impl ConnectionSlots {
+    fn open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A place among all connections, or why there is none.
+    fn accept(self: &Arc<Self>) -> Result<ConnectionSlot, String> {
+        let mut open = self.open();
+        if open.total >= self.limits.total {
+            return Err(format!(
+                "the gateway has {} connections open (limits.max_connections = {})",
+                open.total, self.limits.total
+            ));
+        }
+        open.total += 1;
+        Ok(ConnectionSlot {
+            slots: self.clone(),
+            source: None,
+        })
+    }
+}
+
+impl ConnectionSlot {
+    /// Counts the connection against its source address too, or says why it may not.
+    fn admit_source(&mut self, source: std::net::IpAddr) -> Result<(), String> {
+        let mut open = self.slots.open();
+        let count = open.per_source.entry(source).or_insert(0);
+        if *count >= self.slots.limits.per_source {
+            return Err(format!(
+                "source {source} has {count} connections open (limits.max_connections_per_source = {})",
+                self.slots.limits.per_source
+            ));
+        }
+        *count += 1;
+        self.source = Some(source);
+        Ok(())
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open();
+        open.total = open.total.saturating_sub(1);
+        if let Some(source) = self.source
+            && let Some(count) = open.per_source.get_mut(&source)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.per_source.remove(&source);
+            }
+        }
+    }
+}
+
 /// Accepts on every listener until `stop` fires; yields connections whose TLS handshake
 /// succeeded. Handshakes run in their own tasks so a slow peer delays nobody else.
+/// Connections over `limits` are closed at once and audited as `connection_refused`.
 pub fn incoming(
     listeners: Vec<BoundListener>,
+    limits: ConnectionLimits,
     stop: CancellationToken,
     audit: Audit,
 ) -> impl Stream<Item = Result<Conn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
+    let slots = Arc::new(ConnectionSlots {
+        limits,
+        open: std::sync::Mutex::default(),
+    });
     for listener in listeners {
         tokio::spawn(accept_loop(
             listener,
+            slots.clone(),
             tx.clone(),
             stop.clone(),
             audit.clone(),
@@ -248,6 +342,7 @@ pub fn incoming(
 
 async fn accept_loop(
     listener: BoundListener,
+    slots: Arc<ConnectionSlots>,
     tx: mpsc::Sender<Result<Conn, io::Error>>,
     stop: CancellationToken,
     audit: Audit,
@@ -270,6 +365,17 @@ async fn accept_loop(
         // a dual-stack socket reports IPv4 callers as ::ffff:a.b.c.d; everything after
         // this point (rules, audit, whoami) sees the plain IPv4 address
         let peer = canonical_addr(peer);
+        let mut slot = match slots.accept() {
+            Ok(slot) => slot,
+            Err(reason) => {
+                audit.record(AuditEvent::ConnectionRefused {
+                    listener: listener.name.to_string(),
+                    peer: peer.to_string(),
+                    reason,
+                });
+                continue;
+            }
+        };
         let tls = listener.tls.clone();
         let name = listener.name.clone();
         let gate = listener.gate.clone();
@@ -278,7 +384,11 @@ async fn accept_loop(
         let audit = audit.clone();
         tokio::spawn(async move {
             let handshake = async {
-                let source = match gate.admit(&mut tcp, peer).await {
+                let admitted = gate
+                    .admit(&mut tcp, peer)
+                    .await
+                    .and_then(|source| slot.admit_source(source.ip()).map(|()| source));
+                let source = match admitted {
                     Ok(source) => source,
                     Err(reason) => {
                         audit.record(AuditEvent::ConnectionRefused {
@@ -304,7 +414,13 @@ async fn accept_loop(
                         peer_certs,
                         auth,
                     };
-                    let _ = tx.send(Ok(Conn { stream, info })).await;
+                    let _ = tx
+                        .send(Ok(Conn {
+                            stream,
+                            info,
+                            _slot: slot,
+                        }))
+                        .await;
                 }
                 Ok(Some((source, Err(err)))) => {
                     audit.record(AuditEvent::AuthenticationFailed {
@@ -325,6 +441,8 @@ async fn accept_loop(
 pub struct Conn {
     stream: TlsStream<TcpStream>,
     info: ConnInfo,
+    /// Its place in the connection limits, held while it is open.
+    _slot: ConnectionSlot,
 }
 
 impl tonic::transport::server::Connected for Conn {

@@ -11,6 +11,7 @@
 //! gateway with its own certificates. ARCHITECTURE.md has the whole module map.
 
 pub mod access;
+pub mod admission;
 pub mod audit;
 pub mod authn;
 pub mod breakglass;
@@ -53,6 +54,7 @@ use crate::relay::Relay;
 use crate::runner::{Runner, RunnerSettings};
 use crate::sandbox::SandboxMode;
 use crate::sandbox::launch::Sandbox;
+use crate::service::in_flight::InFlightLimit;
 use crate::service::oversized::OversizedRequests;
 use crate::service::{AccessApi, CommandApi};
 use crate::store::Store;
@@ -172,6 +174,8 @@ impl Gateway {
                         disable_run_command: c.disable_run_command,
                     })
                     .collect(),
+                requests_per_second: config.limits.requests_per_second_per_principal,
+                request_burst: config.limits.request_burst_per_principal,
             },
             authenticator,
             audit.clone(),
@@ -274,7 +278,15 @@ impl Gateway {
         .max_encoding_message_size(usize::MAX);
 
         let stop_accepting = CancellationToken::new();
-        let incoming = ingress::incoming(listeners, stop_accepting.clone(), audit.clone());
+        let incoming = ingress::incoming(
+            listeners,
+            ingress::ConnectionLimits {
+                per_source: config.limits.max_connections_per_source,
+                total: config.limits.max_connections,
+            },
+            stop_accepting.clone(),
+            audit.clone(),
+        );
         // the health service follows the audit log: no audit, no commands
         let health_task = {
             let reporter = health_reporter.clone();
@@ -303,6 +315,10 @@ impl Gateway {
         let server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .layer(InFlightLimit::new(
+                config.limits.max_in_flight_requests,
+                audit.clone(),
+            ))
             .layer(OversizedRequests::new(&config.limits, audit.clone()))
             .add_service(health)
             .add_service(reflection_v1.build_v1()?)

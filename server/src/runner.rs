@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::authz::GrantUse;
+use crate::admission::{PrincipalPermit, PrincipalSlots};
 use crate::audit::{Audit, AuditEvent, AuditFile, AuditGrantUse};
 use crate::authn::Principal;
 use crate::command::Limits;
@@ -50,6 +51,17 @@ pub enum RunError {
         "too many commands are running on this gateway (limit limits.max_concurrent_commands = {limit}); retry later"
     )]
     TooManyCommands {
+        /// The limit.
+        limit: usize,
+    },
+    /// The caller has as many commands running as one principal may.
+    #[error(
+        "principal \"{principal}\" has {limit} commands running, as many as one principal may \
+         (limits.max_commands_per_principal = {limit}); wait for one to end or cancel one"
+    )]
+    TooManyCommandsForPrincipal {
+        /// Who.
+        principal: String,
         /// The limit.
         limit: usize,
     },
@@ -121,7 +133,9 @@ struct Admitted {
     cluster: ClusterConfig,
     argv: Vec<String>,
     spec: CommandSpec,
-    permit: OwnedSemaphorePermit,
+    /// Its place among the gateway's and its principal's running commands, held until
+    /// it ends.
+    permit: (OwnedSemaphorePermit, PrincipalPermit),
     /// Its relay token (revoked on drop until handed over) and kubeconfig.
     token: Option<(PendingToken, String)>,
     break_glass: Option<GrantUse>,
@@ -159,6 +173,7 @@ pub struct Runner {
     executor: Arc<dyn Executor>,
     running: Mutex<HashMap<CommandId, Arc<Running>>>,
     slots: Arc<Semaphore>,
+    principal_slots: PrincipalSlots,
     accepting: CancellationToken,
     tasks: TaskTracker,
     audit: Audit,
@@ -175,7 +190,9 @@ impl Runner {
         relay: Option<Arc<Relay>>,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.limits.max_concurrent_commands));
+        let principal_slots = PrincipalSlots::new(config.limits.max_commands_per_principal);
         Arc::new(Self {
+            principal_slots,
             config,
             store,
             executor,
@@ -228,6 +245,13 @@ impl Runner {
             })?
             .clone();
         let argv = plan_argv(&cluster.name, &cluster.exec, &spec.command)?;
+        let principal_permit =
+            self.principal_slots
+                .try_acquire(&principal.id)
+                .ok_or_else(|| RunError::TooManyCommandsForPrincipal {
+                    principal: principal.id.clone(),
+                    limit: self.principal_slots.limit(),
+                })?;
         let permit: OwnedSemaphorePermit =
             self.slots
                 .clone()
@@ -242,7 +266,7 @@ impl Runner {
             cluster,
             argv,
             spec,
-            permit,
+            permit: (permit, principal_permit),
             token,
             break_glass,
         })

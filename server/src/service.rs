@@ -3,6 +3,7 @@
 
 mod access_service;
 mod command_service;
+pub mod in_flight;
 pub mod oversized;
 pub mod wire;
 

@@ -2,7 +2,12 @@
 //! on; internal detail goes to the log only ([`internal`], the one rescue for whatever
 //! was not expected).
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::admission::{CONCURRENCY_RETRY, RateLimited};
 
 use crate::access::authz::Denied;
 use crate::authn::AuthnError;
@@ -18,10 +23,30 @@ pub fn internal(context: &str, detail: &dyn std::fmt::Display) -> Status {
     Status::internal("internal error in the gateway; its log has the details")
 }
 
+/// `RESOURCE_EXHAUSTED` with `message` and a `google.rpc.RetryInfo` detail saying how
+/// long to wait before trying again (the gRPC richer error model; `tonic-types` reads it
+/// back).
+pub fn retry_later(message: String, after: Duration) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        message,
+        ErrorDetails::with_retry_info(Some(after)),
+    )
+}
+
+impl From<RateLimited> for Status {
+    fn from(err: RateLimited) -> Self {
+        // whole milliseconds, at least one: a zero delay would invite a busy loop
+        let after = err.retry_after.max(Duration::from_millis(1));
+        retry_later(err.to_string(), after)
+    }
+}
+
 impl From<AccessError> for Status {
     fn from(err: AccessError) -> Self {
         let code = match &err {
             AccessError::NoConnectionInfo => return internal("guard", &err),
+            AccessError::RateLimited(limited) => return limited.clone().into(),
             AccessError::MetadataNotAscii | AccessError::Unauthenticated(_) => {
                 Code::Unauthenticated
             }
@@ -84,7 +109,9 @@ impl From<RunError> for Status {
         let code = match &err {
             RunError::Invalid(_) => Code::InvalidArgument,
             RunError::ClusterNotFound { .. } | RunError::CommandNotFound { .. } => Code::NotFound,
-            RunError::TooManyCommands { .. } => Code::ResourceExhausted,
+            RunError::TooManyCommands { .. } | RunError::TooManyCommandsForPrincipal { .. } => {
+                return retry_later(err.to_string(), CONCURRENCY_RETRY);
+            }
             RunError::ShuttingDown | RunError::AuditUnavailable => Code::Unavailable,
             // the caller, as this cluster maps them, cannot be impersonated as they are:
             // running anyway would act as someone else (or as the gateway)
@@ -126,6 +153,13 @@ mod tests {
             ),
             (
                 RunError::TooManyCommands { limit: 1 },
+                Code::ResourceExhausted,
+            ),
+            (
+                RunError::TooManyCommandsForPrincipal {
+                    principal: "p".into(),
+                    limit: 1,
+                },
                 Code::ResourceExhausted,
             ),
             (RunError::ShuttingDown, Code::Unavailable),

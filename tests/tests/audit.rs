@@ -603,8 +603,7 @@ fn logged_heads(log: &str) -> Vec<String> {
 }
 
 #[test]
-fn an_audit_file_replaced_under_the_gateway_fails_closed_and_a_logged_head_finds_removed_lines()
-{
+fn an_audit_file_replaced_under_the_gateway_fails_closed_and_a_logged_head_finds_removed_lines() {
     let mut gw = gateway();
     let (first, _) = invoke_json(gw.client().unwrap(), "echo before", &[]);
     assert_eq!(first.code, Some(0), "{first}");
@@ -638,7 +637,9 @@ fn an_audit_file_replaced_under_the_gateway_fails_closed_and_a_logged_head_finds
     // the heads logged per batch anchor the chain: the file verifies through the last
     // one written, and with its last line removed it verifies alone but not through it
     let heads = logged_heads(&gw.stderr_log());
-    let last = heads.last().unwrap_or_else(|| panic!("no head logged:\n{log}"));
+    let last = heads
+        .last()
+        .unwrap_or_else(|| panic!("no head logged:\n{log}"));
     let anchored = |files: &[PathBuf], head: &str| {
         let mut args = vec!["audit".into(), "verify".into(), format!("--head={head}")];
         args.extend(files.iter().map(|f| f.display().to_string()));
@@ -653,7 +654,10 @@ fn an_audit_file_replaced_under_the_gateway_fails_closed_and_a_logged_head_finds
     verified(std::slice::from_ref(&path));
     let cut = anchored(std::slice::from_ref(&path), last);
     assert_eq!(cut.code, Some(1), "{cut}");
-    assert!(cut.stdout.contains("lines were removed from its end"), "{cut}");
+    assert!(
+        cut.stdout.contains("lines were removed from its end"),
+        "{cut}"
+    );
 }
 
 #[test]

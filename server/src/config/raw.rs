@@ -90,6 +90,12 @@ pub(super) struct RawLimits {
     #[serde(default, with = "humantime_serde")]
     pub(super) max_timeout: Option<Duration>,
     pub(super) max_concurrent_commands: Option<usize>,
+    pub(super) max_commands_per_principal: Option<usize>,
+    pub(super) requests_per_second_per_principal: Option<u32>,
+    pub(super) request_burst_per_principal: Option<u32>,
+    pub(super) max_in_flight_requests: Option<usize>,
+    pub(super) max_connections_per_source: Option<usize>,
+    pub(super) max_connections: Option<usize>,
     pub(super) max_output_bytes: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     pub(super) kill_grace: Option<Duration>,

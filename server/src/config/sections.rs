@@ -131,6 +131,22 @@ pub(super) fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
         max_concurrent_commands: raw
             .max_concurrent_commands
             .unwrap_or(d.max_concurrent_commands),
+        max_commands_per_principal: raw
+            .max_commands_per_principal
+            .unwrap_or(d.max_commands_per_principal),
+        requests_per_second_per_principal: raw
+            .requests_per_second_per_principal
+            .unwrap_or(d.requests_per_second_per_principal),
+        request_burst_per_principal: raw
+            .request_burst_per_principal
+            .unwrap_or(d.request_burst_per_principal),
+        max_in_flight_requests: raw
+            .max_in_flight_requests
+            .unwrap_or(d.max_in_flight_requests),
+        max_connections_per_source: raw
+            .max_connections_per_source
+            .unwrap_or(d.max_connections_per_source),
+        max_connections: raw.max_connections.unwrap_or(d.max_connections),
         max_output_bytes: usize_of(
             "max_output_bytes",
             size(
@@ -154,11 +170,30 @@ pub(super) fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
             ),
         ));
     }
-    if limits.max_concurrent_commands == 0 {
-        return Err(invalid(
-            "limits.max_concurrent_commands",
-            "must be at least 1",
-        ));
+    for (key, value) in [
+        ("max_concurrent_commands", limits.max_concurrent_commands),
+        (
+            "max_commands_per_principal",
+            limits.max_commands_per_principal,
+        ),
+        (
+            "requests_per_second_per_principal",
+            limits.requests_per_second_per_principal as usize,
+        ),
+        (
+            "request_burst_per_principal",
+            limits.request_burst_per_principal as usize,
+        ),
+        ("max_in_flight_requests", limits.max_in_flight_requests),
+        (
+            "max_connections_per_source",
+            limits.max_connections_per_source,
+        ),
+        ("max_connections", limits.max_connections),
+    ] {
+        if value == 0 {
+            return Err(invalid(format!("limits.{key}"), "must be at least 1"));
+        }
     }
     Ok(limits)
 }

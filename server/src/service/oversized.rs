@@ -99,6 +99,7 @@ where
                     .map(|c| c.listener.to_string())
                     .unwrap_or_default(),
                 source: conn.map(|c| c.source.to_string()).unwrap_or_default(),
+                principal: None,
                 method,
                 code: format!("{:?}", refusal.code()),
                 reason: refusal.message().to_owned(),
