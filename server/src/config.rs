@@ -13,7 +13,7 @@ use crate::command::ClusterName;
 pub use crate::command::Limits;
 pub use crate::exec::{DEFAULT_COMMAND_PATH, ExecMode, ExecSettings};
 pub use crate::ingress::{Exposure, ListenerConfig};
-pub use crate::relay::IdentityMapping;
+pub use crate::relay::{IdentityMapping, RelayConfig};
 use crate::sandbox::{LabeledPath, SandboxMode, SandboxSettings};
 
 mod access_control;
@@ -141,13 +141,6 @@ pub enum ApiServer {
     },
     /// The service account of the Pod the gateway runs in.
     InCluster,
-}
-
-/// Where the relay listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayConfig {
-    /// Address (loopback by default: the local executor's commands run here).
-    pub address: SocketAddr,
 }
 
 /// Where cloud CLIs and kubectl keep credentials, below a home directory.
@@ -324,6 +317,25 @@ impl Config {
                             format!("\"{a}\" is not a socket address; write it as IP:PORT, e.g. \"127.0.0.1:0\""),
                         )
                     })?,
+                },
+                response_timeout: match raw.relay.response_timeout {
+                    Some(t) if t.is_zero() => {
+                        return Err(invalid("relay.response_timeout", "must be longer than 0s"));
+                    }
+                    Some(t) => t,
+                    None => RelayConfig::DEFAULT_RESPONSE_TIMEOUT,
+                },
+                max_connections: match raw.relay.max_connections {
+                    Some(0) => return Err(invalid("relay.max_connections", "must be at least 1")),
+                    Some(n) => n,
+                    None => RelayConfig::DEFAULT_MAX_CONNECTIONS,
+                },
+                idle_timeout: match raw.relay.idle_timeout {
+                    Some(t) if t.is_zero() => {
+                        return Err(invalid("relay.idle_timeout", "must be longer than 0s"));
+                    }
+                    Some(t) => t,
+                    None => RelayConfig::DEFAULT_IDLE_TIMEOUT,
                 },
             },
             sandbox: sandbox_settings::parse_sandbox(raw.sandbox, &resolve, limits.max_concurrent_commands)?,

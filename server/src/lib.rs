@@ -187,7 +187,7 @@ impl Gateway {
         let relay = if clusters.is_empty() {
             None
         } else {
-            Some(Relay::start(config.relay.address, clusters.clone(), audit.clone()).await?)
+            Some(Relay::start(&config.relay, clusters.clone(), audit.clone()).await?)
         };
         // each cluster's version in the log; one that is down does not stop the others
         for (name, client) in clusters {

@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use ring::digest::{SHA256, digest};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -34,6 +34,30 @@ use crate::pki::CertificateAuthority;
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 type RelayBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The relay's settings (`[relay]`): where it listens and how long it waits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// Address (loopback by default: the local executor's commands run here).
+    pub address: SocketAddr,
+    /// Longest wait for an API server's response headers before the relay answers 504
+    /// (a watch's body streams for as long as it lasts after that).
+    pub response_timeout: Duration,
+    /// Connections the relay keeps open at once, all commands together.
+    pub max_connections: usize,
+    /// How long a connection may stay open with no request in progress.
+    pub idle_timeout: Duration,
+}
+
+impl RelayConfig {
+    /// Default `relay.response_timeout`: client-go's own default request timeout is
+    /// none, kubectl's `--request-timeout` is 0; a minute lets slow list calls finish.
+    pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Default `relay.max_connections`.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+    /// Default `relay.idle_timeout`.
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+}
 
 /// The Kubernetes identity a command acts as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +131,7 @@ pub enum RelayError {
 pub struct Relay {
     url: String,
     ca_pem: String,
+    response_timeout: Duration,
     tokens: Mutex<HashMap<String, Binding>>,
     clusters: HashMap<String, kube::Client>,
     audit: Audit,
@@ -124,10 +149,11 @@ impl std::fmt::Debug for Relay {
 impl Relay {
     /// Binds the relay (TLS with a fresh in-memory CA) and starts serving.
     pub async fn start(
-        address: SocketAddr,
+        settings: &RelayConfig,
         clusters: HashMap<String, kube::Client>,
         audit: Audit,
     ) -> Result<Arc<Self>, RelayError> {
+        let address = settings.address;
         let ca = CertificateAuthority::new("kinvoke relay CA")?;
         let host = address.ip().to_string();
         let names: Vec<&str> = if address.ip().is_unspecified() {
@@ -167,6 +193,7 @@ impl Relay {
         let relay = Arc::new(Self {
             url: format!("https://{url_host}:{}", local.port()),
             ca_pem: ca.cert_pem(),
+            response_timeout: settings.response_timeout,
             tokens: Mutex::new(HashMap::new()),
             clusters,
             audit,
@@ -176,6 +203,8 @@ impl Relay {
             relay.clone(),
             listener,
             TlsAcceptor::from(Arc::new(tls)),
+            Arc::new(tokio::sync::Semaphore::new(settings.max_connections)),
+            settings.idle_timeout,
         ));
         tracing::info!(url = %relay.url, "relay listening");
         Ok(relay)
@@ -299,10 +328,28 @@ impl Relay {
         if let Err(err) = attributed {
             return refuse(RelayRefusal::Unattributable(err));
         }
-        let response = match client.send(forward).await {
-            Ok(r) => r,
-            Err(err) => {
-                let reason = format!("the cluster's API server could not be reached: {err}");
+        // an API server that is down answers at once (503); one that hangs is given up
+        // on after the configured wait (504): a command never waits on it for longer
+        let failure = match tokio::time::timeout(self.response_timeout, client.send(forward)).await
+        {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("the cluster's API server could not be reached: {err}"),
+            )),
+            Err(_) => Err((
+                StatusCode::GATEWAY_TIMEOUT,
+                "Timeout",
+                format!(
+                    "the cluster's API server did not answer within {} (relay.response_timeout)",
+                    humantime::format_duration(self.response_timeout)
+                ),
+            )),
+        };
+        let response = match failure {
+            Ok(response) => response,
+            Err((code, reason, message)) => {
                 self.audit.record(AuditEvent::RelayRequest {
                     command_id: binding.command_id.clone(),
                     principal: binding.principal.clone(),
@@ -310,10 +357,10 @@ impl Relay {
                     verb: verb.to_owned(),
                     path,
                     namespace,
-                    status: 502,
+                    status: code.as_u16(),
                     duration_ms: crate::audit::duration_ms(started.elapsed()),
                 });
-                return status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", &reason);
+                return status(code, reason, &message);
             }
         };
         self.audit.record(AuditEvent::RelayRequest {
@@ -373,9 +420,22 @@ impl Relay {
     }
 }
 
-async fn serve(relay: Arc<Relay>, listener: TcpListener, tls: TlsAcceptor) {
+/// How long a peer may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts until the relay stops: at most `slots` connections at once (one over is
+/// closed at once), a TLS handshake bounded by [`HANDSHAKE_TIMEOUT`], and a connection
+/// with no request in progress for `idle` closed, so idle connections cannot hold the
+/// relay's file descriptors.
+async fn serve(
+    relay: Arc<Relay>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    slots: Arc<tokio::sync::Semaphore>,
+    idle: Duration,
+) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = relay.stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -386,22 +446,110 @@ async fn serve(relay: Arc<Relay>, listener: TcpListener, tls: TlsAcceptor) {
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "relay connection refused: relay.max_connections reached");
+            continue;
+        };
         let tls = tls.clone();
         let relay = relay.clone();
         tokio::spawn(async move {
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            let _slot = slot;
+            let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await
             else {
                 return;
             };
-            let service = hyper::service::service_fn(move |req| {
-                let relay = relay.clone();
-                async move { Ok::<_, Infallible>(relay.handle(req).await) }
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let activity = Arc::new(Activity::default());
+            let service = {
+                let activity = activity.clone();
+                hyper::service::service_fn(move |req| {
+                    let relay = relay.clone();
+                    let busy = activity.begin();
+                    async move {
+                        let (parts, body) = relay.handle(req).await.into_parts();
+                        // in progress until the response body is done with (a watch:
+                        // until it ends)
+                        let body = body.map_err(move |e| {
+                            let _ = &busy;
+                            e
+                        });
+                        Ok::<_, Infallible>(Response::from_parts(parts, UnsyncBoxBody::new(body)))
+                    }
+                })
+            };
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(idle);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = activity.idle_for(idle) => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
         });
+    }
+}
+
+/// Requests in progress on one relay connection and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<(usize, Instant)>,
+    changed: tokio::sync::Notify,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new((0, Instant::now())),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// One request in progress; ends on drop.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn state(&self) -> std::sync::MutexGuard<'_, (usize, Instant)> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.state().0 += 1;
+        self.changed.notify_waiters();
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been in progress for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            let (active, since) = *self.state();
+            if active > 0 {
+                changed.await;
+                continue;
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until((since + idle).into()) => return,
+            }
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        state.0 = state.0.saturating_sub(1);
+        state.1 = Instant::now();
+        drop(state);
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -1110,8 +1258,26 @@ mod refusal_tests {
     use crate::audit::{AuditConfig, FsyncPolicy};
 
     /// A relay in front of a cluster it must never reach: its API server address is a
-    /// closed port, so a request that got through would come back 502, not 403.
+    /// closed port, so a request that got through would come back 503, not 403.
     async fn relay(dir: &std::path::Path) -> (Arc<Relay>, Audit, AuditConfig) {
+        relay_with(dir, "https://127.0.0.1:9", settings()).await
+    }
+
+    fn settings() -> RelayConfig {
+        RelayConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+            response_timeout: Duration::from_secs(5),
+            max_connections: 16,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// A relay for cluster `c`, whose API server is at `upstream`.
+    async fn relay_with(
+        dir: &std::path::Path,
+        upstream: &str,
+        settings: RelayConfig,
+    ) -> (Arc<Relay>, Audit, AuditConfig) {
         let config = AuditConfig {
             path: dir.join("audit.jsonl"),
             fsync: FsyncPolicy::Batch(Duration::from_millis(1)),
@@ -1119,10 +1285,11 @@ mod refusal_tests {
             tracing: false,
         };
         let audit = Audit::open(&config).unwrap();
-        let unreachable = kube::Config::new("https://127.0.0.1:9".parse().unwrap());
-        let client = kube::Client::try_from(unreachable).unwrap();
+        let mut cluster = kube::Config::new(upstream.parse().unwrap());
+        cluster.accept_invalid_certs = true;
+        let client = kube::Client::try_from(cluster).unwrap();
         let relay = Relay::start(
-            "127.0.0.1:0".parse().unwrap(),
+            &settings,
             HashMap::from([("c".to_owned(), client)]),
             audit.clone(),
         )
@@ -1224,6 +1391,184 @@ mod refusal_tests {
             assert_eq!(refused["principal"], "alice", "{refused}");
             assert_eq!(refused["path"], "/api/v1/namespaces/demo/pods", "{refused}");
         }
+        relay.shutdown();
+    }
+
+    /// A valid token of cluster `c` for `alice`.
+    fn alices_token(relay: &Relay) -> (String, Vec<u8>) {
+        let issued = relay
+            .issue(Binding {
+                command_id: "cmd-fault".into(),
+                cluster: "c".into(),
+                principal: "alice".into(),
+                identity: KubeIdentity {
+                    user: "alice".into(),
+                    groups: vec![],
+                    extra: vec![],
+                },
+                deadline: Instant::now() + Duration::from_secs(60),
+            })
+            .unwrap();
+        credentials(&issued.kubeconfig)
+    }
+
+    async fn relayed_status(
+        relay: &Relay,
+        audit: &Audit,
+        config: &AuditConfig,
+    ) -> (u16, serde_json::Value, serde_json::Value) {
+        let (token, ca) = alices_token(relay);
+        let response = https_client(&ca)
+            .get(format!("{}/api/v1/namespaces/demo/pods", relay.url()))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let code = response.status().as_u16();
+        let body: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        audit
+            .record_durable(AuditEvent::GatewayStopped {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&config.path).unwrap();
+        let event = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|e| e["event"] == "relay_request")
+            .unwrap_or_else(|| panic!("no relay_request:\n{text}"));
+        (code, body, event)
+    }
+
+    #[tokio::test]
+    async fn an_api_server_that_refuses_connections_is_answered_503() {
+        let dir = tempfile::tempdir().unwrap();
+        let (relay, audit, config) = relay(dir.path()).await;
+        let (code, body, event) = relayed_status(&relay, &audit, &config).await;
+        assert_eq!(code, 503, "{body}");
+        assert_eq!(body["reason"], "ServiceUnavailable", "{body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("the cluster's API server could not be reached"),
+            "{body}"
+        );
+        assert_eq!(event["status"], 503, "{event}");
+        relay.shutdown();
+    }
+
+    #[tokio::test]
+    async fn an_api_server_that_hangs_is_answered_504_after_the_response_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        // accepts connections and never says a word
+        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("https://{}", hanging.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((tcp, _)) = hanging.accept().await {
+                open.push(tcp);
+            }
+        });
+        let mut settings = settings();
+        settings.response_timeout = Duration::from_millis(300);
+        let (relay, audit, config) = relay_with(dir.path(), &upstream, settings).await;
+        let (code, body, event) = relayed_status(&relay, &audit, &config).await;
+        assert_eq!(code, 504, "{body}");
+        assert_eq!(body["reason"], "Timeout", "{body}");
+        assert_eq!(
+            body["message"],
+            "the cluster's API server did not answer within 300ms (relay.response_timeout)"
+        );
+        assert_eq!(event["status"], 504, "{event}");
+        assert!(event["duration_ms"].as_u64().unwrap() >= 300, "{event}");
+        held.abort();
+        relay.shutdown();
+    }
+
+    /// A TLS connection to the relay, handshake done, or why there is none.
+    async fn tls_connection(
+        relay: &Relay,
+        ca: &[u8],
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp =
+            tokio::net::TcpStream::connect(relay.url().trim_start_matches("https://")).await?;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(
+                rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+                tcp,
+            )
+            .await
+    }
+
+    /// Reads until the peer closes the connection (or it fails), within `limit`.
+    async fn closed_within(
+        stream: &mut (impl tokio::io::AsyncRead + Unpin),
+        limit: Duration,
+    ) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(limit, async {
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_connections_over_the_cap_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = settings();
+        settings.max_connections = 1;
+        settings.idle_timeout = Duration::from_millis(200);
+        let (relay, _audit, _config) =
+            relay_with(dir.path(), "https://127.0.0.1:9", settings).await;
+        let (_, ca) = alices_token(&relay);
+        // one connection, handshake done, never a request: it holds the one place
+        let mut idle = tls_connection(&relay, &ca).await.unwrap();
+        // a second is closed at once, before any TLS
+        let addr = relay.url().trim_start_matches("https://").to_owned();
+        let mut over = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        assert!(
+            closed_within(&mut over, Duration::from_secs(5)).await,
+            "a connection over relay.max_connections stayed open"
+        );
+        // the idle one is closed after the idle timeout
+        assert!(
+            closed_within(&mut idle, Duration::from_secs(10)).await,
+            "an idle connection stayed open"
+        );
+        // and its place is free again
+        let mut again = None;
+        for _ in 0..100 {
+            if let Ok(stream) = tls_connection(&relay, &ca).await {
+                again = Some(stream);
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            again.is_some(),
+            "no place given back after the idle connection closed"
+        );
         relay.shutdown();
     }
 }

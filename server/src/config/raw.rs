@@ -166,6 +166,11 @@ pub(super) struct RawIdentity {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRelay {
     pub(super) address: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) response_timeout: Option<Duration>,
+    pub(super) max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) idle_timeout: Option<Duration>,
 }
 
 pub(super) fn default_executor() -> String {
