@@ -5,6 +5,7 @@
 mod attach;
 mod conn;
 mod render;
+mod retry;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -339,17 +340,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(exit_code_of(&result))
         }
         Cmd::Result { target, wait } => {
-            let mut client = settings.connect().await?.commands;
+            let client = settings.connect().await?.commands;
             let bar = wait
                 .then(|| spinner("waiting for the command".to_owned()))
                 .flatten();
-            let response = client
-                .get_command_result(pb::GetCommandResultRequest {
-                    cluster: target.cluster,
-                    command_id: target.command_id,
-                    wait,
-                })
-                .await;
+            let request = pb::GetCommandResultRequest {
+                cluster: target.cluster,
+                command_id: target.command_id,
+                wait,
+            };
+            let response = retry::read(&client, &request, |mut c, r| async move {
+                c.get_command_result(r).await
+            })
+            .await;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
@@ -361,14 +364,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         Cmd::Logs { target, follow } => {
             let mut client = settings.connect().await?.commands;
             if !follow {
-                let result = client
-                    .get_command_result(pb::GetCommandResultRequest {
-                        cluster: target.cluster,
-                        command_id: target.command_id,
-                        wait: false,
-                    })
-                    .await?
-                    .into_inner();
+                let request = pb::GetCommandResultRequest {
+                    cluster: target.cluster,
+                    command_id: target.command_id,
+                    wait: false,
+                };
+                let result = retry::read(&client, &request, |mut c, r| async move {
+                    c.get_command_result(r).await
+                })
+                .await?
+                .into_inner();
                 stdout.write_all(&result.output)?;
                 stdout.flush()?;
                 return Ok(0);
@@ -421,19 +426,26 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::Whoami => {
-            let mut access = settings.connect().await?.access;
-            let me = access.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
+            let access = settings.connect().await?.access;
+            let me = retry::read(&access, &pb::WhoAmIRequest {}, |mut c, r| async move {
+                c.who_am_i(r).await
+            })
+            .await?
+            .into_inner();
             render::whoami(&mut stdout, format, &me)?;
             stdout.flush()?;
             Ok(0)
         }
         Cmd::Clusters => {
-            let mut access = settings.connect().await?.access;
-            let clusters = access
-                .list_clusters(pb::ListClustersRequest {})
-                .await?
-                .into_inner()
-                .clusters;
+            let access = settings.connect().await?.access;
+            let clusters = retry::read(
+                &access,
+                &pb::ListClustersRequest {},
+                |mut c, r| async move { c.list_clusters(r).await },
+            )
+            .await?
+            .into_inner()
+            .clusters;
             render::clusters(&mut stdout, format, &clusters)?;
             stdout.flush()?;
             Ok(0)
@@ -476,14 +488,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     render::grant(&mut stdout, format, &grant)?;
                 }
                 BreakGlassCmd::List { cluster, all } => {
-                    let grants = access
-                        .list_grants(pb::ListGrantsRequest {
-                            cluster: cluster.unwrap_or_default(),
-                            include_inactive: all,
-                        })
-                        .await?
-                        .into_inner()
-                        .grants;
+                    let request = pb::ListGrantsRequest {
+                        cluster: cluster.unwrap_or_default(),
+                        include_inactive: all,
+                    };
+                    let grants = retry::read(&access, &request, |mut c, r| async move {
+                        c.list_grants(r).await
+                    })
+                    .await?
+                    .into_inner()
+                    .grants;
                     render::grants(&mut stdout, format, &grants)?;
                 }
             }
@@ -491,18 +505,20 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Cmd::List { cluster, limit } => {
-            let mut client = settings.connect().await?.commands;
+            let client = settings.connect().await?.commands;
             let mut rows = Vec::new();
             let mut page_token = String::new();
             while rows.len() < limit {
-                let page = client
-                    .list_commands(pb::ListCommandsRequest {
-                        cluster: cluster.clone().unwrap_or_default(),
-                        page_size: u32::try_from(limit - rows.len()).unwrap_or(u32::MAX),
-                        page_token: page_token.clone(),
-                    })
-                    .await?
-                    .into_inner();
+                let request = pb::ListCommandsRequest {
+                    cluster: cluster.clone().unwrap_or_default(),
+                    page_size: u32::try_from(limit - rows.len()).unwrap_or(u32::MAX),
+                    page_token: page_token.clone(),
+                };
+                let page = retry::read(&client, &request, |mut c, r| async move {
+                    c.list_commands(r).await
+                })
+                .await?
+                .into_inner();
                 rows.extend(page.commands);
                 if page.next_page_token.is_empty() {
                     break;

@@ -64,6 +64,11 @@ pub struct Principal {
     pub listener: String,
 }
 
+/// Longest bearer token read, in bytes; a longer one is refused before it is parsed.
+/// OIDC tokens are 1 to 8 KiB (an Entra ID token with many groups is the large case),
+/// static tokens 64 hex digits.
+pub const MAX_BEARER_TOKEN_BYTES: usize = 16 * 1024;
+
 /// Why a caller could not be identified. Messages help without echoing credentials.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthnError {
@@ -79,6 +84,11 @@ pub enum AuthnError {
     /// The authorization metadata is not `Bearer <token>`.
     #[error("authorization metadata must be \"Bearer <token>\"")]
     MalformedAuthorization,
+    /// The bearer token is longer than any this gateway reads.
+    #[error(
+        "bearer token is {0} bytes, over the {MAX_BEARER_TOKEN_BYTES} bytes this gateway reads"
+    )]
+    TokenTooLong(usize),
     /// A bearer token was sent to a listener that accepts only certificates.
     #[error("this listener does not accept bearer tokens; use a client certificate")]
     TokensNotAccepted,
@@ -94,6 +104,10 @@ pub enum AuthnError {
     /// The certificate could not be parsed.
     #[error("the client certificate cannot be parsed")]
     Unparsable,
+    /// The identity holds control characters, which no principal may: they would reach
+    /// logs, audit lines and Kubernetes headers.
+    #[error("the {0} identifying the caller holds control characters; no principal may")]
+    ControlCharacters(&'static str),
 }
 
 /// Maps a certificate identity to a principal and groups.
@@ -153,6 +167,10 @@ impl Authenticator {
             if !auth.tokens {
                 return Err(AuthnError::TokensNotAccepted);
             }
+            if value.len() > MAX_BEARER_TOKEN_BYTES + "Bearer ".len() {
+                let token = value.get("Bearer ".len()..).unwrap_or(value);
+                return Err(AuthnError::TokenTooLong(token.len()));
+            }
             let token = value
                 .strip_prefix("Bearer ")
                 .or_else(|| value.strip_prefix("bearer "))
@@ -181,6 +199,9 @@ impl Authenticator {
         };
         if jwt::looks_like_jwt(token) && !self.issuers.is_empty() {
             let identity = self.issuers.verify(token).await?;
+            if identity.id.chars().any(char::is_control) {
+                return Err(AuthnError::ControlCharacters("token claim"));
+            }
             return Ok(Principal {
                 groups: identity.groups,
                 claims: identity.claims,
@@ -208,6 +229,9 @@ impl Authenticator {
         cert: &CertificateDer<'_>,
     ) -> Result<Principal, AuthnError> {
         let (identity, subject) = identity_of(cert)?;
+        if identity.chars().any(char::is_control) {
+            return Err(AuthnError::ControlCharacters("client certificate name"));
+        }
         let rule = self.mtls_rules.iter().find(|r| r.matches(&identity));
         let id = rule
             .and_then(|r| r.principal.as_ref())

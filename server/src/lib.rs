@@ -94,6 +94,12 @@ pub enum GatewayError {
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
+/// Largest HTTP/2 header list a request may send, in bytes (hyper's default is 16 KiB).
+const MAX_HEADER_LIST_BYTES: u32 = 1024 * 1024 + 64 * 1024;
+
+/// Streams one connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+
 /// How long connections may take to close after commands drained at shutdown.
 const CONNECTION_DRAIN: Duration = Duration::from_secs(10);
 
@@ -313,6 +319,10 @@ impl Gateway {
             })
         };
         let server = tonic::transport::Server::builder()
+            // room for a bearer token far over MAX_BEARER_TOKEN_BYTES, so an oversized
+            // one reaches authentication and is refused there, audited, not by HTTP/2
+            .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(InFlightLimit::new(

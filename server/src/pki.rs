@@ -85,6 +85,23 @@ impl CertificateAuthority {
         self.sign(params)
     }
 
+    /// [`CertificateAuthority::client_cert`] valid only between two dates, each given as
+    /// (year, month, day) in UTC: for certificates that have expired or are not valid
+    /// yet.
+    pub fn client_cert_valid(
+        &self,
+        common_name: &str,
+        not_before: (i32, u8, u8),
+        not_after: (i32, u8, u8),
+    ) -> Result<CertifiedKey, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(common_name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = rcgen::date_time_ymd(not_before.0, not_before.1, not_before.2);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        self.sign(params)
+    }
+
     fn sign(&self, mut params: CertificateParams) -> Result<CertifiedKey, rcgen::Error> {
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,

@@ -512,6 +512,81 @@ async fn a_request_over_the_transport_limit_names_the_file_limit_and_is_audited(
 }
 
 #[tokio::test]
+async fn bad_client_certificates_are_refused_with_the_reason_and_audited() {
+    let gw = TestGateway::start("", "").await;
+    let stranger_ca =
+        kinvoke_gateway::pki::CertificateAuthority::new("not the gateway's CA").unwrap();
+    let cases = [
+        (
+            "expired",
+            gw.ca()
+                .client_cert_valid(ADMIN, (2020, 1, 1), (2021, 1, 1))
+                .unwrap(),
+            "TLS handshake refused",
+            "certificate expired",
+        ),
+        (
+            "not yet valid",
+            gw.ca()
+                .client_cert_valid(ADMIN, (2090, 1, 1), (2091, 1, 1))
+                .unwrap(),
+            "TLS handshake refused",
+            "certificate not valid yet",
+        ),
+        (
+            "untrusted CA",
+            stranger_ca.client_cert(ADMIN, None).unwrap(),
+            "TLS handshake refused",
+            "UnknownIssuer",
+        ),
+        (
+            "control characters in the name",
+            gw.ca().client_cert("admin\u{1b}[2J\nforged", None).unwrap(),
+            "client certificate name identifying the caller holds control characters",
+            "",
+        ),
+    ];
+    for (name, cert, reason, detail) in &cases {
+        // with TLS 1.3 the client may finish its handshake before the server refuses
+        // the certificate: the refusal then shows on the first call
+        let refused = match gw.channel_with_cert(cert).await {
+            Err(_) => None,
+            Ok(channel) => Some(
+                pb::access_service_client::AccessServiceClient::new(channel)
+                    .who_am_i(pb::WhoAmIRequest {})
+                    .await
+                    .expect_err(name),
+            ),
+        };
+        if !detail.is_empty() {
+            assert!(
+                refused.as_ref().is_none_or(|s| s.code() != Code::Ok),
+                "{name}: {refused:?}"
+            );
+        } else {
+            let status = refused.unwrap_or_else(|| panic!("{name}: no TLS refusal expected"));
+            assert_eq!(status.code(), Code::Unauthenticated, "{name}: {status:?}");
+            assert!(status.message().contains(reason), "{name}: {status:?}");
+        }
+        gw.audit_until(name, |events| {
+            events.iter().any(|e| {
+                e["event"] == "authentication_failed"
+                    && e["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains(reason) && r.contains(detail))
+            })
+        })
+        .await;
+    }
+    // the gateway still serves a good certificate
+    gw.access_as(ADMIN)
+        .await
+        .who_am_i(pb::WhoAmIRequest {})
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn a_follower_ends_when_its_client_goes_away_even_while_the_command_is_silent() {
     let gw = TestGateway::start("", "").await;
     let record = started(&gw, ADMIN, "echo start; exec sleep 240").await;

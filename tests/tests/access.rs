@@ -567,6 +567,16 @@ fn bad_oidc_tokens_are_refused_with_the_reason() {
             "token algorithm HS256 is not accepted",
         ),
         ("forged claims", forged, "token signature does not verify"),
+        (
+            "nbf in the future",
+            rs256(&with("nbf", json!(now + 3600))),
+            "token is not valid before ",
+        ),
+        (
+            "no kid",
+            issuer.sign(Algorithm::RS256, "", &main).unwrap(),
+            "no key with id \"(none)\" in the keys of issuer \"ci\"",
+        ),
     ];
 
     let marker = gw.scratch("ran");
@@ -598,6 +608,41 @@ fn bad_oidc_tokens_are_refused_with_the_reason() {
             "{name}: the token leaked into the log"
         );
     }
+}
+
+#[test]
+fn a_one_megabyte_token_is_refused_by_its_size_audited_and_the_gateway_stays_up() {
+    let issuer = TestIssuer::new().unwrap();
+    let gw = oidc_gateway(&issuer);
+    let marker = gw.scratch("ran");
+    // a file: an environment variable cannot hold 1 MB (Linux's MAX_ARG_STRLEN)
+    let file = gw.scratch("big-token");
+    std::fs::write(&file, "a".repeat(1_000_000)).unwrap();
+    let big = gw
+        .anonymous_client()
+        .unwrap()
+        .arg("--token-file")
+        .arg(&file);
+    let out = invoke_with(big, CLUSTER, &touch(&marker));
+    let reason = "bearer token is 1000000 bytes, over the 16384 bytes this gateway reads";
+    assert_refused(&out, EXIT_DENIED, &["UNAUTHENTICATED: ", reason]);
+    assert!(!marker.exists(), "a command ran");
+    assert!(
+        gw.audit_events_named("authentication_failed")
+            .iter()
+            .any(|e| e.get("reason") == Some(reason)),
+        "no failed authentication in the audit log:\n{}",
+        gw.stderr_log()
+    );
+    // the gateway still serves a caller with a good token
+    let good = issuer
+        .sign(
+            Algorithm::RS256,
+            TestIssuer::RSA_KID,
+            &ci_claims("refs/heads/main"),
+        )
+        .unwrap();
+    whoami(gw.token_client(&good).unwrap());
 }
 
 #[test]

@@ -105,10 +105,32 @@ impl TestGateway {
         name: &str,
     ) -> Result<Channel, tonic::transport::Error> {
         let cert = self.ca.client_cert(name, None).expect("a client cert");
+        self.connect(source, &cert).await
+    }
+
+    /// The test CA that signs the gateway's certificate and its callers'.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    /// A channel presenting `cert` (PEM certificate and key), or the error the
+    /// connection ended with.
+    pub async fn channel_with_cert(
+        &self,
+        cert: &kinvoke_gateway::pki::CertifiedKey,
+    ) -> Result<Channel, tonic::transport::Error> {
+        self.connect(None, cert).await
+    }
+
+    async fn connect(
+        &self,
+        source: Option<std::net::IpAddr>,
+        cert: &kinvoke_gateway::pki::CertifiedKey,
+    ) -> Result<Channel, tonic::transport::Error> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.ca.cert_pem()))
             .domain_name("localhost")
-            .identity(Identity::from_pem(cert.cert_pem, cert.key_pem));
+            .identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
         Channel::from_shared(format!("https://{}", self.addr))
             .expect("a valid endpoint")
             .local_address(source)
