@@ -293,31 +293,35 @@ impl Gateway {
             stop_accepting.clone(),
             audit.clone(),
         );
-        // the health service follows the audit log: no audit, no commands
+        // the health service follows the audit log and the result store: without
+        // either, no commands
         let health_task = {
             let reporter = health_reporter.clone();
-            let mut healthy = audit.health();
+            let mut audit_ok = audit.health();
+            let mut store_ok = runner.store_health();
             tokio::spawn(async move {
-                while healthy.changed().await.is_ok() {
-                    let ok = *healthy.borrow_and_update();
-                    if ok {
-                        reporter
-                            .set_serving::<CommandServiceServer<CommandApi>>()
-                            .await;
-                        reporter
-                            .set_service_status("", tonic_health::ServingStatus::Serving)
-                            .await;
-                    } else {
-                        reporter
-                            .set_not_serving::<CommandServiceServer<CommandApi>>()
-                            .await;
-                        reporter
-                            .set_service_status("", tonic_health::ServingStatus::NotServing)
-                            .await;
+                loop {
+                    tokio::select! {
+                        changed = audit_ok.changed() => if changed.is_err() { return },
+                        changed = store_ok.changed() => if changed.is_err() { return },
                     }
+                    let ok = *audit_ok.borrow_and_update() && *store_ok.borrow_and_update();
+                    let status = if ok {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    reporter
+                        .set_service_status(
+                            <CommandServiceServer<CommandApi> as tonic::server::NamedService>::NAME,
+                            status,
+                        )
+                        .await;
+                    reporter.set_service_status("", status).await;
                 }
             })
         };
+        let store_probe = tokio::spawn(store_probe_loop(runner.clone()));
         let server = tonic::transport::Server::builder()
             // room for a bearer token far over MAX_BEARER_TOKEN_BYTES, so an oversized
             // one reaches authentication and is refused there, audited, not by HTTP/2
@@ -364,6 +368,7 @@ impl Gateway {
         }
         purge.abort();
         health_task.abort();
+        store_probe.abort();
         expiry.abort();
         // durable, so a clean stop is the chain's last word; its head goes to the log so a
         // later edit of the file's last lines can be told from the record kept elsewhere
@@ -499,6 +504,25 @@ async fn kube_client(api: &config::ApiServer) -> Result<kube::Client, String> {
     // a watch lasts as long as its command; the command's own timeout bounds it
     cfg.read_timeout = None;
     kube::Client::try_from(cfg).map_err(|e| format!("client: {e}"))
+}
+
+/// While the result store cannot be written, tries a write each second, so the
+/// gateway takes commands again by itself once the fault (a full disk, a read-only
+/// file) clears.
+async fn store_probe_loop(runner: Arc<Runner>) {
+    let mut health = runner.store_health();
+    loop {
+        if health.wait_for(|ok| !*ok).await.is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        while !*health.borrow_and_update() {
+            tick.tick().await;
+            if runner.probe_store().await.is_ok() {
+                break;
+            }
+        }
+    }
 }
 
 async fn purge_loop(runner: Arc<Runner>, retention: Duration) {

@@ -85,6 +85,12 @@ pub enum RunError {
     /// The audit log cannot record the command, so it may not run (fail closed).
     #[error("audit log unavailable")]
     AuditUnavailable,
+    /// The result store cannot be written, so the command's result could not be kept.
+    #[error(
+        "the result store cannot be written (the gateway's log says why: a full disk, a \
+         read-only file); new commands are refused until it can, retry later"
+    )]
+    StoreUnavailable,
     /// The system random source failed.
     #[error("cannot generate a command id or relay token: {0}")]
     Random(getrandom::Error),
@@ -237,6 +243,9 @@ impl Runner {
         if self.accepting.is_cancelled() {
             return Err(RunError::ShuttingDown);
         }
+        if !self.store.is_healthy() {
+            return Err(RunError::StoreUnavailable);
+        }
         let cluster = self
             .config
             .cluster(&spec.cluster)
@@ -376,7 +385,13 @@ impl Runner {
             })
             .await
             .map_err(|_| RunError::AuditUnavailable)?;
-        self.store.put(record.clone()).await?;
+        self.store
+            .put(record.clone())
+            .await
+            .map_err(|err| match err {
+                err if err.is_unavailable() => RunError::StoreUnavailable,
+                err => RunError::Store(err),
+            })?;
         Ok(record)
     }
 
@@ -494,9 +509,41 @@ impl Runner {
             reason = %record.reason,
             "command finished"
         );
-        if let Err(err) = self.store.put(record).await {
-            tracing::error!(command_id = %running.record.id, %err, "could not store the command result");
+        self.keep(record).await;
+    }
+
+    /// Stores a finished record; while the store cannot be written, tries again each
+    /// time it reports writable (or each second), so a full disk delays a result but
+    /// does not lose it. Gives up only when the gateway is shutting down: the record then
+    /// stays `Running` in the store, and the next start marks it failed.
+    async fn keep(&self, record: CommandRecord) {
+        let mut health = self.store.health();
+        loop {
+            let err = match self.store.put(record.clone()).await {
+                Ok(()) => return,
+                Err(err) => err,
+            };
+            if !err.is_unavailable() || self.accepting.is_cancelled() {
+                tracing::error!(command_id = %record.id, %err, "could not store the command result");
+                return;
+            }
+            tracing::warn!(command_id = %record.id, %err, "could not store the command result yet; trying again when the store is writable");
+            tokio::select! {
+                _ = health.wait_for(|ok| *ok) => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.accepting.cancelled() => {}
+            }
         }
+    }
+
+    /// Follows whether the result store can be written.
+    pub fn store_health(&self) -> watch::Receiver<bool> {
+        self.store.health()
+    }
+
+    /// Tries a write to the result store (see [`Store::probe`]).
+    pub async fn probe_store(&self) -> Result<(), RunError> {
+        Ok(self.store.probe().await?)
     }
 
     /// The record of a command on a cluster, optionally after waiting for it to end.

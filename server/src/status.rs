@@ -112,7 +112,9 @@ impl From<RunError> for Status {
             RunError::TooManyCommands { .. } | RunError::TooManyCommandsForPrincipal { .. } => {
                 return retry_later(err.to_string(), CONCURRENCY_RETRY);
             }
-            RunError::ShuttingDown | RunError::AuditUnavailable => Code::Unavailable,
+            RunError::ShuttingDown | RunError::AuditUnavailable | RunError::StoreUnavailable => {
+                Code::Unavailable
+            }
             // the caller, as this cluster maps them, cannot be impersonated as they are:
             // running anyway would act as someone else (or as the gateway)
             RunError::NoKubeIdentity { .. } => Code::PermissionDenied,

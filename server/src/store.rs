@@ -38,6 +38,32 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// True when the database cannot be used at all, for a reason outside the query: the
+    /// disk is full, the file is read-only or gone, an I/O error. Such a store refuses
+    /// new commands until a write succeeds again.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode::{
+            CannotOpen, DatabaseCorrupt, DiskFull, NotADatabase, PermissionDenied, ReadOnly,
+            SystemIoFailure,
+        };
+        match self {
+            Self::Query(rusqlite::Error::SqliteFailure(err, _)) => matches!(
+                err.code,
+                DiskFull
+                    | SystemIoFailure
+                    | ReadOnly
+                    | CannotOpen
+                    | PermissionDenied
+                    | DatabaseCorrupt
+                    | NotADatabase
+            ),
+            Self::Open { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// One command's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandRecord {
@@ -102,6 +128,9 @@ pub struct ListQuery {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// False from a query that failed for the disk or the file (full, read-only, I/O
+    /// error) until one succeeds again.
+    health: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -128,6 +157,10 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_by_start ON commands (started_at DESC, id DESC);
 CREATE INDEX IF NOT EXISTS commands_by_finish ON commands (finished_at);
+CREATE TABLE IF NOT EXISTS store_probe (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS grants (
     id            TEXT PRIMARY KEY,
     assignment    TEXT NOT NULL,
@@ -180,9 +213,52 @@ impl Store {
         Ok((
             Self {
                 conn: Arc::new(Mutex::new(conn)),
+                health: Arc::new(tokio::sync::watch::channel(true).0),
             },
             recovered,
         ))
+    }
+
+    /// True unless the last query failed for the disk or the file.
+    pub fn is_healthy(&self) -> bool {
+        *self.health.borrow()
+    }
+
+    /// Follows [`Store::is_healthy`] (for the gRPC health service).
+    pub fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.health.subscribe()
+    }
+
+    /// Writes to the database (one row of its own) to find out whether it can be
+    /// written again; the outcome sets [`Store::is_healthy`].
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?1)",
+                params![millis(SystemTime::now())],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    fn note(&self, result: &Result<(), &StoreError>) {
+        let healthy = match result {
+            Ok(()) => true,
+            Err(err) if err.is_unavailable() => false,
+            Err(_) => return,
+        };
+        self.health.send_if_modified(|was| {
+            if *was == healthy {
+                return false;
+            }
+            match result {
+                Err(err) => tracing::error!(%err, "result store cannot be written; refusing new commands until it can"),
+                Ok(()) => tracing::info!("result store writable again"),
+            }
+            *was = healthy;
+            true
+        });
     }
 
     async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
@@ -191,7 +267,7 @@ impl Store {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             // a panic inside a query cannot leave SQLite half-written (it rolls back), so
             // a poisoned lock is safe to keep using
             let conn = conn
@@ -199,7 +275,9 @@ impl Store {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             f(&conn)
         })
-        .await?
+        .await?;
+        self.note(&result.as_ref().map(|_| ()));
+        result
     }
 
     /// Saves a new or updated record.

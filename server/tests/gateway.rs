@@ -586,6 +586,121 @@ async fn bad_client_certificates_are_refused_with_the_reason_and_audited() {
         .unwrap();
 }
 
+/// Makes files immutable (`chattr +i`: even root's writes fail with EPERM, as on a
+/// read-only or failing disk) until dropped.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    fn set(files: &[std::path::PathBuf], on: bool) {
+        for file in files {
+            let flag = if on { "+i" } else { "-i" };
+            let status = std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(file)
+                .status()
+                .expect("chattr runs (e2fsprogs)");
+            assert!(status.success(), "chattr {flag} {}", file.display());
+        }
+    }
+
+    fn new(files: Vec<std::path::PathBuf>) -> Self {
+        Self::set(&files, true);
+        Self(files)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        Self::set(&self.0, false);
+    }
+}
+
+async fn serving_status(
+    gw: &TestGateway,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(gw.channel_as(ADMIN).await);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: "kinvoke.v1.CommandService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(response) = watch.message().await.unwrap() {
+        if response.status() == want {
+            return;
+        }
+    }
+    panic!("the health watch ended before {want:?}");
+}
+
+#[tokio::test]
+async fn a_store_that_cannot_be_written_refuses_commands_and_recovers_by_itself() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let gw = TestGateway::start("", "").await;
+    let db = gw.state_dir().join("kinvoke.db");
+    let running = started(&gw, ADMIN, "exec sleep 60").await;
+
+    let fault = Immutable::new(vec![db.clone(), db.with_extension("db-wal")]);
+    let mut client = gw.commands_as(ADMIN).await;
+    let first = client
+        .invoke_command(invoke("local", "echo during", false))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::Unavailable, "{first:?}");
+    assert!(
+        first.message().contains("result store cannot be written"),
+        "{first:?}"
+    );
+    serving_status(&gw, ServingStatus::NotServing).await;
+    let second = client
+        .invoke_command(invoke("local", "echo during", false))
+        .await
+        .unwrap_err();
+    assert_eq!(second.code(), Code::Unavailable, "{second:?}");
+    // a command that ends meanwhile keeps its result until the store takes it
+    let runner = gw.runner_arc();
+    let id = running.id.clone();
+    let canceled = tokio::spawn(async move {
+        runner
+            .cancel("local", &id, "canceled during the fault".into())
+            .await
+    });
+
+    drop(fault);
+    serving_status(&gw, ServingStatus::Serving).await;
+    let after = client
+        .invoke_command(invoke("local", "echo after", false))
+        .await
+        .unwrap()
+        .into_inner()
+        .result
+        .unwrap();
+    assert_eq!(after.output, b"after\n");
+    let record = canceled.await.unwrap().unwrap();
+    assert_eq!(
+        record.state,
+        kinvoke_gateway::command::CommandState::Canceled
+    );
+    let kept = client
+        .get_command_result(result_request(&running.id, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.state(), pb::CommandState::Canceled);
+    let events = gw
+        .audit_until("the refusals", |events| {
+            events
+                .iter()
+                .filter(|e| e["event"] == "command_refused" && e["code"] == "Unavailable")
+                .count()
+                == 2
+        })
+        .await;
+    assert!(!events.is_empty());
+}
+
 #[tokio::test]
 async fn a_follower_ends_when_its_client_goes_away_even_while_the_command_is_silent() {
     let gw = TestGateway::start("", "").await;

@@ -165,6 +165,11 @@ impl TestGateway {
         &self.runner
     }
 
+    /// The gateway's runner, shared (for a task of the test's own).
+    pub fn runner_arc(&self) -> std::sync::Arc<kinvoke_gateway::runner::Runner> {
+        self.runner.clone()
+    }
+
     /// The state directory.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
