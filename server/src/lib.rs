@@ -188,7 +188,19 @@ impl Gateway {
             breakglass.clone(),
         ));
         let sandbox = open_sandbox(&config, launcher).await?;
-        let executor = Arc::new(LocalExecutor::new(config.limits.kill_grace, None, sandbox));
+        let executor =
+            LocalExecutor::new(config.limits.kill_grace, None, sandbox).owned_by(&config.state_dir);
+        match executor.remove_leftovers().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                directories = n,
+                "removed the command directories a previous gateway process left behind"
+            ),
+            Err(err) => {
+                tracing::warn!(%err, "could not remove the command directories a previous gateway process left behind")
+            }
+        }
+        let executor = Arc::new(executor);
         let clusters = kube_clients(&config).await?;
         let relay = if clusters.is_empty() {
             None

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use kinvoke_proto::v1::{AttachedFile, InvokeCommandRequest, ListCommandsRequest};
 use kinvoke_tests::{
-    CLUSTER, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, check_config,
+    CLUSTER, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, audit_verify, check_config,
     command_id_from_tsv, parse_header,
 };
 use serde_json::Value;
@@ -394,13 +394,19 @@ fn a_command_interrupted_by_a_gateway_crash_is_marked_failed_after_restart() {
     let id = gw
         // "started" only once the sleep runs: the test looks for it on the host
         .start_command(&format!(
-            "sleep {marker} & until [ \"$(cat /proc/$!/comm 2>/dev/null)\" = sleep ]; do :; done; echo started; wait"
+            "sleep {marker} & until [ \"$(cat /proc/$!/comm 2>/dev/null)\" = sleep ]; do :; done; echo \"started in $PWD\"; wait"
         ))
         .unwrap();
     let mut follower = gw.follow(CLUSTER, &id).unwrap();
-    follower.wait_for_line("started").unwrap();
+    let started = follower
+        .wait_for_line_where("the command's start", |l| l.starts_with("started in "))
+        .unwrap();
     follower.kill().unwrap();
     assert!(sleeping(&marker), "the command runs");
+    // the command's own directory (its work dir's parent), with its attached files
+    let work = PathBuf::from(started.trim_end().trim_start_matches("started in "));
+    let command_dir = work.parent().unwrap().to_owned();
+    assert!(command_dir.exists(), "{}", command_dir.display());
 
     gw.kill().unwrap();
     // the sandbox's launcher sees the gateway gone and takes the command with it
@@ -413,6 +419,14 @@ fn a_command_interrupted_by_a_gateway_crash_is_marked_failed_after_restart() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     gw.restart().unwrap();
+    // what the killed process left is gone before the new one serves
+    assert!(
+        !command_dir.exists(),
+        "the crashed command's directory is still there: {}",
+        command_dir.display()
+    );
+    let verify = audit_verify(&[gw.audit_path()]).unwrap();
+    assert_eq!(verify.code, Some(0), "{verify}");
 
     let out = gw
         .client()

@@ -32,6 +32,9 @@ pub struct LocalExecutor {
     kill_grace: Duration,
     work_root: Option<PathBuf>,
     sandbox: Option<Arc<Sandbox>>,
+    /// Start of every command directory's name: `kinvoke-`, then for a gateway with a
+    /// state directory a tag of it (see [`LocalExecutor::owned_by`]).
+    prefix: String,
 }
 
 /// Why the process was stopped by us rather than exiting on its own.
@@ -110,7 +113,46 @@ impl LocalExecutor {
             kill_grace,
             work_root,
             sandbox,
+            prefix: "kinvoke-".to_owned(),
         }
+    }
+
+    /// Names this executor's command directories after the gateway's state directory
+    /// (`kinvoke-<12 hex digits of its SHA-256>-...`), so a gateway started again on it
+    /// can find what a killed predecessor left ([`LocalExecutor::remove_leftovers`])
+    /// without touching another gateway's directories.
+    pub fn owned_by(mut self, state_dir: &Path) -> Self {
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            state_dir.as_os_str().as_encoded_bytes(),
+        );
+        let tag = crate::hex::encode(digest.as_ref());
+        self.prefix = format!("kinvoke-{}-", tag.get(..12).unwrap_or(&tag));
+        self
+    }
+
+    /// Removes the command directories a previous process of this gateway left behind
+    /// when it was killed (attached files, a kubeconfig): call at start-up, before any
+    /// command runs. Returns how many were removed.
+    pub async fn remove_leftovers(&self) -> io::Result<usize> {
+        if self.prefix == "kinvoke-" {
+            // not owned by a state directory: another gateway's could look the same
+            return Ok(0);
+        }
+        let root = self.work_root.clone().unwrap_or_else(std::env::temp_dir);
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&root)? {
+            let entry = entry?;
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.starts_with(&self.prefix));
+            if ours && entry.file_type()?.is_dir() {
+                remove_tree(&entry.path()).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     async fn run_job(&self, job: Job) -> Outcome {
@@ -148,7 +190,7 @@ impl LocalExecutor {
     /// the command runs as a user of its own.
     async fn prepare(&self, job: &Job, owner: Option<u32>) -> Result<CommandDirs, String> {
         let mut builder = tempfile::Builder::new();
-        builder.prefix("kinvoke-");
+        builder.prefix(&self.prefix);
         let root = match &self.work_root {
             Some(root) => builder.tempdir_in(root),
             None => builder.tempdir(),
