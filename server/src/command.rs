@@ -363,6 +363,12 @@ fn validate_file_path(path: &str, max_bytes: usize) -> Result<PathBuf, InvalidRe
     if path.contains('\0') {
         return Err(bad(format!("\"{shown}\" contains NUL")));
     }
+    if path.chars().any(char::is_control) {
+        return Err(bad(format!(
+            "\"{shown}\" contains a control character; attached file names may not hold \
+             any (they would reach logs, audit lines and terminals): rename the file"
+        )));
+    }
     if path.contains('\\') {
         return Err(bad(format!(
             "\"{shown}\" contains '\\'; use '/' between directories"
@@ -550,6 +556,11 @@ mod tests {
             ".",
             "a\\b",
             "a\0b",
+            "a\nb",
+            "values\u{1b}[2J.yaml",
+            "tab\there",
+            "del\u{7f}",
+            "c1\u{85}",
         ] {
             let err = CommandSpec::validate(request(vec![(path, b"x")]), &limits).unwrap_err();
             assert!(err.to_string().starts_with("files.path"), "{path:?}: {err}");

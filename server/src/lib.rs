@@ -55,7 +55,7 @@ use crate::runner::{Runner, RunnerSettings};
 use crate::sandbox::SandboxMode;
 use crate::sandbox::launch::Sandbox;
 use crate::service::in_flight::InFlightLimit;
-use crate::service::oversized::OversizedRequests;
+use crate::service::transport_refusals::TransportRefusals;
 use crate::service::{AccessApi, CommandApi};
 use crate::store::Store;
 
@@ -345,7 +345,7 @@ impl Gateway {
                 config.limits.max_in_flight_requests,
                 audit.clone(),
             ))
-            .layer(OversizedRequests::new(&config.limits, audit.clone()))
+            .layer(TransportRefusals::new(&config.limits, audit.clone()))
             .add_service(health)
             .add_service(reflection_v1.build_v1()?)
             .add_service(reflection_v1alpha.build_v1alpha()?)

@@ -4,7 +4,7 @@
 mod access_service;
 mod command_service;
 pub mod in_flight;
-pub mod oversized;
+pub mod transport_refusals;
 pub mod wire;
 
 pub use access_service::AccessApi;

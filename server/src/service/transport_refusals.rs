@@ -1,9 +1,13 @@
-//! Requests over the transport's message limit. tonic refuses a message longer than
-//! [`Limits::max_request_bytes`] from its length prefix, before reading it, with
-//! `OUT_OF_RANGE: decoded message length too large`. This layer turns that answer into
-//! the form every other limit has: `RESOURCE_EXHAUSTED` naming
-//! `limits.max_total_file_bytes`, and audits it as a `request_refused` event, since the
-//! handler (and so the caller's identity) was never reached.
+//! Requests the transport refuses before any handler runs, so before the caller is
+//! identified; this layer rewrites tonic's answer into one a caller can act on and
+//! audits it as a `request_refused` event:
+//! - a message over [`Limits::max_request_bytes`], which tonic refuses from its length
+//!   prefix before reading it with `OUT_OF_RANGE: decoded message length too large`,
+//!   becomes `RESOURCE_EXHAUSTED` naming `limits.max_total_file_bytes`, the form every
+//!   other limit has;
+//! - a message that does not parse (a string that is not UTF-8, such as a file path
+//!   sent as raw bytes) stays `INTERNAL`, as the gRPC status code table has it for a
+//!   request that cannot be parsed, with a message saying what to send instead.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,9 +24,14 @@ use crate::connection::ConnInfo;
 /// (tonic 0.14 `codec/decode.rs`); followed by `: found N bytes, the limit is: M bytes`.
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
 
-/// A tower layer over the gRPC routes that rewrites tonic's over-size refusal.
+/// The start of prost's message for a message that does not parse (`prost::DecodeError`,
+/// which tonic-prost passes on as `INTERNAL`).
+const PROST_UNDECODABLE: &str = "failed to decode Protobuf message";
+
+/// A tower layer over the gRPC routes that rewrites tonic's refusals of requests it
+/// could not read.
 #[derive(Clone)]
-pub struct OversizedRequests {
+pub struct TransportRefusals {
     inner: Arc<Settings>,
 }
 
@@ -32,7 +41,7 @@ struct Settings {
     audit: Audit,
 }
 
-impl OversizedRequests {
+impl TransportRefusals {
     /// The layer for a gateway with these limits, auditing refusals to `audit`.
     pub fn new(limits: &Limits, audit: Audit) -> Self {
         Self {
@@ -45,25 +54,25 @@ impl OversizedRequests {
     }
 }
 
-impl<S> tower::Layer<S> for OversizedRequests {
-    type Service = OversizedRequestsService<S>;
+impl<S> tower::Layer<S> for TransportRefusals {
+    type Service = TransportRefusalsService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        OversizedRequestsService {
+        TransportRefusalsService {
             inner,
             settings: self.inner.clone(),
         }
     }
 }
 
-/// The service [`OversizedRequests`] wraps around the routes.
+/// The service [`TransportRefusals`] wraps around the routes.
 #[derive(Clone)]
-pub struct OversizedRequestsService<S> {
+pub struct TransportRefusalsService<S> {
     inner: S,
     settings: Arc<Settings>,
 }
 
-impl<S, B, R> tower::Service<http::Request<B>> for OversizedRequestsService<S>
+impl<S, B, R> tower::Service<http::Request<B>> for TransportRefusalsService<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
@@ -89,10 +98,17 @@ where
             let Some(status) = Status::from_header_map(response.headers()) else {
                 return Ok(response);
             };
-            if status.code() != Code::OutOfRange || !status.message().starts_with(TONIC_TOO_LARGE) {
+            let refusal = if status.code() == Code::OutOfRange
+                && status.message().starts_with(TONIC_TOO_LARGE)
+            {
+                settings.too_large(found_bytes(status.message()))
+            } else if status.code() == Code::Internal
+                && status.message().starts_with(PROST_UNDECODABLE)
+            {
+                undecodable(status.message())
+            } else {
                 return Ok(response);
-            }
-            let refusal = settings.refusal(found_bytes(status.message()));
+            };
             settings.audit.record(AuditEvent::RequestRefused {
                 listener: conn
                     .as_ref()
@@ -109,15 +125,28 @@ where
             headers.remove("grpc-message");
             headers.remove("grpc-status-details-bin");
             if refusal.add_header(headers).is_err() {
-                tracing::warn!("could not rewrite an over-size refusal's status");
+                tracing::warn!("could not rewrite a transport refusal's status");
             }
             Ok(response)
         })
     }
 }
 
+/// The answer to a request that does not parse: prost's reason (which names the
+/// field), and what to send instead.
+fn undecodable(message: &str) -> Status {
+    let reason = message
+        .strip_prefix(PROST_UNDECODABLE)
+        .map(|r| r.trim_start_matches(':').trim())
+        .unwrap_or(message);
+    Status::internal(format!(
+        "the request is not a valid kinvoke.v1 message ({reason}); every string field, \
+         attached file paths included, must be UTF-8: rename files whose names are not"
+    ))
+}
+
 impl Settings {
-    fn refusal(&self, found: Option<u64>) -> Status {
+    fn too_large(&self, found: Option<u64>) -> Status {
         let got = found.map_or_else(String::new, |n| format!(" (got a {n}-byte request)"));
         Status::resource_exhausted(format!(
             "request size exceeds the gateway limit limits.max_total_file_bytes = {} bytes of \
