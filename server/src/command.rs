@@ -472,6 +472,9 @@ pub struct Limits {
     pub max_connections_per_source: usize,
     /// Open connections on this gateway, all listeners together.
     pub max_connections: usize,
+    /// Longest a new connection may take to send its PROXY header (when its peer is a
+    /// trusted proxy) and complete the TLS handshake.
+    pub handshake_timeout: Duration,
     /// Output kept per command; the rest is counted but cut.
     pub max_output_bytes: usize,
     /// Time between SIGTERM and SIGKILL when a command is stopped.
@@ -518,6 +521,7 @@ impl Default for Limits {
             max_in_flight_requests: 1024,
             max_connections_per_source: 64,
             max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
             max_output_bytes: 512 * 1024,
             kill_grace: Duration::from_secs(5),
         }

@@ -28,9 +28,6 @@ use crate::access::proxy_protocol;
 use crate::audit::{Audit, AuditEvent};
 use crate::connection::{ConnInfo, ListenerAuth};
 
-/// How long a peer may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A listener that could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum IngressError {
@@ -234,6 +231,9 @@ pub struct ConnectionLimits {
     pub per_source: usize,
     /// All listeners together (`limits.max_connections`).
     pub total: usize,
+    /// Longest a connection may take to send its PROXY header and finish the TLS
+    /// handshake (`limits.handshake_timeout`).
+    pub handshake_timeout: Duration,
 }
 
 /// The open connections, counted in total and per source address. A connection holds
@@ -377,6 +377,7 @@ async fn accept_loop(
             }
         };
         let tls = listener.tls.clone();
+        let handshake_timeout = slots.limits.handshake_timeout;
         let name = listener.name.clone();
         let gate = listener.gate.clone();
         let auth = listener.auth;
@@ -401,7 +402,7 @@ async fn accept_loop(
                 };
                 Some((source, tls.accept(tcp).await))
             };
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+            match tokio::time::timeout(handshake_timeout, handshake).await {
                 Ok(None) => {}
                 Ok(Some((source, Ok(stream)))) => {
                     let peer_certs = stream.get_ref().1.peer_certificates().map(|certs| {
@@ -430,7 +431,14 @@ async fn accept_loop(
                     });
                 }
                 Err(_) => {
-                    tracing::warn!(listener = %name, %peer, "TLS handshake timed out");
+                    audit.record(AuditEvent::ConnectionRefused {
+                        listener: name.to_string(),
+                        peer: peer.to_string(),
+                        reason: format!(
+                            "no PROXY header and TLS handshake within {} (limits.handshake_timeout)",
+                            humantime::format_duration(handshake_timeout)
+                        ),
+                    });
                 }
             }
         });

@@ -301,6 +301,7 @@ impl Gateway {
             ingress::ConnectionLimits {
                 per_source: config.limits.max_connections_per_source,
                 total: config.limits.max_connections,
+                handshake_timeout: config.limits.handshake_timeout,
             },
             stop_accepting.clone(),
             audit.clone(),

@@ -96,6 +96,8 @@ pub(super) struct RawLimits {
     pub(super) max_in_flight_requests: Option<usize>,
     pub(super) max_connections_per_source: Option<usize>,
     pub(super) max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) handshake_timeout: Option<Duration>,
     pub(super) max_output_bytes: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     pub(super) kill_grace: Option<Duration>,

@@ -147,6 +147,7 @@ pub(super) fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
             .max_connections_per_source
             .unwrap_or(d.max_connections_per_source),
         max_connections: raw.max_connections.unwrap_or(d.max_connections),
+        handshake_timeout: raw.handshake_timeout.unwrap_or(d.handshake_timeout),
         max_output_bytes: usize_of(
             "max_output_bytes",
             size(
@@ -157,6 +158,12 @@ pub(super) fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
         )?,
         kill_grace: raw.kill_grace.unwrap_or(d.kill_grace),
     };
+    if limits.handshake_timeout.is_zero() {
+        return Err(invalid(
+            "limits.handshake_timeout",
+            "must be longer than 0s",
+        ));
+    }
     if limits.default_timeout.is_zero() {
         return Err(invalid("limits.default_timeout", "must be longer than 0s"));
     }

@@ -165,6 +165,11 @@ impl TestGateway {
         &self.runner
     }
 
+    /// The listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The gateway's runner, shared (for a task of the test's own).
     pub fn runner_arc(&self) -> std::sync::Arc<kinvoke_gateway::runner::Runner> {
         self.runner.clone()
