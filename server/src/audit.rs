@@ -302,10 +302,14 @@ pub enum AuditEvent {
         principal: Option<String>,
         /// The verb attempted.
         verb: String,
-        /// Request path.
+        /// Request path (its first 1 KiB).
         path: String,
         /// Why.
         reason: String,
+        /// Refusals without a valid token not recorded one by one since the last
+        /// recorded one (their rate is capped, so a command cannot flood the log).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unrecorded_before: Option<u64>,
     },
     /// The break-glass webhook could not be told.
     BreakGlassNotificationFailed {

@@ -30,6 +30,26 @@ use crate::audit::{Audit, AuditEvent};
 use crate::hex::encode as hex;
 use crate::pki::CertificateAuthority;
 
+/// Audit lines a second for relay refusals without a valid token, and their burst.
+const TOKENLESS_AUDIT_PER_SECOND: std::num::NonZeroU32 =
+    std::num::NonZeroU32::MIN.saturating_add(9);
+const TOKENLESS_AUDIT_BURST: std::num::NonZeroU32 = std::num::NonZeroU32::MIN.saturating_add(49);
+
+/// Longest request path an audit line carries, in bytes.
+const MAX_AUDITED_PATH: usize = 1024;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Largest request body a command may send through the relay.
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
@@ -136,6 +156,10 @@ pub struct Relay {
     clusters: HashMap<String, kube::Client>,
     audit: Audit,
     stop: CancellationToken,
+    /// Caps the audit lines of refusals without a valid token.
+    tokenless: governor::DefaultDirectRateLimiter,
+    /// Refusals without a valid token not recorded since the last recorded one.
+    unrecorded: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Relay {
@@ -198,6 +222,11 @@ impl Relay {
             clusters,
             audit,
             stop: CancellationToken::new(),
+            tokenless: governor::RateLimiter::direct(
+                governor::Quota::per_second(TOKENLESS_AUDIT_PER_SECOND)
+                    .allow_burst(TOKENLESS_AUDIT_BURST),
+            ),
+            unrecorded: std::sync::atomic::AtomicU64::new(0),
         });
         tokio::spawn(serve(
             relay.clone(),
@@ -355,7 +384,7 @@ impl Relay {
                     principal: binding.principal.clone(),
                     kube_user: binding.identity.user.clone(),
                     verb: verb.to_owned(),
-                    path,
+                    path: clip(&path, MAX_AUDITED_PATH).to_owned(),
                     namespace,
                     status: code.as_u16(),
                     duration_ms: crate::audit::duration_ms(started.elapsed()),
@@ -368,7 +397,7 @@ impl Relay {
             principal: binding.principal.clone(),
             kube_user: binding.identity.user.clone(),
             verb: verb.to_owned(),
-            path,
+            path: clip(&path, MAX_AUDITED_PATH).to_owned(),
             namespace,
             status: response.status().as_u16(),
             duration_ms: crate::audit::duration_ms(started.elapsed()),
@@ -383,7 +412,9 @@ impl Relay {
     }
 
     /// The one place a refusal is audited and answered: every refusal path goes
-    /// through here, so none can forget its audit record.
+    /// through here, so none can forget its audit record. Refusals without a valid
+    /// token cannot be attributed to a command, so their lines are capped per second;
+    /// the next recorded one counts those left out.
     fn refuse(
         &self,
         refusal: RelayRefusal,
@@ -391,14 +422,25 @@ impl Relay {
         verb: &str,
         path: &str,
     ) -> Response<RelayBody> {
+        use std::sync::atomic::Ordering;
         let reason = refusal.to_string();
-        self.audit.record(AuditEvent::RelayRefused {
-            command_id: binding.map(|b| b.command_id.clone()),
-            principal: binding.map(|b| b.principal.clone()),
-            verb: verb.to_owned(),
-            path: path.to_owned(),
-            reason: reason.clone(),
-        });
+        let recorded = binding.is_some() || self.tokenless.check().is_ok();
+        if recorded {
+            let unrecorded = match binding {
+                Some(_) => 0,
+                None => self.unrecorded.swap(0, Ordering::Relaxed),
+            };
+            self.audit.record(AuditEvent::RelayRefused {
+                command_id: binding.map(|b| b.command_id.clone()),
+                principal: binding.map(|b| b.principal.clone()),
+                verb: verb.to_owned(),
+                path: clip(path, MAX_AUDITED_PATH).to_owned(),
+                reason: reason.clone(),
+                unrecorded_before: (unrecorded > 0).then_some(unrecorded),
+            });
+        } else {
+            self.unrecorded.fetch_add(1, Ordering::Relaxed);
+        }
         refusal.response(path, &reason)
     }
 
@@ -1440,6 +1482,47 @@ mod refusal_tests {
             .find(|e| e["event"] == "relay_request")
             .unwrap_or_else(|| panic!("no relay_request:\n{text}"));
         (code, body, event)
+    }
+
+    #[tokio::test]
+    async fn refusals_without_a_token_cannot_flood_the_audit_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (relay, audit, config) = relay(dir.path()).await;
+        let (_, ca) = alices_token(&relay);
+        let client = https_client(&ca);
+        let long = format!("/api/v1/namespaces/{}/pods", "n".repeat(5000));
+        for _ in 0..200 {
+            let response = client
+                .get(format!("{}{long}", relay.url()))
+                .bearer_auth("not-a-token")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        }
+        audit
+            .record_durable(AuditEvent::GatewayStopped {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&config.path).unwrap();
+        let refused: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|e| e["event"] == "relay_refused")
+            .collect();
+        assert!(
+            (50..100).contains(&refused.len()),
+            "{} lines for 200 refusals",
+            refused.len()
+        );
+        assert!(
+            refused
+                .iter()
+                .all(|e| e["path"].as_str().unwrap().len() <= 1024)
+        );
+        relay.shutdown();
     }
 
     #[tokio::test]

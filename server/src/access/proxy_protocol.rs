@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
 /// The v2 signature.
@@ -35,9 +35,12 @@ pub async fn starts_with_header(tcp: &TcpStream) -> std::io::Result<bool> {
     Ok(n > 0 && (b"PROXY".starts_with(seen) || V2_SIGNATURE.starts_with(seen)))
 }
 
-/// Reads one PROXY header and returns the client address it carries; `None` for a
-/// `LOCAL` (v2) or `UNKNOWN` (v1) header, which mean "use the proxy's own address".
-pub async fn read_header(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, ProxyError> {
+/// Reads one PROXY header from `tcp` (a connection, or any byte source) and returns
+/// the client address it carries; `None` for a `LOCAL` (v2) or `UNKNOWN` (v1) header,
+/// which mean "use the proxy's own address". Reads exactly the header's bytes.
+pub async fn read_header<R: AsyncRead + Unpin>(
+    tcp: &mut R,
+) -> Result<Option<SocketAddr>, ProxyError> {
     let io = |e: std::io::Error| ProxyError::Io(e.to_string());
     let mut head = [0u8; 5];
     tcp.read_exact(&mut head).await.map_err(io)?;
