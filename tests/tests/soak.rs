@@ -262,16 +262,24 @@ async fn many_principals_at_once_leave_one_final_record_each_and_a_gateway_as_be
                 record.reason
             );
         }
-        let listed = client
-            .list_commands(pb::ListCommandsRequest {
-                cluster: CLUSTER.into(),
-                page_size: 1000,
-                page_token: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let stored: BTreeSet<String> = listed.commands.into_iter().map(|c| c.id).collect();
+        let mut stored = BTreeSet::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_commands(pb::ListCommandsRequest {
+                    cluster: CLUSTER.into(),
+                    page_size: 1000,
+                    page_token,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            stored.extend(page.commands.into_iter().map(|c| c.id));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
         let expected: BTreeSet<String> = ids.clone();
         assert!(
             expected.is_subset(&stored),
