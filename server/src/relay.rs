@@ -1356,20 +1356,24 @@ mod refusal_tests {
         (field("token:"), ca)
     }
 
-    fn https_client(ca_pem: &[u8]) -> reqwest::Client {
+    /// A TLS client configuration trusting only the relay's CA.
+    fn client_tls(ca_pem: &[u8]) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem) {
             roots.add(cert.unwrap()).unwrap();
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth()
+    }
+
+    fn https_client(ca_pem: &[u8]) -> reqwest::Client {
         reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls(client_tls(ca_pem))
             .build()
             .unwrap()
     }
@@ -1576,17 +1580,7 @@ mod refusal_tests {
         relay: &Relay,
         ca: &[u8],
     ) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let config = client_tls(ca);
         let tcp =
             tokio::net::TcpStream::connect(relay.url().trim_start_matches("https://")).await?;
         tokio_rustls::TlsConnector::from(Arc::new(config))

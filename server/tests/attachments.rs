@@ -14,7 +14,7 @@ mod support;
 use bytes::{Buf, BufMut};
 use kinvoke_proto::v1 as pb;
 use prost::Message;
-use support::{ADMIN, TestGateway, invoke};
+use support::{ADMIN, TestGateway, invoke, run, still_serves};
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
@@ -32,20 +32,6 @@ fn with_files(files: Vec<pb::AttachedFile>) -> pb::InvokeCommandRequest {
     let mut request = invoke("local", "ls -A", false);
     request.files = files;
     request
-}
-
-/// Whether the gateway still runs a command for [`ADMIN`].
-async fn still_serves(gw: &TestGateway) {
-    let result = gw
-        .commands_as(ADMIN)
-        .await
-        .invoke_command(invoke("local", "echo up", false))
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!(result.output, b"up\n");
 }
 
 #[tokio::test]
@@ -145,15 +131,7 @@ async fn ten_thousand_tiny_files_within_the_limits_are_all_written() {
         .collect();
     let mut request = with_files(files);
     request.command = "find . -type f | wc -l".into();
-    let result = gw
-        .commands_as(ADMIN)
-        .await
-        .invoke_command(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
+    let result = run(&gw, request).await;
     assert_eq!(String::from_utf8_lossy(&result.output).trim(), "10000");
 }
 
@@ -163,15 +141,7 @@ async fn a_symlink_mode_is_not_a_symlink() {
     // S_IFLNK with a "target": only the permission bits of a mode count
     let mut request = with_files(vec![file("link", b"/etc/shadow", 0o120_777)]);
     request.command = "test -L link && echo symlink; test -f link && cat link".into();
-    let result = gw
-        .commands_as(ADMIN)
-        .await
-        .invoke_command(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
+    let result = run(&gw, request).await;
     assert_eq!(result.output, b"/etc/shadow");
 }
 

@@ -60,7 +60,11 @@ fn who(id: &str, groups: &[&str]) -> Principal {
 /// Break-glass over the policy, with a clock the test moves.
 async fn breakglass(
     dir: &std::path::Path,
-) -> (Arc<BreakGlass>, Arc<Mutex<SystemTime>>, std::path::PathBuf) {
+) -> (
+    Arc<BreakGlass>,
+    Arc<Mutex<SystemTime>>,
+    (Audit, std::path::PathBuf),
+) {
     let config = kinvoke_gateway::config::Config::parse(POLICY, dir).unwrap();
     let (store, _) = Store::open(&dir.join("kinvoke.db")).unwrap();
     let audit_path = dir.join("audit.jsonl");
@@ -74,10 +78,11 @@ async fn breakglass(
     let now = Arc::new(Mutex::new(SystemTime::now()));
     let clock_now = now.clone();
     let clock: Clock = Arc::new(move || *clock_now.lock().unwrap());
-    let bg = BreakGlass::load_with_clock(Arc::new(config.policy), None, store, audit, clock)
-        .await
-        .unwrap();
-    (bg, now, audit_path)
+    let bg =
+        BreakGlass::load_with_clock(Arc::new(config.policy), None, store, audit.clone(), clock)
+            .await
+            .unwrap();
+    (bg, now, (audit, audit_path))
 }
 
 #[tokio::test]
@@ -107,7 +112,15 @@ async fn an_eligible_caller_gets_a_grant_that_expires_by_the_clock_and_is_audite
     assert!(bg.list(&olga, None, false, |_| false).is_empty());
     let all = bg.list(&olga, None, true, |_| false);
     assert_eq!(all[0].state, GrantState::Expired);
-    let text = std::fs::read_to_string(audit).unwrap();
+    // events are written in order: once a durable one is on disk, the expiry is too
+    let (audit, audit_path) = audit;
+    audit
+        .record_durable(kinvoke_gateway::audit::AuditEvent::GatewayStopped {
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let text = std::fs::read_to_string(audit_path).unwrap();
     assert!(text.contains("\"break_glass_expired\""), "{text}");
 }
 

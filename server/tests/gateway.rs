@@ -13,7 +13,7 @@ mod support;
 use std::time::Duration;
 
 use kinvoke_proto::v1 as pb;
-use support::{ADMIN, TestGateway, cancel_request, invoke, result_request};
+use support::{ADMIN, TestGateway, cancel_request, invoke, result_request, started};
 use tonic::Code;
 
 /// Clusters and callers for the guard's cases: `frozen` refuses every command, `office`
@@ -38,17 +38,6 @@ principal = "audrey"
 role = "Command Auditor"
 scope = "clusters/local"
 "#;
-
-async fn started(gw: &TestGateway, who: &str, command: &str) -> pb::CommandResult {
-    gw.commands_as(who)
-        .await
-        .invoke_command(invoke("local", command, true))
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap()
-}
 
 #[tokio::test]
 async fn the_guard_refuses_with_the_code_of_each_reason_and_audits_it() {

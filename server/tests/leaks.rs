@@ -13,18 +13,7 @@ mod support;
 use std::time::Duration;
 
 use kinvoke_proto::v1 as pb;
-use support::{ADMIN, TestGateway, cancel_request, invoke};
-
-async fn started(gw: &TestGateway, command: &str) -> pb::CommandResult {
-    gw.commands_as(ADMIN)
-        .await
-        .invoke_command(invoke("local", command, true))
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap()
-}
+use support::{ADMIN, TestGateway, cancel_request, started};
 
 /// Open file descriptors of this process (the gateway runs in it).
 fn open_fds() -> usize {
@@ -70,7 +59,7 @@ async fn settled(gw: &TestGateway, id: &str, bound: (usize, usize)) -> (usize, u
 #[tokio::test]
 async fn clients_that_disconnect_mid_stream_leak_no_tasks_or_file_descriptors() {
     let gw = TestGateway::start("", "").await;
-    let record = started(&gw, "echo start; exec sleep 240").await;
+    let record = started(&gw, ADMIN, "echo start; exec sleep 240").await;
     // one round first, so lazily created state (pools, caches) is in the baseline
     follow_and_vanish(&gw, &record.id).await;
     let before = settled(&gw, &record.id, (usize::MAX, usize::MAX)).await;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use kinvoke_proto::v1 as pb;
 use rustls_pki_types::pem::PemObject;
-use support::{ADMIN, TestGateway, invoke};
+use support::{ADMIN, TestGateway, invoke, still_serves};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -33,19 +33,6 @@ async fn closed_within(stream: &mut (impl AsyncReadExt + Unpin), limit: Duration
     })
     .await
     .is_ok()
-}
-
-async fn still_serves(gw: &TestGateway) {
-    let result = gw
-        .commands_as(ADMIN)
-        .await
-        .invoke_command(invoke("local", "echo up", false))
-        .await
-        .unwrap()
-        .into_inner()
-        .result
-        .unwrap();
-    assert_eq!(result.output, b"up\n");
 }
 
 #[tokio::test]

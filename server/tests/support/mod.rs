@@ -258,3 +258,33 @@ pub fn cancel_request(id: &str) -> pb::CancelCommandRequest {
         command_id: id.into(),
     }
 }
+
+/// Starts `command` on cluster `local` as `who` without waiting for it; its record.
+pub async fn started(gw: &TestGateway, who: &str, command: &str) -> pb::CommandResult {
+    gw.commands_as(who)
+        .await
+        .invoke_command(invoke("local", command, true))
+        .await
+        .expect("the command starts")
+        .into_inner()
+        .result
+        .expect("a record")
+}
+
+/// Runs `request` as [`ADMIN`] to its end; its result.
+pub async fn run(gw: &TestGateway, request: pb::InvokeCommandRequest) -> pb::CommandResult {
+    gw.commands_as(ADMIN)
+        .await
+        .invoke_command(request)
+        .await
+        .expect("the command runs")
+        .into_inner()
+        .result
+        .expect("a result")
+}
+
+/// Panics unless the gateway still runs a command for [`ADMIN`].
+pub async fn still_serves(gw: &TestGateway) {
+    let result = run(gw, invoke("local", "echo up", false)).await;
+    assert_eq!(result.output, b"up\n", "the gateway no longer serves");
+}
