@@ -1,6 +1,7 @@
 //! Turns `--file` arguments into attached files. A single file keeps its base name; a
 //! directory is attached recursively as `NAME/...`, except `.` whose contents keep their
-//! paths relative to it (like az). The same name twice is an error.
+//! paths relative to it (like az). Names are those the user gave: a symbolic link keeps
+//! its own name and its target supplies the content. The same name twice is an error.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -36,11 +37,18 @@ fn is_current_dir(path: &Path) -> bool {
     path.components().all(|c| matches!(c, Component::CurDir))
 }
 
+/// The name an attachment gets: the last component of the path as the user wrote it,
+/// so a symbolic link keeps its own name (its target supplies only the content); for a
+/// path that ends in `..` or is `/`, the name of the directory it resolves to.
 fn base_name(path: &Path) -> Result<String, LocalError> {
     let name = path
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_owned()))
+        .file_name()
+        .map(|n| n.to_owned())
+        .or_else(|| {
+            path.canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_owned()))
+        })
         .ok_or_else(|| LocalError(format!("--file {}: has no file name", path.display())))?;
     name.into_string().map_err(|n| {
         LocalError(format!(
@@ -150,6 +158,35 @@ mod tests {
             names(&files),
             ["chart/Chart.yaml", "chart/templates/cm.yaml", "values.yaml"]
         );
+    }
+
+    #[test]
+    fn a_symbolic_link_keeps_the_name_it_was_given_and_its_target_supplies_the_content() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::write(dir.join("values.staging.yaml"), "env: staging").unwrap();
+        std::os::unix::fs::symlink("values.staging.yaml", dir.join("values.dev.yaml")).unwrap();
+        std::os::unix::fs::symlink("values.staging.yaml", dir.join("values.prod.yaml")).unwrap();
+        std::fs::create_dir(dir.join("chart-1.2.3")).unwrap();
+        std::fs::write(dir.join("chart-1.2.3/Chart.yaml"), "name: app").unwrap();
+        std::os::unix::fs::symlink("chart-1.2.3", dir.join("chart")).unwrap();
+
+        // `--file values.dev.yaml`: named as given, the staging file's content
+        let files = collect(&[dir.join("values.dev.yaml")]).unwrap();
+        assert_eq!(names(&files), ["values.dev.yaml"]);
+        assert_eq!(files[0].content, b"env: staging");
+
+        // two links to one file do not collide
+        let files = collect(&[dir.join("values.dev.yaml"), dir.join("values.prod.yaml")]).unwrap();
+        assert_eq!(names(&files), ["values.dev.yaml", "values.prod.yaml"]);
+
+        // a linked directory arrives under the link's name
+        let files = collect(&[dir.join("chart")]).unwrap();
+        assert_eq!(names(&files), ["chart/Chart.yaml"]);
+
+        // `..` and `dir/.` still name the directory they mean
+        let files = collect(&[dir.join("chart-1.2.3/.")]).unwrap();
+        assert_eq!(names(&files), ["chart-1.2.3/Chart.yaml"]);
     }
 
     #[test]

@@ -374,8 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 })
                 .await?
                 .into_inner();
-                stdout.write_all(&result.output)?;
-                stdout.flush()?;
+                render::output(&mut stdout, &result)?;
                 return Ok(0);
             }
             let mut stream = client

@@ -3,6 +3,7 @@
 
 use std::io::{self, Write};
 
+use base64::Engine;
 use kinvoke_proto::v1::{
     ClusterAccess, CommandResult, CommandState, Grant, GrantState, WhoAmIResponse,
 };
@@ -37,6 +38,13 @@ pub struct ResultView {
     finished_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     logs: Option<String>,
+    /// How `logs` holds the output: `utf-8` (as written), or `utf-8-lossy` when the
+    /// output is not UTF-8 and bytes were replaced with U+FFFD in `logs`; then
+    /// `logsBase64` holds the raw bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logs_encoding: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logs_base64: Option<String>,
     reason: String,
     output_truncated: bool,
     output_size: u64,
@@ -98,6 +106,15 @@ impl ResultView {
             started_at: rfc3339(&r.started_at),
             finished_at: rfc3339(&r.finished_at),
             logs: with_logs.then(|| String::from_utf8_lossy(&r.output).into_owned()),
+            logs_encoding: with_logs.then(|| {
+                if std::str::from_utf8(&r.output).is_ok() {
+                    "utf-8"
+                } else {
+                    "utf-8-lossy"
+                }
+            }),
+            logs_base64: (with_logs && std::str::from_utf8(&r.output).is_err())
+                .then(|| base64::engine::general_purpose::STANDARD.encode(&r.output)),
             reason: r.reason.clone(),
             output_truncated: r.output_truncated,
             output_size: r.output_size,
@@ -203,6 +220,28 @@ fn serialize<T: Serialize>(format: Format, value: &T) -> io::Result<String> {
     }
 }
 
+/// Writes a result's kept output and, when the gateway cut it, says so on stderr with
+/// the total size: every way of reading a result does (`invoke`, `result`, `logs`).
+pub fn output(out: &mut impl Write, r: &CommandResult) -> io::Result<()> {
+    out.write_all(&r.output)?;
+    out.flush()?;
+    if r.output_truncated {
+        eprintln!("kinvoke: {}", truncation_notice(r));
+    }
+    Ok(())
+}
+
+/// What to tell a reader of a result whose output was cut.
+pub fn truncation_notice(r: &CommandResult) -> String {
+    format!(
+        "output was cut: {} bytes were written and {} kept (the gateway's \
+         limits.max_output_bytes; a marked line stands where bytes were left out); \
+         follow it live with `kinvoke logs --follow` to see all of it",
+        r.output_size,
+        r.output.len()
+    )
+}
+
 /// Prints one result in the chosen format.
 pub fn result(out: &mut impl Write, format: Format, r: &CommandResult) -> io::Result<()> {
     match format {
@@ -224,17 +263,7 @@ pub fn result(out: &mut impl Write, format: Format, r: &CommandResult) -> io::Re
                 }
                 _ => writeln!(out, "command failed with reason: {}", r.reason)?,
             }
-            out.write_all(&r.output)?;
-            if r.output_truncated {
-                out.flush()?;
-                eprintln!(
-                    "kinvoke: output was cut at {} of {} bytes (the gateway's limits.max_output_bytes); \
-                     follow it live with `kinvoke logs --follow` to see all of it",
-                    r.output.len(),
-                    r.output_size
-                );
-            }
-            Ok(())
+            output(out, r)
         }
         Format::Json | Format::Yaml => {
             out.write_all(serialize(format, &ResultView::of(r, true))?.as_bytes())
@@ -649,6 +678,27 @@ mod tests {
         assert_eq!(v["exitCode"], 1);
         assert_eq!(v["logs"], "hello\n");
         assert_eq!(v["startedAt"], "2023-10-04T12:54:50+00:00");
+    }
+
+    #[test]
+    fn json_says_when_the_output_is_not_utf8_and_carries_its_raw_bytes() {
+        let mut out = Vec::new();
+        result(&mut out, Format::Json, &sample()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["logsEncoding"], "utf-8");
+        assert!(v.get("logsBase64").is_none(), "{v}");
+
+        let mut binary = sample();
+        binary.output = b"ok \xff\xfe end\n".to_vec();
+        let mut out = Vec::new();
+        result(&mut out, Format::Json, &binary).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["logs"], "ok \u{fffd}\u{fffd} end\n");
+        assert_eq!(v["logsEncoding"], "utf-8-lossy");
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(v["logsBase64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(raw, binary.output);
     }
 
     #[test]

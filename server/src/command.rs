@@ -477,11 +477,20 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// Output kept per command; the rest is counted but cut.
     pub max_output_bytes: usize,
+    /// How much of `max_output_bytes` goes to the output's head, in percent; the rest
+    /// keeps its tail (so a long run keeps its final error line).
+    pub output_head_percent: u8,
     /// Time between SIGTERM and SIGKILL when a command is stopped.
     pub kill_grace: Duration,
 }
 
 impl Limits {
+    /// The bytes of `max_output_bytes` that keep the output's head.
+    pub fn output_head_bytes(&self) -> usize {
+        let percent = usize::from(self.output_head_percent.min(100));
+        self.max_output_bytes / 100 * percent + self.max_output_bytes % 100 * percent / 100
+    }
+
     /// Room for protobuf framing per attached file (tag, lengths, the entry itself)
     /// and for the message's other fields, in bytes.
     const FRAMING_PER_FILE: usize = 32;
@@ -523,6 +532,7 @@ impl Default for Limits {
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
             max_output_bytes: 512 * 1024,
+            output_head_percent: 50,
             kill_grace: Duration::from_secs(5),
         }
     }

@@ -359,6 +359,7 @@ impl Runner {
             reason: String::new(),
             output: Vec::new(),
             output_size: 0,
+            output_truncated: false,
             break_glass: admitted.break_glass.clone(),
         };
         self.audit
@@ -408,7 +409,10 @@ impl Runner {
             token,
             break_glass: _,
         } = admitted;
-        let output = Arc::new(OutputLog::new(self.config.limits.max_output_bytes));
+        let output = Arc::new(OutputLog::with_head(
+            self.config.limits.max_output_bytes,
+            self.config.limits.output_head_bytes(),
+        ));
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
         let running = Arc::new(Running {
@@ -480,6 +484,7 @@ impl Runner {
             _ => outcome.reason,
         };
         record.output_size = output.total;
+        record.output_truncated = output.truncated;
         record.output = output.data;
         self.audit.record(AuditEvent::CommandFinished {
             command_id: record.id.to_string(),
@@ -567,6 +572,7 @@ impl Runner {
                 let mut record = running.record.clone();
                 let out = running.output.snapshot();
                 record.output_size = out.total;
+                record.output_truncated = out.truncated;
                 record.output = out.data;
                 return Ok(record);
             }

@@ -93,15 +93,10 @@ pub struct CommandRecord {
     pub output: Vec<u8>,
     /// Total output size.
     pub output_size: u64,
+    /// True when bytes of the output were left out (`output` then marks where).
+    pub output_truncated: bool,
     /// The break-glass grant it ran under.
     pub break_glass: Option<GrantUse>,
-}
-
-impl CommandRecord {
-    /// True when output was cut.
-    pub fn output_truncated(&self) -> bool {
-        self.output_size > self.output.len() as u64
-    }
 }
 
 /// Records of one cluster a caller may see: everyone's, or one principal's.
@@ -182,6 +177,9 @@ CREATE TABLE IF NOT EXISTS grants (
 /// Schema changes after the first release, applied in order; `user_version` counts them.
 const MIGRATIONS: &[&str] = &[
     "ALTER TABLE commands ADD COLUMN grant_id TEXT; ALTER TABLE commands ADD COLUMN grant_justification TEXT;",
+    // before this column, output was cut only at its end: shorter kept than written
+    "ALTER TABLE commands ADD COLUMN output_truncated INTEGER NOT NULL DEFAULT 0; \
+     UPDATE commands SET output_truncated = (output_size > length(output));",
 ];
 
 impl Store {
@@ -287,8 +285,9 @@ impl Store {
             conn.execute(
                 "INSERT OR REPLACE INTO commands
                  (id, cluster, principal, command, files, timeout_ms, state, exit_code,
-                  started_at, finished_at, reason, output, output_size, grant_id, grant_justification)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                  started_at, finished_at, reason, output, output_size, grant_id, grant_justification,
+                  output_truncated)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                 params![
                     record.id.as_str(),
                     record.cluster,
@@ -305,6 +304,7 @@ impl Store {
                     i64::try_from(record.output_size).unwrap_or(i64::MAX),
                     record.break_glass.as_ref().map(|g| g.id.clone()),
                     record.break_glass.as_ref().map(|g| g.justification.clone()),
+                    record.output_truncated,
                 ],
             )?;
             Ok(())
@@ -459,8 +459,8 @@ impl Store {
     }
 }
 
-const COLUMNS: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, output, output_size, grant_id, grant_justification";
-const COLUMNS_NO_OUTPUT: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, x'' AS output, output_size, grant_id, grant_justification";
+const COLUMNS: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, output, output_size, grant_id, grant_justification, output_truncated";
+const COLUMNS_NO_OUTPUT: &str = "id, cluster, principal, command, files, timeout_ms, state, exit_code, started_at, finished_at, reason, x'' AS output, output_size, grant_id, grant_justification, output_truncated";
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -489,6 +489,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
     let output_size: i64 = row.get(12)?;
     let grant_id: Option<String> = row.get(13)?;
     let grant_justification: Option<String> = row.get(14)?;
+    let output_truncated: bool = row.get(15)?;
     let record = (|| {
         Ok(CommandRecord {
             id: CommandId::parse(&id)
@@ -506,6 +507,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
             reason: row.get(10)?,
             output: row.get(11)?,
             output_size: u64::try_from(output_size).unwrap_or(0),
+            output_truncated,
             break_glass: grant_id.map(|id| GrantUse {
                 id,
                 justification: grant_justification.unwrap_or_default(),
@@ -567,6 +569,7 @@ mod tests {
             reason: String::new(),
             output: b"out".to_vec(),
             output_size: 3,
+            output_truncated: false,
             break_glass: None,
         }
     }
@@ -753,16 +756,28 @@ mod tests {
         );
     }
 
-    #[test]
-    fn an_old_database_gains_the_new_columns() {
+    #[tokio::test]
+    async fn an_old_database_gains_the_new_columns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.db");
         {
             let conn = Connection::open(&path).unwrap();
-            // the first release's schema, before any migration
+            // the first release's schema, before any migration, with a record whose
+            // output was cut at its end as that release did
             conn.execute_batch(SCHEMA).unwrap();
+            conn.execute(
+                "INSERT INTO commands VALUES ('0123456789abcdef0123456789abcdef', 'c', 'p', 'x', '[]', 1000, 'Succeeded', 0, 1, 2, '', x'6162', 5)",
+                [],
+            )
+            .unwrap();
         }
-        let (_store, _) = Store::open(&path).unwrap();
+        let (store, _) = Store::open(&path).unwrap();
+        let old = store
+            .get(&CommandId::parse("0123456789abcdef0123456789abcdef").unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(old.output_truncated, "5 bytes written, 2 kept");
         let conn = Connection::open(&path).unwrap();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))

@@ -306,18 +306,45 @@ fn a_command_that_outlives_its_timeout_is_stopped() {
 }
 
 #[test]
-fn output_beyond_the_limit_is_cut_and_flagged() {
+fn output_beyond_the_limit_keeps_its_head_and_tail_and_every_reader_is_told() {
     let gw = Gateway::start_with(GatewayOptions::default().limit("max_output_bytes", "1KiB"))
         .expect("the gateway starts");
-    let out = invoke(&gw, "head -c 5000 /dev/zero | tr '\\0' a", &["-o", "json"]);
+    // 6 + 5000 + 18 = 5024 bytes: the final error line is what matters
+    let command =
+        "printf 'start\\n'; head -c 5000 /dev/zero | tr '\\0' a; printf '\\nfinal error line\\n'";
+    let out = invoke(&gw, command, &["-o", "json"]);
     assert_eq!(out.code, Some(0), "{out}");
     let json = out.json().unwrap();
     assert_eq!(state(&json), "Succeeded", "{out}");
     assert_eq!(json["outputTruncated"], true, "{out}");
-    assert_eq!(json["outputSize"], 5000, "{out}");
+    assert_eq!(json["outputSize"], 5024, "{out}");
     let logs = json["logs"].as_str().expect("logs is a string");
-    assert_eq!(logs.len(), 1024, "{out}");
-    assert!(logs.bytes().all(|b| b == b'a'), "{out}");
+    // half the limit for the head, half for the tail, one marker line between
+    let marker = "\n[kinvoke: 4000 bytes of output left out here (limits.max_output_bytes)]\n";
+    let (head, tail) = logs
+        .split_once(marker)
+        .unwrap_or_else(|| panic!("no marker: {out}"));
+    assert_eq!(head.len(), 512, "{out}");
+    assert!(head.starts_with("start\naaa"), "{out}");
+    assert_eq!(tail.len(), 512, "{out}");
+    assert!(tail.ends_with("aaa\nfinal error line\n"), "{out}");
+    let id = json["id"].as_str().unwrap();
+
+    // every way of reading the result says it was cut, with the total size
+    let notice = "kinvoke: output was cut: 5024 bytes were written";
+    for args in [
+        vec!["logs", "-n", CLUSTER, "--command-id", id],
+        vec!["result", "-n", CLUSTER, "--command-id", id],
+    ] {
+        let read = gw.client().unwrap().args(&args).run().unwrap();
+        assert_eq!(read.code, Some(0), "{read}");
+        assert!(read.stdout.contains(marker), "{args:?}: {read}");
+        assert!(
+            read.stdout.ends_with("final error line\n"),
+            "{args:?}: {read}"
+        );
+        assert!(read.stderr.contains(notice), "{args:?}: {read}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,6 +99,7 @@ pub(super) struct RawLimits {
     #[serde(default, with = "humantime_serde")]
     pub(super) handshake_timeout: Option<Duration>,
     pub(super) max_output_bytes: Option<ByteSize>,
+    pub(super) output_head_percent: Option<u8>,
     #[serde(default, with = "humantime_serde")]
     pub(super) kill_grace: Option<Duration>,
 }

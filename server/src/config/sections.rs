@@ -156,8 +156,18 @@ pub(super) fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
                 d.max_output_bytes as u64,
             )?,
         )?,
+        output_head_percent: raw.output_head_percent.unwrap_or(d.output_head_percent),
         kill_grace: raw.kill_grace.unwrap_or(d.kill_grace),
     };
+    if limits.output_head_percent > 100 {
+        return Err(invalid(
+            "limits.output_head_percent",
+            format!(
+                "{} is over 100; it is the share of max_output_bytes that keeps the output's head",
+                limits.output_head_percent
+            ),
+        ));
+    }
     if limits.handshake_timeout.is_zero() {
         return Err(invalid(
             "limits.handshake_timeout",

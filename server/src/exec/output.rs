@@ -1,7 +1,10 @@
-//! A running command's combined output: the first `max` bytes are kept for the result,
-//! every byte is counted, and live followers get chunks through a bounded channel so a
-//! slow follower loses chunks (and is told how many bytes) instead of growing memory.
+//! A running command's combined output: its head and its tail are kept for the result
+//! (together at most `max` bytes, split as configured, so a long run keeps its final
+//! error line as well as its start), every byte is counted, and live followers get
+//! chunks through a bounded channel so a slow follower loses chunks (and is told how
+//! many bytes) instead of growing memory.
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -21,7 +24,8 @@ pub struct Chunk {
 
 /// What a follower starts from: the retained prefix, the count so far, and the live feed.
 pub struct Subscription {
-    /// Kept output so far (at most the limit).
+    /// The kept output that runs unbroken from the first byte: all of it while nothing
+    /// was left out, else the head.
     pub retained: Vec<u8>,
     /// Bytes written so far, kept or not.
     pub total: u64,
@@ -32,30 +36,41 @@ pub struct Subscription {
 /// Kept output and its final size, once the command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FinalOutput {
-    /// Kept output, at most the limit.
+    /// Kept output: all of it, or when it was longer than the limit its head, one
+    /// marker line saying how many bytes were left out, and its tail.
     pub data: Vec<u8>,
     /// Bytes written in all.
     pub total: u64,
+    /// True when bytes were left out.
+    pub truncated: bool,
     /// SHA-256 (hex) of every byte written, once the output is closed.
     pub sha256: Option<String>,
 }
 
-impl FinalOutput {
-    /// True when output was cut at the limit.
-    pub fn truncated(&self) -> bool {
-        self.total > self.data.len() as u64
-    }
+/// The line that stands where output was left out (its own line: a newline first when
+/// the head does not end with one).
+pub fn omission_marker(head_ends_line: bool, left_out: u64) -> Vec<u8> {
+    let start = if head_ends_line { "" } else { "\n" };
+    format!(
+        "{start}[kinvoke: {left_out} bytes of output left out here (limits.max_output_bytes)]\n"
+    )
+    .into_bytes()
 }
 
-/// Output of one command: capped retained buffer plus a live feed.
+/// Output of one command: capped head and tail plus a live feed.
 #[derive(Debug)]
 pub struct OutputLog {
-    max: usize,
+    head_max: usize,
+    tail_max: usize,
     inner: Mutex<Inner>,
 }
 
 struct Inner {
-    retained: Vec<u8>,
+    head: Vec<u8>,
+    /// The latest bytes after the head, at most `tail_max`.
+    tail: VecDeque<u8>,
+    /// Bytes between head and tail no longer kept.
+    left_out: u64,
     total: u64,
     live: Option<broadcast::Sender<Chunk>>,
     // over all bytes, kept or not: the audit records it instead of the output
@@ -65,20 +80,32 @@ struct Inner {
 impl std::fmt::Debug for Inner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inner")
-            .field("retained", &self.retained.len())
+            .field("head", &self.head.len())
+            .field("tail", &self.tail.len())
+            .field("left_out", &self.left_out)
             .field("total", &self.total)
             .finish_non_exhaustive()
     }
 }
 
 impl OutputLog {
-    /// An empty log that keeps at most `max` bytes.
+    /// An empty log that keeps at most `max` bytes, all of them the head.
     pub fn new(max: usize) -> Self {
+        Self::with_head(max, max)
+    }
+
+    /// An empty log that keeps at most `max` bytes: up to `head` of the first ones and
+    /// the rest of the last ones (`head` is capped at `max`).
+    pub fn with_head(max: usize, head: usize) -> Self {
         let (tx, _) = broadcast::channel(FOLLOW_BUFFER_CHUNKS);
+        let head_max = head.min(max);
         Self {
-            max,
+            head_max,
+            tail_max: max - head_max,
             inner: Mutex::new(Inner {
-                retained: Vec::new(),
+                head: Vec::new(),
+                tail: VecDeque::new(),
+                left_out: 0,
                 total: 0,
                 live: Some(tx),
                 digest: ring::digest::Context::new(&ring::digest::SHA256),
@@ -100,9 +127,18 @@ impl OutputLog {
         let offset = inner.total;
         inner.total += data.len() as u64;
         inner.digest.update(data);
-        let room = self.max.saturating_sub(inner.retained.len());
-        let keep = room.min(data.len());
-        inner.retained.extend_from_slice(&data[..keep]);
+        let room = self.head_max.saturating_sub(inner.head.len());
+        let (to_head, rest) = data.split_at(room.min(data.len()));
+        inner.head.extend_from_slice(to_head);
+        // only the last tail_max bytes of the rest can stay
+        let skip = rest.len().saturating_sub(self.tail_max);
+        inner.left_out += skip as u64;
+        inner.tail.extend(&rest[skip..]);
+        let over = inner.tail.len().saturating_sub(self.tail_max);
+        if over > 0 {
+            inner.tail.drain(..over);
+            inner.left_out += over as u64;
+        }
         if let Some(tx) = &inner.live {
             // copy only when someone follows; with no receiver, send would just fail
             if tx.receiver_count() > 0 {
@@ -135,7 +171,7 @@ impl OutputLog {
             }
         };
         Subscription {
-            retained: inner.retained.clone(),
+            retained: inner.prefix(),
             total: inner.total,
             live,
         }
@@ -150,8 +186,9 @@ impl OutputLog {
     pub fn snapshot(&self) -> FinalOutput {
         let inner = self.lock();
         FinalOutput {
-            data: inner.retained.clone(),
+            data: inner.kept(),
             total: inner.total,
+            truncated: inner.left_out > 0,
             sha256: None,
         }
     }
@@ -166,10 +203,34 @@ impl OutputLog {
         );
         FinalOutput {
             // kept (not taken): a follower that subscribes after close still gets it
-            data: inner.retained.clone(),
+            data: inner.kept(),
             total: inner.total,
+            truncated: inner.left_out > 0,
             sha256: Some(crate::hex::encode(digest.finish().as_ref())),
         }
+    }
+}
+
+impl Inner {
+    /// The kept bytes that run unbroken from offset 0.
+    fn prefix(&self) -> Vec<u8> {
+        let mut out = self.head.clone();
+        if self.left_out == 0 {
+            out.extend(self.tail.iter());
+        }
+        out
+    }
+
+    /// Head, the marker when bytes were left out, and tail.
+    fn kept(&self) -> Vec<u8> {
+        if self.left_out == 0 {
+            return self.prefix();
+        }
+        let mut out = self.head.clone();
+        let ends_line = self.head.is_empty() || self.head.ends_with(b"\n");
+        out.extend(omission_marker(ends_line, self.left_out));
+        out.extend(self.tail.iter());
+        out
     }
 }
 
@@ -183,9 +244,13 @@ mod tests {
         log.append(b"abc");
         log.append(b"defgh");
         let out = log.close();
-        assert_eq!(out.data, b"abcde");
+        // with no tail, the marker ends the kept output
+        assert_eq!(
+            String::from_utf8(out.data).unwrap(),
+            "abcde\n[kinvoke: 3 bytes of output left out here (limits.max_output_bytes)]\n"
+        );
         assert_eq!(out.total, 8);
-        assert!(out.truncated());
+        assert!(out.truncated);
         // the digest covers every byte, not just the kept ones
         assert_eq!(
             out.sha256.as_deref(),
@@ -238,5 +303,45 @@ mod tests {
             sub.live.try_recv(),
             Err(broadcast::error::TryRecvError::Closed)
         ));
+    }
+
+    #[test]
+    fn head_and_tail_are_kept_with_a_marker_line_between_them() {
+        let log = OutputLog::with_head(12, 6);
+        log.append(b"line1\n");
+        log.append(b"middle that is left out\n");
+        log.append(b"ERROR\n");
+        let out = log.close();
+        assert!(out.truncated);
+        assert_eq!(out.total, 36);
+        assert_eq!(
+            String::from_utf8(out.data).unwrap(),
+            "line1\n[kinvoke: 24 bytes of output left out here (limits.max_output_bytes)]\nERROR\n"
+        );
+    }
+
+    #[test]
+    fn output_within_the_limit_is_kept_whole_and_unmarked() {
+        let log = OutputLog::with_head(10, 5);
+        log.append(b"abcdefg");
+        log.append(b"hij");
+        let out = log.close();
+        assert!(!out.truncated);
+        assert_eq!(out.data, b"abcdefghij");
+        let sub = log.subscribe();
+        assert_eq!(sub.retained, b"abcdefghij");
+    }
+
+    #[test]
+    fn a_head_without_a_final_newline_gets_one_before_the_marker() {
+        let log = OutputLog::with_head(4, 2);
+        log.append(b"abcdefgh");
+        let out = log.close();
+        assert_eq!(
+            String::from_utf8(out.data).unwrap(),
+            "ab\n[kinvoke: 4 bytes of output left out here (limits.max_output_bytes)]\ngh"
+        );
+        // a late follower gets the unbroken head only; the rest comes as a gap
+        assert_eq!(log.subscribe().retained, b"ab");
     }
 }

@@ -169,7 +169,12 @@ async fn stream_output(
         }
     };
     if sent == 0 && !record.output.is_empty() {
-        sent = record.output.len() as u64;
+        // a cut output carries its own marker line where bytes were left out
+        sent = if record.output_truncated {
+            record.output_size
+        } else {
+            record.output.len() as u64
+        };
         if tx.send(chunk(0, record.output.clone())).await.is_err() {
             return;
         }

@@ -54,7 +54,7 @@ fn timestamp(t: SystemTime) -> prost_types::Timestamp {
 
 /// The wire form of a record; `output` only when asked.
 pub fn command_result(record: CommandRecord, with_output: bool) -> pb::CommandResult {
-    let truncated = record.output_truncated();
+    let truncated = record.output_truncated;
     pb::CommandResult {
         id: record.id.to_string(),
         cluster: record.cluster,
