@@ -14,6 +14,8 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use crate::token::{TokenProvider, TokenSource};
+
 /// Largest response the client accepts (results carry output).
 const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -45,6 +47,13 @@ pub struct ConnArgs {
     /// File holding the bearer token (e.g. a CI job's OIDC token file).
     #[arg(long, global = true, env = "KINVOKE_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Where to get the bearer token: github-actions, azure-pipelines:SERVICE_CONNECTION_ID,
+    /// gitlab:VAR, env:VAR or file:PATH (re-read when it changes).
+    #[arg(long, global = true, env = "KINVOKE_TOKEN_SOURCE")]
+    pub token_source: Option<TokenSource>,
+    /// Audience to ask a token source for (github-actions), default `kinvoke`.
+    #[arg(long, global = true, env = "KINVOKE_TOKEN_AUDIENCE")]
+    pub audience: Option<String>,
     /// Local address to connect from, on hosts with several addresses.
     #[arg(long, global = true, env = "KINVOKE_SOURCE_ADDRESS")]
     pub source_address: Option<std::net::IpAddr>,
@@ -66,6 +75,8 @@ struct Profile {
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
     token_file: Option<PathBuf>,
+    token_source: Option<String>,
+    audience: Option<String>,
 }
 
 /// A bearer token; never printed.
@@ -79,7 +90,14 @@ impl std::fmt::Debug for Token {
 }
 
 impl Token {
-    fn new(token: &str, from: &str) -> Result<Self, LocalError> {
+    /// The header value (`Bearer ...`), for tests; never print it.
+    #[cfg(test)]
+    pub fn value(&self) -> &str {
+        self.0.to_str().unwrap_or_default()
+    }
+
+    /// A token read from `from` (named in errors, never the token itself).
+    pub fn new(token: &str, from: &str) -> Result<Self, LocalError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(LocalError(format!("the token from {from} is empty")));
@@ -94,14 +112,28 @@ impl Token {
     }
 }
 
+/// Where the bearer token comes from: given once, or a source that may renew it.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// `--token`, `KINVOKE_TOKEN` or `--token-file`, read once.
+    Fixed(Token),
+    /// `--token-source`: fetched, and fetched again before it expires.
+    Source(TokenProvider),
+}
+
 /// Adds the bearer token, if any, to every call.
 #[derive(Debug, Clone)]
-pub struct Auth(Option<Token>);
+pub struct Auth(Option<Credential>);
 
 impl Interceptor for Auth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(token) = &self.0 {
-            req.metadata_mut().insert("authorization", token.0.clone());
+        let token = match &self.0 {
+            None => None,
+            Some(Credential::Fixed(token)) => Some(token.clone()),
+            Some(Credential::Source(provider)) => provider.fresh().or_else(|| provider.held()),
+        };
+        if let Some(token) = token {
+            req.metadata_mut().insert("authorization", token.0);
         }
         Ok(req)
     }
@@ -122,7 +154,7 @@ pub struct Settings {
     pub endpoint: String,
     ca_cert: PathBuf,
     identity: Option<(PathBuf, PathBuf)>,
-    token: Option<Token>,
+    token: Option<Credential>,
     source_address: Option<std::net::IpAddr>,
 }
 
@@ -165,23 +197,43 @@ impl ConnArgs {
                 "endpoint {endpoint} is not https://; the gateway only speaks TLS"
             )));
         }
+        let source = match (&self.token_source, &profile.token_source) {
+            (Some(source), _) => Some(source.clone()),
+            (None, Some(text)) => Some(
+                text.parse::<TokenSource>()
+                    .map_err(|e| LocalError(format!("the profile's token_source: {e}")))?,
+            ),
+            (None, None) => None,
+        };
+        let given = [
+            self.token.is_some().then_some("--token/KINVOKE_TOKEN"),
+            self.token_file.is_some().then_some("--token-file"),
+            self.token_source.is_some().then_some("--token-source"),
+        ];
+        let given: Vec<&str> = given.into_iter().flatten().collect();
+        if given.len() > 1 {
+            bail!(LocalError(format!(
+                "{} are all set; a bearer token comes from one of them",
+                given.join(" and ")
+            )));
+        }
         let token = match (&self.token, &self.token_file) {
-            (Some(_), Some(_)) => {
-                bail!(LocalError(
-                    "both a token (--token/KINVOKE_TOKEN) and a token file (--token-file) are set; use one"
-                        .to_owned()
+            (Some(t), _) => Some(Credential::Fixed(Token::new(t, "--token/KINVOKE_TOKEN")?)),
+            (None, None) if source.is_some() => source.map(|source| {
+                Credential::Source(TokenProvider::new(
+                    source,
+                    self.audience.clone().or(profile.audience),
                 ))
-            }
-            (Some(t), None) => Some(Token::new(t, "--token/KINVOKE_TOKEN")?),
+            }),
             (None, file) => match file.clone().or(profile.token_file) {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path).map_err(|e| {
                         LocalError(format!("cannot read token file {}: {e}", path.display()))
                     })?;
-                    Some(Token::new(
+                    Some(Credential::Fixed(Token::new(
                         &text,
                         &format!("token file {}", path.display()),
-                    )?)
+                    )?))
                 }
                 None => None,
             },
@@ -301,6 +353,10 @@ impl Settings {
                 error_chain(&e)
             ))
         })?;
+        if let Some(Credential::Source(provider)) = &self.token {
+            provider.token().await?;
+            provider.keep_fresh();
+        }
         let auth = Auth(self.token.clone());
         Ok(Clients {
             commands: CommandServiceClient::with_interceptor(channel.clone(), auth.clone())
@@ -403,7 +459,12 @@ mod tests {
             token: Some("x".into()),
             ..args.clone()
         };
-        assert!(both.resolve().unwrap_err().to_string().contains("use one"));
+        assert!(
+            both.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("a bearer token comes from one of them")
+        );
         let none = ConnArgs {
             token_file: None,
             ..args

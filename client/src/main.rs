@@ -6,6 +6,7 @@ mod attach;
 mod conn;
 mod render;
 mod retry;
+mod token;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -270,6 +270,15 @@ pub(crate) fn isolate_env(command: &mut Command) {
         }
     }
     command.env_remove("XDG_CONFIG_HOME");
+    // a CI runner's own identity-token settings must not reach the client under test
+    for key in [
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+        "SYSTEM_OIDCREQUESTURI",
+        "SYSTEM_ACCESSTOKEN",
+    ] {
+        command.env_remove(key);
+    }
 }
 
 /// Runs `kinvoke-gateway ARGS` to completion, e.g. `check-config --config FILE`, with the

@@ -56,6 +56,12 @@ pub struct WebhookReceiver {
 impl WebhookReceiver {
     /// Starts the server.
     pub fn start() -> Result<Self> {
+        Self::answering(String::new())
+    }
+
+    /// Starts a server that answers every request with `200 OK` and this JSON body:
+    /// a stand-in for an HTTP API such as a CI system's token endpoint.
+    pub fn answering(body: String) -> Result<Self> {
         let listener =
             TcpListener::bind(("127.0.0.1", 0)).context("cannot bind the webhook receiver")?;
         listener.set_nonblocking(true)?;
@@ -68,7 +74,7 @@ impl WebhookReceiver {
             .context("cannot start the webhook receiver's runtime")?;
         let thread = thread::Builder::new()
             .name("webhook-receiver".to_owned())
-            .spawn(move || runtime.block_on(serve_webhooks(listener, tx, stopped)))?;
+            .spawn(move || runtime.block_on(serve_webhooks(listener, tx, stopped, body)))?;
         Ok(Self {
             addr,
             requests,
@@ -123,7 +129,9 @@ async fn serve_webhooks(
     listener: TcpListener,
     requests: mpsc::Sender<WebhookRequest>,
     mut stopped: tokio::sync::oneshot::Receiver<()>,
+    body: String,
 ) {
+    let body = bytes::Bytes::from(body);
     let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
         eprintln!("kinvoke-tests webhook receiver: cannot use its listener");
         return;
@@ -141,9 +149,11 @@ async fn serve_webhooks(
             },
         };
         let requests = requests.clone();
+        let body = body.clone();
         let service = hyper::service::service_fn(move |req| {
             let requests = requests.clone();
-            async move { Ok::<_, std::convert::Infallible>(receive(req, &requests).await) }
+            let body = body.clone();
+            async move { Ok::<_, std::convert::Infallible>(receive(req, &requests, body).await) }
         });
         connections.spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
@@ -158,10 +168,12 @@ async fn serve_webhooks(
     connections.abort_all();
 }
 
-/// Reads one request whole, hands it to the test and answers 200 (413 when too big).
+/// Reads one request whole, hands it to the test and answers 200 with `answer` (413
+/// when too big).
 async fn receive(
     req: hyper::Request<hyper::body::Incoming>,
     requests: &mpsc::Sender<WebhookRequest>,
+    answer: bytes::Bytes,
 ) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
     use http_body_util::BodyExt;
     let (parts, body) = req.into_parts();
@@ -195,7 +207,7 @@ async fn receive(
         }
         Err(_) => hyper::StatusCode::PAYLOAD_TOO_LARGE,
     };
-    let mut response = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+    let mut response = hyper::Response::new(http_body_util::Full::new(answer));
     *response.status_mut() = status;
     response
 }

@@ -20,8 +20,8 @@ use std::path::Path;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use kinvoke_tests::{
     AuditRecord, CLUSTER, Client, ClientCert, Gateway, GatewayOptions, Output, Pki, TcpRelay,
-    TestIssuer, USER, check_config, gateway_cli_with_input, proxy_v1_header, unix_now,
-    unsigned_token,
+    TestIssuer, USER, WebhookReceiver, check_config, gateway_cli_with_input, proxy_v1_header,
+    unix_now, unsigned_token,
 };
 use serde_json::{Value, json};
 
@@ -643,6 +643,125 @@ fn a_one_megabyte_token_is_refused_by_its_size_audited_and_the_gateway_stays_up(
         )
         .unwrap();
     whoami(gw.token_client(&good).unwrap());
+}
+
+#[test]
+fn a_github_actions_job_fetches_its_own_token_with_no_glue() {
+    let issuer = TestIssuer::new().unwrap();
+    let gw = oidc_gateway(&issuer);
+    let token = issuer
+        .sign(
+            Algorithm::RS256,
+            TestIssuer::RSA_KID,
+            &ci_claims("refs/heads/main"),
+        )
+        .unwrap();
+    // GitHub's token endpoint as documented: GET the request URL with `&audience=`,
+    // the request token as a bearer, answer {"value": "<JWT>"}
+    let endpoint = WebhookReceiver::answering(json!({ "value": token }).to_string()).unwrap();
+    let in_job = |client: Client| {
+        client
+            .env(
+                "ACTIONS_ID_TOKEN_REQUEST_URL",
+                format!("http://{}/_apis/token?api-version=2.0", endpoint.addr()),
+            )
+            .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "job-request-token")
+            .args(["--token-source", "github-actions"])
+    };
+    let me = whoami(in_job(gw.anonymous_client().unwrap()));
+    assert_eq!(me["principal"], format!("ci:{CI_SUBJECT}"), "{me}");
+    assert_eq!(me["authMethod"], "oidc", "{me}");
+    let request = endpoint
+        .next_request(std::time::Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(request.method, "GET");
+    assert_eq!(
+        request.path, "/_apis/token?api-version=2.0&audience=kinvoke",
+        "{request:?}"
+    );
+    assert_eq!(
+        request.header("authorization"),
+        Some("Bearer job-request-token")
+    );
+
+    // a command runs with it too
+    let out = in_job(gw.anonymous_client().unwrap())
+        .args([
+            "invoke",
+            "--cluster",
+            CLUSTER,
+            "--command",
+            "echo from actions",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+
+    // a job without `permissions: id-token: write` has no request URL
+    let out = gw
+        .anonymous_client()
+        .unwrap()
+        .args(["--token-source", "github-actions", "whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        out.stderr.contains(
+            "this job has no `id-token: write` permission: ACTIONS_ID_TOKEN_REQUEST_URL is not set"
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn env_and_file_token_sources_and_a_profile_that_names_one() {
+    let issuer = TestIssuer::new().unwrap();
+    let gw = oidc_gateway(&issuer);
+    let token = issuer
+        .sign(
+            Algorithm::RS256,
+            TestIssuer::RSA_KID,
+            &ci_claims("refs/heads/main"),
+        )
+        .unwrap();
+    let me = whoami(
+        gw.anonymous_client()
+            .unwrap()
+            .env("CI_JOB_JWT_KINVOKE", &token)
+            .args(["--token-source", "gitlab:CI_JOB_JWT_KINVOKE"]),
+    );
+    assert_eq!(me["principal"], format!("ci:{CI_SUBJECT}"), "{me}");
+
+    // a projected service-account token file, named in a profile
+    let file = gw.scratch("projected-token");
+    std::fs::write(&file, &token).unwrap();
+    let config = gw.scratch("client.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profiles.ci]\nendpoint = \"{}\"\nca_cert = \"{}\"\ntoken_source = \"file:{}\"\n",
+            gw.endpoint(),
+            gw.pki().ca_cert.display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let me = whoami(Client::new().unwrap().arg("--config").arg(&config));
+    assert_eq!(me["principal"], format!("ci:{CI_SUBJECT}"), "{me}");
+
+    // two sources at once are a usage error naming both
+    let out = gw
+        .token_client(&token)
+        .unwrap()
+        .args(["--token-source", "env:X", "whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("--token/KINVOKE_TOKEN and --token-source are all set"),
+        "{out}"
+    );
 }
 
 #[test]
