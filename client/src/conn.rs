@@ -22,7 +22,8 @@ const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 /// Connection flags; clap fills each from its flag or environment variable.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ConnArgs {
-    /// Client config file with named profiles.
+    /// Client config file with named profiles (default: ~/.config/kinvoke/config.toml,
+    /// under $XDG_CONFIG_HOME when set, if it exists).
     #[arg(long, global = true, env = "KINVOKE_CONFIG")]
     pub config: Option<PathBuf>,
     /// Profile of the config file to use (default: its `default_profile`).
@@ -166,12 +167,16 @@ pub struct LocalError(pub String);
 impl ConnArgs {
     /// Merges flags/env over the config file profile.
     pub fn resolve(&self) -> anyhow::Result<Settings> {
-        let profile = match &self.config {
-            Some(path) => load_profile(path, self.profile.as_deref())?,
+        let profile = match crate::profiles::path_to_read(self.config.as_deref()) {
+            Some(path) => load_profile(&path, self.profile.as_deref())?,
             None => {
                 if let Some(name) = &self.profile {
+                    let default = crate::profiles::default_path()
+                        .map(|p| format!(" (the default file, {}, does not exist)", p.display()))
+                        .unwrap_or_default();
                     bail!(LocalError(format!(
-                        "--profile {name} given but no config file; pass --config FILE or set KINVOKE_CONFIG"
+                        "--profile {name} given but no config file{default}; pass --config FILE, \
+                         set KINVOKE_CONFIG, or add the profile with `kinvoke config set-profile`"
                     )));
                 }
                 Profile::default()

@@ -4,6 +4,7 @@
 
 mod attach;
 mod conn;
+mod profiles;
 mod render;
 mod retry;
 mod token;
@@ -51,6 +52,11 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Default)]
     output: Format,
+    /// JMESPath query over the -o json/yaml object (az's --query), e.g.
+    /// `--query provisioningState` or `--query "[?provisioningState=='Failed'].id"`;
+    /// implies -o json unless -o yaml is given.
+    #[arg(long, global = true)]
+    query: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -164,6 +170,96 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Show the client config file, and add, remove or switch its profiles.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// Print a shell completion script (e.g. `kinvoke completion bash > /etc/bash_completion.d/kinvoke`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), e.g. `kinvoke man > kinvoke.1`.
+    Man,
+    /// Print the client's version and, when it can reach the gateway, the gateway's.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Print the config file's path, its profiles and the default one.
+    View,
+    /// Add a profile, or change it, from the connection flags given with this command
+    /// (--endpoint, --ca-cert, --client-cert, --client-key, --token-file, --token-source,
+    /// --audience, or their KINVOKE_* variables); the first profile becomes the default.
+    SetProfile {
+        /// Profile name.
+        name: String,
+    },
+    /// Make a profile the default one (like `kubectl config use-context`).
+    UseProfile {
+        /// Profile name.
+        name: String,
+    },
+    /// Remove a profile.
+    DeleteProfile {
+        /// Profile name.
+        name: String,
+    },
+}
+
+/// `kinvoke config ...`: no gateway involved.
+fn config(conn: &ConnArgs, cmd: &ConfigCmd) -> anyhow::Result<u8> {
+    let path = profiles::path_to_edit(conn.config.as_deref())?;
+    let mut file = profiles::ConfigFile::open(&path)?;
+    match cmd {
+        ConfigCmd::View => {
+            println!("# {}", file.path().display());
+            let default = file.default_profile().unwrap_or_default();
+            for name in file.profiles() {
+                let mark = if name == default { "*" } else { " " };
+                println!("# {mark} {name}");
+            }
+            print!("{}", file.text());
+            return Ok(0);
+        }
+        ConfigCmd::SetProfile { name } => {
+            let settings = profiles::ProfileSettings {
+                endpoint: conn.endpoint.clone(),
+                ca_cert: conn.ca_cert.as_deref().map(profiles::absolute),
+                client_cert: conn.client_cert.as_deref().map(profiles::absolute),
+                client_key: conn.client_key.as_deref().map(profiles::absolute),
+                token_file: conn.token_file.as_deref().map(profiles::absolute),
+                token_source: conn.token_source.as_ref().map(ToString::to_string),
+                audience: conn.audience.clone(),
+            };
+            file.set_profile(name, &settings)?;
+        }
+        ConfigCmd::UseProfile { name } => file.use_profile(name)?,
+        ConfigCmd::DeleteProfile { name } => file.delete_profile(name)?,
+    }
+    file.save()?;
+    eprintln!(
+        "kinvoke: {} (default profile: {})",
+        file.path().display(),
+        file.default_profile().unwrap_or_else(|| "none".to_owned())
+    );
+    Ok(0)
+}
+
+/// `kinvoke version`: the client's, and the gateway's when it answers.
+async fn version(conn: &ConnArgs) -> u8 {
+    println!("kinvoke {}", env!("CARGO_PKG_VERSION"));
+    let gateway = async {
+        let settings = conn.resolve().ok()?;
+        let mut access = settings.connect().await.ok()?.access;
+        let me = access.who_am_i(pb::WhoAmIRequest {}).await.ok()?;
+        Some(me.into_inner().gateway_version)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), gateway).await {
+        Ok(Some(v)) if !v.is_empty() => println!("gateway {v}"),
+        _ => println!("gateway unknown (not reachable with the current settings)"),
+    }
+    0
 }
 
 fn main() -> ExitCode {
@@ -297,10 +393,42 @@ fn spinner(message: String) -> Option<indicatif::ProgressBar> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    match &cli.command {
+        Cmd::Config(cmd) => return config(&cli.conn, cmd),
+        Cmd::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "kinvoke", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Cmd::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        Cmd::Version => return Ok(version(&cli.conn).await),
+        _ => {}
+    }
     let settings = cli.conn.resolve()?;
-    let format = cli.output;
+    let format = match (&cli.query, cli.output) {
+        (None, format) => format,
+        (Some(query), format) => {
+            render::set_query(query)?;
+            match format {
+                Format::Default | Format::Json => Format::Json,
+                Format::Yaml => Format::Yaml,
+                other => {
+                    return Err(LocalError(format!(
+                        "--query works with -o json or -o yaml, not {other:?}"
+                    ))
+                    .into());
+                }
+            }
+        }
+    };
     let mut stdout = std::io::stdout().lock();
     match cli.command {
+        // answered above, without a gateway
+        Cmd::Config(_) | Cmd::Completion { .. } | Cmd::Man | Cmd::Version => Ok(0),
         Cmd::Invoke {
             cluster,
             command,

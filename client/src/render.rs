@@ -211,7 +211,28 @@ fn columns(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+/// The `--query` expression (az's JMESPath filter), set once at start-up.
+static QUERY: std::sync::OnceLock<jmespath::Expression<'static>> = std::sync::OnceLock::new();
+
+/// Compiles `--query` and applies it to every `-o json`/`-o yaml` object printed from
+/// now on; a bad expression is an error naming it.
+pub fn set_query(text: &str) -> Result<(), crate::conn::LocalError> {
+    let expression = jmespath::compile(text)
+        .map_err(|e| crate::conn::LocalError(format!("--query {text:?}: {e}")))?;
+    let _ = QUERY.set(expression);
+    Ok(())
+}
+
 fn serialize<T: Serialize>(format: Format, value: &T) -> io::Result<String> {
+    if let Some(query) = QUERY.get() {
+        let data = jmespath::Variable::from_serializable(value).map_err(io::Error::other)?;
+        let found = query.search(data).map_err(io::Error::other)?;
+        return serialize_plain(format, &*found);
+    }
+    serialize_plain(format, value)
+}
+
+fn serialize_plain<T: Serialize>(format: Format, value: &T) -> io::Result<String> {
     match format {
         Format::Yaml => serde_saphyr::to_string(value).map_err(io::Error::other),
         _ => serde_json::to_string_pretty(value)

@@ -45,6 +45,19 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+impl std::fmt::Display for TokenSource {
+    /// The form `--token-source` takes, e.g. `gitlab:KINVOKE_ID_TOKEN`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::GitHubActions => f.write_str("github-actions"),
+            Self::AzurePipelines(id) => write!(f, "azure-pipelines:{id}"),
+            Self::GitLab(var) => write!(f, "gitlab:{var}"),
+            Self::Env(var) => write!(f, "env:{var}"),
+            Self::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
 impl std::str::FromStr for TokenSource {
     type Err = String;
 

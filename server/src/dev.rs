@@ -48,6 +48,14 @@ pub struct DevFiles {
 /// Why the dev environment could not be prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
+    /// The client's config file holds something that is not a kinvoke client config.
+    #[error("{path}: {message}")]
+    ClientConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A file could not be written or read.
     #[error("{path}: {source}")]
     Io {
@@ -108,23 +116,92 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevFiles, DevError> {
     })
 }
 
-/// Writes the client config for the address the gateway actually bound.
-pub fn write_client_config(files: &DevFiles, bound: SocketAddr) -> Result<(), DevError> {
+/// The `kinvoke` client's default config file (`$XDG_CONFIG_HOME/kinvoke/config.toml`,
+/// i.e. `~/.config/kinvoke/config.toml`), as the client finds it.
+pub fn default_client_config() -> Option<PathBuf> {
+    directories::BaseDirs::new().map(|d| d.config_dir().join("kinvoke").join("config.toml"))
+}
+
+/// Merges this dev gateway's profile, `dev`, into `path` (the client's default config
+/// file unless told otherwise): its endpoint and absolute certificate paths; it becomes
+/// the default profile when the file has none. Other profiles, comments and layout are
+/// kept; the file is replaced atomically. Returns the default profile after the merge.
+pub fn merge_client_config(
+    files: &DevFiles,
+    bound: SocketAddr,
+    path: &Path,
+) -> Result<String, DevError> {
+    use toml_edit::{DocumentMut, Item, Table, value};
+    let bad = |message: String| DevError::ClientConfig {
+        path: path.to_owned(),
+        message,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(io_err(path)(err)),
+    };
+    let mut doc: DocumentMut = text.parse().map_err(|e| bad(format!("{e}")))?;
+    let profiles = doc
+        .entry("profiles")
+        .or_insert_with(|| {
+            let mut t = Table::new();
+            t.set_implicit(true);
+            Item::Table(t)
+        })
+        .as_table_mut()
+        .ok_or_else(|| bad("`profiles` is not a table".to_owned()))?;
+    let mut profile = Table::new();
+    profile["endpoint"] = value(format!("https://{}", endpoint_host(bound)));
+    for (key, file) in [
+        ("ca_cert", "ca.crt"),
+        ("client_cert", "client.crt"),
+        ("client_key", "client.key"),
+    ] {
+        profile[key] = value(files.dir.join(file).display().to_string());
+    }
+    profiles.insert(DEV_PROFILE, Item::Table(profile));
+    if doc.get("default_profile").is_none() {
+        doc["default_profile"] = value(DEV_PROFILE);
+    }
+    let default = doc
+        .get("default_profile")
+        .and_then(Item::as_str)
+        .unwrap_or(DEV_PROFILE)
+        .to_owned();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    std::fs::write(tmp.path(), doc.to_string()).map_err(io_err(tmp.path()))?;
+    tmp.persist(path).map_err(|e| io_err(path)(e.error))?;
+    Ok(default)
+}
+
+/// The profile `dev` writes.
+pub const DEV_PROFILE: &str = "dev";
+
+/// `HOST:PORT` of a bound address, as a client dials it.
+fn endpoint_host(bound: SocketAddr) -> String {
     let host = match bound.ip() {
         ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
         std::net::IpAddr::V6(ip) => format!("[{ip}]"),
         std::net::IpAddr::V4(ip) => ip.to_string(),
     };
+    format!("{host}:{}", bound.port())
+}
+
+/// Writes the client config for the address the gateway actually bound.
+pub fn write_client_config(files: &DevFiles, bound: SocketAddr) -> Result<(), DevError> {
     let text = format!(
         "# written by `kinvoke-gateway dev`; use with `kinvoke --config {path}`\n\
          default_profile = \"dev\"\n\n\
          [profiles.dev]\n\
-         endpoint = \"https://{host}:{port}\"\n\
+         endpoint = \"https://{host}\"\n\
          ca_cert = \"ca.crt\"\n\
          client_cert = \"client.crt\"\n\
          client_key = \"client.key\"\n",
         path = files.client_config.display(),
-        port = bound.port(),
+        host = endpoint_host(bound),
     );
     write(&files.client_config, &text, 0o644)
 }

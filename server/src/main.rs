@@ -78,6 +78,11 @@ enum Cmd {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
+        /// Also merge the profile `dev` into the `kinvoke` client's default config file
+        /// (~/.config/kinvoke/config.toml), so the client needs no --config; it becomes
+        /// the default profile when the file has none.
+        #[arg(long)]
+        merge_client_config: bool,
     },
 }
 
@@ -191,11 +196,22 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime()?.block_on(serve(cfg, None))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Dev { state_dir, listen } => {
+        Cmd::Dev {
+            state_dir,
+            listen,
+            merge_client_config,
+        } => {
             let files = dev::prepare(&state_dir, listen)
                 .with_context(|| format!("cannot prepare {}", state_dir.display()))?;
             let cfg = Config::load(&files.gateway_config)?;
-            runtime()?.block_on(serve(cfg, Some(files)))?;
+            let merge = if merge_client_config {
+                Some(dev::default_client_config().ok_or_else(|| {
+                    anyhow::anyhow!("--merge-client-config: this system has no config directory (HOME is not set)")
+                })?)
+            } else {
+                None
+            };
+            runtime()?.block_on(serve(cfg, Some((files, merge))))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -209,7 +225,12 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
+/// Serves `cfg`; for `dev`, also its files, and where to merge its client profile.
+async fn serve(cfg: Config, dev: Option<(dev::DevFiles, Option<PathBuf>)>) -> anyhow::Result<()> {
+    let (dev, merge_into) = match dev {
+        Some((files, merge)) => (Some(files), merge),
+        None => (None, None),
+    };
     // signal handlers first: a SIGTERM right after the ready line must stop cleanly
     let shutdown = shutdown_signal()?;
     let listeners = ingress::bind(&cfg.listeners).await.with_context(|| {
@@ -228,11 +249,16 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
     // state before the ready line: a bad store or audit path fails before anyone connects
     let gateway = kinvoke_gateway::Gateway::open(cfg).await?;
     let mut stdout = std::io::stdout().lock();
+    let mut merged = None;
     for l in &listeners {
         let addr = l.local_addr().context("cannot read the bound address")?;
         // the client config first: whoever reads the ready line may use it at once
         if let Some(files) = &dev {
             dev::write_client_config(files, addr)?;
+            if let Some(path) = &merge_into {
+                let default = dev::merge_client_config(files, addr, path)?;
+                merged = Some((path.clone(), default));
+            }
         }
         // one stable line per listener on stdout: scripts and tests wait for it
         writeln!(
@@ -242,16 +268,39 @@ async fn serve(cfg: Config, dev: Option<dev::DevFiles>) -> anyhow::Result<()> {
         )?;
     }
     if let Some(files) = &dev {
-        let client = files.client_config.display();
+        // with the profile merged into the client's own file (and the default there),
+        // the client needs no --config
+        let config = match &merged {
+            Some((path, default)) => {
+                writeln!(
+                    stdout,
+                    "\nMerged profile \"{}\" into {} (default profile: {default}).",
+                    dev::DEV_PROFILE,
+                    path.display()
+                )?;
+                if default == dev::DEV_PROFILE {
+                    String::new()
+                } else {
+                    format!("--profile {} ", dev::DEV_PROFILE)
+                }
+            }
+            None => format!("--config {} ", files.client_config.display()),
+        };
         writeln!(
             stdout,
             "\nDevelopment gateway ready (state in {dir}). In another terminal, try:\n\n  \
-             kinvoke --config {client} invoke --cluster local --command \"echo hello | tr a-z A-Z\"\n  \
-             kinvoke --config {client} invoke --cluster sandbox --command \"kubectl get pods -A; kubectl auth whoami\"\n  \
-             kinvoke --config {client} list\n\n\
+             kinvoke {config}invoke --cluster local --command \"echo hello | tr a-z A-Z\"\n  \
+             kinvoke {config}invoke --cluster sandbox --command \"kubectl get pods -A; kubectl auth whoami\"\n  \
+             kinvoke {config}list\n\n\
              (sandbox is a simulated Kubernetes API server, not a real cluster.) Press Ctrl-C to stop.",
             dir = files.dir.display(),
         )?;
+        if merged.is_none() {
+            writeln!(
+                stdout,
+                "Start with --merge-client-config to add this profile to kinvoke's default config file."
+            )?;
+        }
     }
     stdout.flush()?;
     drop(stdout);

@@ -650,7 +650,7 @@ impl Drop for Gateway {
 
 /// Start of the line `kinvoke-gateway dev` prints to show how to reach it; printed after
 /// the client config is written for the bound port.
-pub(crate) const DEV_TRY_COMMAND: &str = "kinvoke --config ";
+pub(crate) const DEV_TRY_COMMAND: &str = "kinvoke ";
 
 /// A real `kinvoke-gateway dev --state-dir ROOT/dev --listen 127.0.0.1:0` process. The
 /// caller owns `ROOT`, so a second start on the same directory finds what the first left:
@@ -677,6 +677,16 @@ impl DevGateway {
     /// Starts `kinvoke-gateway dev` in `root` (created if missing) and waits until it
     /// serves and has written its client config.
     pub fn start(root: &Path) -> Result<Self> {
+        Self::start_with(root, None)
+    }
+
+    /// [`DevGateway::start`] with `--merge-client-config`, the client's config
+    /// directory being `config_home` (`XDG_CONFIG_HOME`).
+    pub fn start_merging_client_config(root: &Path, config_home: &Path) -> Result<Self> {
+        Self::start_with(root, Some(config_home))
+    }
+
+    fn start_with(root: &Path, merge_into: Option<&Path>) -> Result<Self> {
         for sub in ["work", "home"] {
             let path = root.join(sub);
             fs::create_dir_all(&path)
@@ -700,8 +710,12 @@ impl DevGateway {
         cmd.arg("dev")
             .arg("--state-dir")
             .arg(dev.state_dir())
-            .args(["--listen", "127.0.0.1:0"])
-            .env("TMPDIR", root.join("work"))
+            .args(["--listen", "127.0.0.1:0"]);
+        if let Some(config_home) = merge_into {
+            cmd.arg("--merge-client-config")
+                .env("XDG_CONFIG_HOME", config_home);
+        }
+        cmd.env("TMPDIR", root.join("work"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
@@ -714,7 +728,8 @@ impl DevGateway {
         })
         .and_then(|serving| {
             let try_command = next_line_until(&lines, deadline, &mut banner, |line| {
-                line.trim_start().starts_with(DEV_TRY_COMMAND)
+                let line = line.trim_start();
+                line.starts_with(DEV_TRY_COMMAND) && line.contains("invoke --cluster")
             })?;
             Ok((serving, try_command))
         });

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use kinvoke_proto::v1::{AttachedFile, InvokeCommandRequest, ListCommandsRequest};
 use kinvoke_tests::{
-    CLUSTER, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, audit_verify, check_config,
-    command_id_from_tsv, parse_header,
+    CLUSTER, Client, DevGateway, Gateway, GatewayOptions, Output, Pki, USER, audit_verify,
+    check_config, command_id_from_tsv, parse_header,
 };
 use serde_json::Value;
 use tonic_health::pb::HealthCheckRequest;
@@ -1047,4 +1047,215 @@ fn the_spinner_shows_only_when_stderr_is_a_terminal() {
         "no spinner on a terminal:\n{text}"
     );
     assert!(text.contains("done"), "{text}");
+}
+
+/// A client whose only settings come from its default config file under `config_home`
+/// (`XDG_CONFIG_HOME`), with `HOME` pointed at a directory of the test's too.
+fn client_at_home(config_home: &Path, home: &Path) -> Client {
+    Client::new()
+        .unwrap()
+        .env("XDG_CONFIG_HOME", config_home)
+        .env("HOME", home)
+}
+
+#[test]
+fn the_default_config_file_holds_profiles_that_config_adds_and_switches() {
+    let gw = gateway();
+    let root = tempfile::tempdir().unwrap();
+    let (config_home, home) = (root.path().join("xdg"), root.path().join("home"));
+    fs::create_dir_all(&home).unwrap();
+    let cert = gw.user_cert();
+
+    // no config anywhere yet: the error says how to add one
+    let out = client_at_home(&config_home, &home)
+        .args(["--profile", "prod", "whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("kinvoke config set-profile"), "{out}");
+
+    let set = client_at_home(&config_home, &home)
+        .args(["--endpoint", &gw.endpoint()])
+        .arg("--ca-cert")
+        .arg(&gw.pki().ca_cert)
+        .arg("--client-cert")
+        .arg(&cert.cert)
+        .arg("--client-key")
+        .arg(&cert.key)
+        .args(["config", "set-profile", "prod"])
+        .run()
+        .unwrap();
+    assert_eq!(set.code, Some(0), "{set}");
+    let file = config_home.join("kinvoke").join("config.toml");
+    assert!(file.exists(), "{set}");
+    // the first profile is the default: no flag, no KINVOKE_CONFIG
+    let out = client_at_home(&config_home, &home)
+        .args(["-o", "json", "whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.json().unwrap()["principal"], USER, "{out}");
+
+    // a second profile that points nowhere, made the default
+    let out = client_at_home(&config_home, &home)
+        .args(["--endpoint", "https://127.0.0.1:1"])
+        .arg("--ca-cert")
+        .arg(&gw.pki().ca_cert)
+        .arg("--client-cert")
+        .arg(&cert.cert)
+        .arg("--client-key")
+        .arg(&cert.key)
+        .args(["config", "set-profile", "broken"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let out = client_at_home(&config_home, &home)
+        .args(["config", "use-profile", "broken"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let out = client_at_home(&config_home, &home)
+        .args(["whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(
+        out.code,
+        Some(69),
+        "the default is now the broken profile: {out}"
+    );
+    let out = client_at_home(&config_home, &home)
+        .args(["--profile", "prod", "whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+
+    let view = client_at_home(&config_home, &home)
+        .args(["config", "view"])
+        .run()
+        .unwrap();
+    assert_eq!(view.code, Some(0), "{view}");
+    assert!(view.stdout.contains("# * broken"), "{view}");
+    assert!(view.stdout.contains("#   prod"), "{view}");
+
+    let out = client_at_home(&config_home, &home)
+        .args(["config", "delete-profile", "broken"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let out = client_at_home(&config_home, &home)
+        .args(["config", "use-profile", "prod"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let out = client_at_home(&config_home, &home)
+        .args(["whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+
+    // without XDG_CONFIG_HOME, the file is ~/.config/kinvoke/config.toml
+    let out = Client::new()
+        .unwrap()
+        .env("HOME", &home)
+        .args([
+            "--endpoint",
+            "https://127.0.0.1:1",
+            "config",
+            "set-profile",
+            "x",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(home.join(".config/kinvoke/config.toml").exists(), "{out}");
+}
+
+#[test]
+fn dev_can_merge_its_profile_into_the_default_config_file() {
+    let root = tempfile::tempdir().unwrap();
+    let config_home = root.path().join("xdg");
+    let home = root.path().join("home");
+    let mut dev = DevGateway::start_merging_client_config(root.path(), &config_home).unwrap();
+    assert!(
+        dev.banner().contains("Merged profile \"dev\" into"),
+        "{}",
+        dev.banner()
+    );
+    assert!(
+        dev.try_command()
+            .starts_with(&format!("kinvoke invoke --cluster {CLUSTER} ")),
+        "{}",
+        dev.banner()
+    );
+    let out = client_at_home(&config_home, &home)
+        .args(["invoke", "-n", CLUSTER, "-c", "echo hi | tr a-z A-Z"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(&out.lines()[1..], ["HI"], "{out}");
+    dev.terminate().unwrap();
+}
+
+#[test]
+fn completions_generate_for_each_shell_and_the_man_page_renders() {
+    for shell in ["bash", "zsh", "fish", "powershell", "elvish"] {
+        let out = Client::new()
+            .unwrap()
+            .args(["completion", shell])
+            .run()
+            .unwrap();
+        assert_eq!(out.code, Some(0), "{shell}: {out}");
+        assert!(out.stdout.contains("kinvoke"), "{shell}: {out}");
+        assert!(out.stdout.contains("invoke"), "{shell}: {out}");
+    }
+    let man = Client::new().unwrap().args(["man"]).run().unwrap();
+    assert_eq!(man.code, Some(0), "{man}");
+    assert!(
+        man.stdout.starts_with(".ie") || man.stdout.contains(".TH kinvoke"),
+        "{man}"
+    );
+}
+
+#[test]
+fn version_prints_the_clients_and_the_gateways() {
+    let gw = gateway();
+    let out = gw.client().unwrap().args(["version"]).run().unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        out.lines(),
+        [format!("kinvoke {version}"), format!("gateway {version}")],
+        "{out}"
+    );
+    let alone = Client::new().unwrap().args(["version"]).run().unwrap();
+    assert_eq!(alone.code, Some(0), "{alone}");
+    assert!(alone.stdout.contains("gateway unknown"), "{alone}");
+}
+
+#[test]
+fn query_filters_the_json_object_like_azs() {
+    let gw = gateway();
+    let out = invoke(&gw, "echo hi", &["--query", "provisioningState"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.stdout, "\"Succeeded\"\n", "{out}");
+    let out = gw
+        .client()
+        .unwrap()
+        .args([
+            "list",
+            "--query",
+            "[?provisioningState=='Succeeded'].command",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(out.json().unwrap(), serde_json::json!(["echo hi"]), "{out}");
+    let out = gw
+        .client()
+        .unwrap()
+        .args(["list", "--query", "[?"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("--query \"[?\""), "{out}");
 }

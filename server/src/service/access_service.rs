@@ -80,6 +80,7 @@ impl AccessService for AccessApi {
             source_address: who.source.to_string(),
             listener: who.listener,
             clusters,
+            gateway_version: env!("CARGO_PKG_VERSION").to_owned(),
         }))
     }
 
