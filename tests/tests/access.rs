@@ -714,6 +714,64 @@ fn a_github_actions_job_fetches_its_own_token_with_no_glue() {
 }
 
 #[test]
+fn an_azure_pipelines_job_fetches_its_token_for_its_service_connection() {
+    let issuer = TestIssuer::new().unwrap();
+    let gw = oidc_gateway(&issuer);
+    let token = issuer
+        .sign(
+            Algorithm::RS256,
+            TestIssuer::RSA_KID,
+            &ci_claims("refs/heads/main"),
+        )
+        .unwrap();
+    // the pipeline's OIDC endpoint: POST ?api-version=7.1&serviceConnectionId=ID with
+    // the job's access token, answer {"oidcToken": "<JWT>"}
+    let endpoint = WebhookReceiver::answering(json!({ "oidcToken": token }).to_string()).unwrap();
+    let me = whoami(
+        gw.anonymous_client()
+            .unwrap()
+            .env(
+                "SYSTEM_OIDCREQUESTURI",
+                format!(
+                    "http://{}/project/_apis/distributedtask/hubs/build/plans/p/jobs/j/oidctoken",
+                    endpoint.addr()
+                ),
+            )
+            .env("SYSTEM_ACCESSTOKEN", "job-access-token")
+            .args(["--token-source", "azure-pipelines:3f0e-service-connection"]),
+    );
+    assert_eq!(me["principal"], format!("ci:{CI_SUBJECT}"), "{me}");
+    let request = endpoint
+        .next_request(std::time::Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(request.method, "POST");
+    assert!(
+        request
+            .path
+            .ends_with("/oidctoken?api-version=7.1&serviceConnectionId=3f0e-service-connection"),
+        "{request:?}"
+    );
+    assert_eq!(
+        request.header("authorization"),
+        Some("Bearer job-access-token")
+    );
+    // without the access token mapped into the step
+    let out = gw
+        .anonymous_client()
+        .unwrap()
+        .env("SYSTEM_OIDCREQUESTURI", "https://dev.azure.example/x")
+        .args(["--token-source", "azure-pipelines:x", "whoami"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(
+        out.stderr
+            .contains("SYSTEM_ACCESSTOKEN is not set; map it into the step's env"),
+        "{out}"
+    );
+}
+
+#[test]
 fn env_and_file_token_sources_and_a_profile_that_names_one() {
     let issuer = TestIssuer::new().unwrap();
     let gw = oidc_gateway(&issuer);
