@@ -92,6 +92,46 @@ pub enum GatewayError {
     /// Server reflection could not be built.
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// Another gateway process uses the same state directory.
+    #[error(
+        "another kinvoke-gateway process uses the state directory {0} (it holds {0}/gateway.lock); \
+         stop it, or give this gateway a state directory of its own"
+    )]
+    StateDirInUse(String),
+    /// The state directory cannot be created or locked.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: String,
+        /// OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Takes the state directory for this process: an exclusive lock on
+/// `STATE_DIR/gateway.lock`, held until the process ends, so a second gateway on the
+/// same directory (whose store, audit log and command directories would mix with this
+/// one's) refuses to start.
+fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::File>, GatewayError> {
+    let io = |source| GatewayError::StateDir {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("gateway.lock"))
+        .map_err(io)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => {
+                GatewayError::StateDirInUse(dir.display().to_string())
+            }
+            other => io(std::io::Error::from(other)),
+        },
+    )
 }
 
 /// Largest HTTP/2 header list a request may send, in bytes (hyper's default is 16 KiB).
@@ -120,6 +160,8 @@ pub async fn run(
 /// open it before announcing readiness, so a bad store or audit path fails first.
 pub struct Gateway {
     config: Arc<Config>,
+    /// This process's hold on the state directory.
+    _state_lock: nix::fcntl::Flock<std::fs::File>,
     audit: Audit,
     guard: Arc<Guard>,
     runner: Arc<Runner>,
@@ -141,6 +183,9 @@ impl Gateway {
         launcher: Option<std::path::PathBuf>,
     ) -> Result<Self, GatewayError> {
         let config = Arc::new(config);
+        // first: a second gateway on this directory must not mark this one's commands
+        // failed or remove their directories
+        let state_lock = lock_state_dir(&config.state_dir)?;
         let (store, recovered) = Store::open(&config.store.path)?;
         if recovered > 0 {
             tracing::warn!(
@@ -233,6 +278,7 @@ impl Gateway {
         );
         Ok(Self {
             config,
+            _state_lock: state_lock,
             audit,
             guard,
             runner,
@@ -254,6 +300,8 @@ impl Gateway {
     ) -> Result<(), GatewayError> {
         let Self {
             config,
+            // held (not dropped) until serving ends
+            _state_lock: _held,
             audit,
             guard,
             runner,
@@ -548,5 +596,22 @@ async fn purge_loop(runner: Arc<Runner>, retention: Duration) {
             Ok(n) => tracing::info!(records = n, "deleted results past their retention"),
             Err(err) => tracing::warn!(%err, "could not delete expired results"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_gateway_on_the_same_state_directory_is_refused_until_the_first_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let first = lock_state_dir(&state).unwrap();
+        let second = lock_state_dir(&state).unwrap_err();
+        assert!(matches!(second, GatewayError::StateDirInUse(_)), "{second}");
+        assert!(second.to_string().contains("gateway.lock"), "{second}");
+        drop(first);
+        lock_state_dir(&state).unwrap();
     }
 }

@@ -122,6 +122,11 @@ impl LocalExecutor {
     /// can find what a killed predecessor left ([`LocalExecutor::remove_leftovers`])
     /// without touching another gateway's directories.
     pub fn owned_by(mut self, state_dir: &Path) -> Self {
+        // the directory itself, however it was written ("state", "./state/", a link)
+        let state_dir = state_dir
+            .canonicalize()
+            .or_else(|_| std::path::absolute(state_dir))
+            .unwrap_or_else(|_| state_dir.to_owned());
         let digest = ring::digest::digest(
             &ring::digest::SHA256,
             state_dir.as_os_str().as_encoded_bytes(),
@@ -686,5 +691,19 @@ mod tests {
             "{}",
             outcome.reason
         );
+    }
+
+    #[test]
+    fn command_directories_are_named_after_the_state_directory_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let absolute = LocalExecutor::new(Duration::from_secs(1), None, None).owned_by(&state);
+        let spelled = LocalExecutor::new(Duration::from_secs(1), None, None)
+            .owned_by(&dir.path().join("state/./"));
+        assert_eq!(absolute.prefix, spelled.prefix);
+        let other = LocalExecutor::new(Duration::from_secs(1), None, None)
+            .owned_by(&dir.path().join("other"));
+        assert_ne!(absolute.prefix, other.prefix);
     }
 }
