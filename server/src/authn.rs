@@ -104,9 +104,11 @@ pub enum AuthnError {
     /// The certificate could not be parsed.
     #[error("the client certificate cannot be parsed")]
     Unparsable,
-    /// The identity holds control characters, which no principal may: they would reach
-    /// logs, audit lines and Kubernetes headers.
-    #[error("the {0} identifying the caller holds control characters; no principal may")]
+    /// The identity holds control or text-direction characters, which no principal may:
+    /// they would reach logs, audit lines and Kubernetes headers, or show as another name.
+    #[error(
+        "the {0} identifying the caller holds control or text-direction characters; no principal may"
+    )]
     ControlCharacters(&'static str),
 }
 
@@ -199,7 +201,7 @@ impl Authenticator {
         };
         if jwt::looks_like_jwt(token) && !self.issuers.is_empty() {
             let identity = self.issuers.verify(token).await?;
-            if identity.id.chars().any(char::is_control) {
+            if identity.id.chars().any(crate::command::is_unprintable) {
                 return Err(AuthnError::ControlCharacters("token claim"));
             }
             return Ok(Principal {
@@ -229,7 +231,7 @@ impl Authenticator {
         cert: &CertificateDer<'_>,
     ) -> Result<Principal, AuthnError> {
         let (identity, subject) = identity_of(cert)?;
-        if identity.chars().any(char::is_control) {
+        if identity.chars().any(crate::command::is_unprintable) {
             return Err(AuthnError::ControlCharacters("client certificate name"));
         }
         let rule = self.mtls_rules.iter().find(|r| r.matches(&identity));

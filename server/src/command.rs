@@ -342,6 +342,22 @@ impl CommandSpec {
     }
 }
 
+/// True for characters a name shown to people must not hold: control characters (Cc)
+/// and the format characters that reorder or hide text (bidirectional embeddings,
+/// overrides and isolates, zero-width characters, the BOM): a name holding U+202E shows
+/// as another name (`invoice\u{202E}txt.sh` reads as `invoicehs.txt`).
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}')
+}
+
 /// Checks that an attached file's path stays inside the working directory.
 fn validate_file_path(path: &str, max_bytes: usize) -> Result<PathBuf, InvalidRequest> {
     let bad = |message: String| InvalidRequest::Malformed {
@@ -363,10 +379,11 @@ fn validate_file_path(path: &str, max_bytes: usize) -> Result<PathBuf, InvalidRe
     if path.contains('\0') {
         return Err(bad(format!("\"{shown}\" contains NUL")));
     }
-    if path.chars().any(char::is_control) {
+    if path.chars().any(is_unprintable) {
         return Err(bad(format!(
-            "\"{shown}\" contains a control character; attached file names may not hold \
-             any (they would reach logs, audit lines and terminals): rename the file"
+            "\"{shown}\" contains a control, invisible or text-direction character; \
+             attached file names may not hold any (they would reach logs, audit lines and \
+             terminals, or show as another name): rename the file"
         )));
     }
     if path.contains('\\') {
@@ -575,6 +592,9 @@ mod tests {
             "tab\there",
             "del\u{7f}",
             "c1\u{85}",
+            "invoice\u{202E}txt.sh",
+            "zero\u{200B}width",
+            "isolate\u{2066}x",
         ] {
             let err = CommandSpec::validate(request(vec![(path, b"x")]), &limits).unwrap_err();
             assert!(err.to_string().starts_with("files.path"), "{path:?}: {err}");

@@ -41,6 +41,10 @@ enum AuditCmd {
         /// removed last lines or a file replaced by another chain are found.
         #[arg(long, value_name = "SEQ:SHA256")]
         head: Option<kinvoke_gateway::audit::chain::Head>,
+        /// Accept files that do not start at seq 1 (older rotated files were deleted on
+        /// purpose): the first line then anchors the chain.
+        #[arg(long)]
+        partial: bool,
     },
 }
 
@@ -145,10 +149,15 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Cmd::Audit {
-            command: AuditCmd::Verify { files, head },
+            command:
+                AuditCmd::Verify {
+                    files,
+                    head,
+                    partial,
+                },
         } => {
             use kinvoke_gateway::audit::chain;
-            match chain::verify_files(&files, head.as_ref()) {
+            match chain::verify_files_from(&files, head.as_ref(), partial) {
                 Ok((total, last)) => {
                     let anchored = head
                         .map(|h| format!(", through the recorded head seq {}", h.seq))

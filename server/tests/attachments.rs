@@ -46,13 +46,19 @@ async fn hostile_file_names_are_refused_naming_the_problem_and_audited() {
             "newline",
             vec![file("values\nforged.yaml", b"x", 0)],
             Code::InvalidArgument,
-            "contains a control character",
+            "contains a control, invisible or text-direction character",
         ),
         (
             "terminal escape",
             vec![file("a\u{1b}[2Jb", b"x", 0)],
             Code::InvalidArgument,
-            "contains a control character",
+            "contains a control, invisible or text-direction character",
+        ),
+        (
+            "a right-to-left override",
+            vec![file("invoice\u{202E}txt.sh", b"x", 0)],
+            Code::InvalidArgument,
+            "text-direction character",
         ),
         (
             "traversal",
@@ -98,6 +104,7 @@ async fn hostile_file_names_are_refused_naming_the_problem_and_audited() {
         // the name is shown escaped, never raw
         assert!(!status.message().contains('\n'), "{name}: {status:?}");
         assert!(!status.message().contains('\u{1b}'), "{name}: {status:?}");
+        assert!(!status.message().contains('\u{202E}'), "{name}: {status:?}");
     }
     let events = gw
         .audit_until("a refusal per case", |events| {

@@ -531,7 +531,7 @@ async fn bad_client_certificates_are_refused_with_the_reason_and_audited() {
         (
             "control characters in the name",
             gw.ca().client_cert("admin\u{1b}[2J\nforged", None).unwrap(),
-            "client certificate name identifying the caller holds control characters",
+            "client certificate name identifying the caller holds control or text-direction characters",
             "",
         ),
     ];

@@ -504,9 +504,24 @@ fn rotated_files_verify_together_oldest_first() {
     assert_eq!(report.head_seq, last.seq());
     assert_eq!(report.head_sha256, line_hash(last.text.as_bytes()));
 
-    // the current file alone verifies from its own first line
-    let alone = verified(std::slice::from_ref(&current));
-    assert_eq!(alone.head_seq, last.seq());
+    // the current file alone does not start the chain: refused, unless the older
+    // files were deleted on purpose (--partial), when its first line anchors it
+    let alone = audit_verify(std::slice::from_ref(&current)).unwrap();
+    assert_eq!(alone.code, Some(1), "{alone}");
+    assert!(
+        alone.stdout.contains("its oldest events are missing"),
+        "{alone}"
+    );
+    let partial = kinvoke_tests::gateway_cli([
+        "audit".as_ref(),
+        "verify".as_ref(),
+        "--partial".as_ref(),
+        current.as_os_str(),
+    ])
+    .unwrap();
+    assert_eq!(partial.code, Some(0), "{partial}");
+    let partial = VerifiedChain::parse(&partial.stdout).unwrap();
+    assert_eq!(partial.head_seq, last.seq());
 
     // newest first, the second file does not continue the first
     let reversed: Vec<PathBuf> = files.iter().rev().cloned().collect();

@@ -124,6 +124,14 @@ pub enum ChainBreak {
         /// The last sequence number in the files.
         last: u64,
     },
+    /// The first file does not start the chain: older events are missing.
+    #[error(
+        "the chain starts at seq {first}, not 1: its oldest events are missing; give the older rotated files too, oldest first (or --partial if they were deleted on purpose)"
+    )]
+    StartsLate {
+        /// The first sequence number found.
+        first: u64,
+    },
     /// The files start after the anchor: the rotated file holding it was not given.
     #[error(
         "the recorded head seq {seq} is before these files, which start at seq {first}: give the older rotated files too, oldest first"
@@ -171,6 +179,17 @@ pub fn verify(path: &Path, start: Option<&Head>) -> Result<(usize, Head), ChainB
 /// was replaced by another well-formed chain; with one it can, up to the anchor.
 /// Returns the number of lines and the last head.
 pub fn verify_files(files: &[PathBuf], anchor: Option<&Head>) -> Result<(usize, Head), FilesBreak> {
+    verify_files_from(files, anchor, false)
+}
+
+/// [`verify_files`]; unless `partial`, the first file must start the chain (seq 1), so
+/// removed oldest events are found too. `partial` accepts files whose older
+/// predecessors were deliberately deleted (their first line then anchors the chain).
+pub fn verify_files_from(
+    files: &[PathBuf],
+    anchor: Option<&Head>,
+    partial: bool,
+) -> Result<(usize, Head), FilesBreak> {
     let mut head: Option<Head> = None;
     let mut first_seq: Option<u64> = None;
     let mut anchor_seen = false;
@@ -196,6 +215,15 @@ pub fn verify_files(files: &[PathBuf], anchor: Option<&Head>) -> Result<(usize, 
         head = Some(h);
     }
     let head = head.unwrap_or_else(Head::genesis);
+    if !partial
+        && let Some(first) = first_seq
+        && first != 1
+    {
+        return Err(FilesBreak {
+            file: files.first().map(|f| f.display().to_string()),
+            cause: ChainBreak::StartsLate { first },
+        });
+    }
     if let Some(anchor) = anchor
         && !anchor_seen
     {
@@ -844,8 +872,16 @@ mod tests {
         let last = f.head().clone();
         assert_eq!(verify_files(&files, Some(&last)).unwrap().1, last);
 
-        // the current file alone starts after the anchor
-        let err = verify_files(std::slice::from_ref(&path), Some(&anchor)).unwrap_err();
+        // the current file alone does not start the chain; accepted as partial, it
+        // still starts after the anchor
+        let alone = std::slice::from_ref(&path);
+        let err = verify_files(alone, None).unwrap_err();
+        assert!(
+            matches!(err.cause, ChainBreak::StartsLate { first: 4 }),
+            "{err}"
+        );
+        assert!(verify_files_from(alone, None, true).is_ok());
+        let err = verify_files_from(alone, Some(&anchor), true).unwrap_err();
         assert!(
             matches!(err.cause, ChainBreak::AnchorBefore { seq: 3, first: 4 }),
             "{err}"
