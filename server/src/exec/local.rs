@@ -153,8 +153,13 @@ impl LocalExecutor {
                 .to_str()
                 .is_some_and(|name| name.starts_with(&self.prefix));
             if ours && entry.file_type()?.is_dir() {
-                remove_tree(&entry.path()).await?;
-                removed += 1;
+                // one that cannot be removed must not keep the others
+                match remove_tree(&entry.path()).await {
+                    Ok(()) => removed += 1,
+                    Err(err) => {
+                        tracing::warn!(dir = %entry.path().display(), %err, "could not remove a command directory a previous gateway process left behind");
+                    }
+                }
             }
         }
         Ok(removed)
@@ -518,6 +523,19 @@ fn write_file(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
 /// shaped that tree, and a recursive removal in the gateway would overflow a thread's
 /// stack, or run out of descriptors, on one nested tens of thousands of levels deep.
 async fn remove_tree(path: &Path) -> io::Result<()> {
+    // a command may have taken permissions off its own directories (`chmod 000`), which
+    // stops even its owner's rm; give them back first (no links are followed)
+    let _ = Command::new("chmod")
+        .args(["-R", "--", "u+rwx"])
+        .arg(path)
+        .env_clear()
+        .env("PATH", crate::exec::DEFAULT_COMMAND_PATH)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await;
     let status = Command::new("rm")
         .args(["-rf", "--one-file-system", "--"])
         .arg(path)
@@ -705,5 +723,47 @@ mod tests {
         let other = LocalExecutor::new(Duration::from_secs(1), None, None)
             .owned_by(&dir.path().join("other"));
         assert_ne!(absolute.prefix, other.prefix);
+    }
+
+    #[tokio::test]
+    async fn leftovers_are_removed_even_chmod_000_and_one_that_resists_keeps_no_other() {
+        let root = tempfile::tempdir().unwrap();
+        let state = root.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let executor =
+            LocalExecutor::new(Duration::from_secs(1), Some(root.path().to_owned()), None)
+                .owned_by(&state);
+        let dir = |name: &str| root.path().join(format!("{}{name}", executor.prefix));
+        // a command that took every permission off its own tree
+        let locked = dir("locked");
+        std::fs::create_dir_all(locked.join("work/trap/inner")).unwrap();
+        std::fs::write(locked.join("work/trap/inner/secret"), "x").unwrap();
+        std::fs::set_permissions(locked.join("work/trap"), std::fs::Permissions::from_mode(0))
+            .unwrap();
+        std::fs::set_permissions(locked.join("work"), std::fs::Permissions::from_mode(0)).unwrap();
+        // one that cannot be removed at all (an immutable file inside)
+        let stuck = dir("stuck");
+        std::fs::create_dir_all(&stuck).unwrap();
+        let pinned = stuck.join("pinned");
+        std::fs::write(&pinned, "x").unwrap();
+        let chattr = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(&pinned)
+                .status()
+                .unwrap()
+        };
+        assert!(chattr("+i").success());
+        let plain = dir("plain");
+        std::fs::create_dir_all(plain.join("work")).unwrap();
+        // not ours: another gateway's, and a link
+        let other = root.path().join("kinvoke-000000000000-x");
+        std::fs::create_dir(&other).unwrap();
+
+        let removed = executor.remove_leftovers().await.unwrap();
+        assert!(chattr("-i").success());
+        assert_eq!(removed, 2);
+        assert!(!locked.exists() && !plain.exists());
+        assert!(stuck.exists() && other.exists());
     }
 }
