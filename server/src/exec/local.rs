@@ -738,9 +738,13 @@ mod tests {
         let locked = dir("locked");
         std::fs::create_dir_all(locked.join("work/trap/inner")).unwrap();
         std::fs::write(locked.join("work/trap/inner/secret"), "x").unwrap();
-        std::fs::set_permissions(locked.join("work/trap"), std::fs::Permissions::from_mode(0))
+        std::fs::set_permissions(
+            locked.join("work/trap"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
+        std::fs::set_permissions(locked.join("work"), std::fs::Permissions::from_mode(0o000))
             .unwrap();
-        std::fs::set_permissions(locked.join("work"), std::fs::Permissions::from_mode(0)).unwrap();
         // one that cannot be removed at all (an immutable file inside)
         let stuck = dir("stuck");
         std::fs::create_dir_all(&stuck).unwrap();
