@@ -490,8 +490,10 @@ pub struct Limits {
     /// Open connections on this gateway, all listeners together.
     pub max_connections: usize,
     /// Longest a new connection may take to send its PROXY header (when its peer is a
-    /// trusted proxy) and complete the TLS handshake.
+    /// trusted proxy), complete the TLS handshake, and then start HTTP/2.
     pub handshake_timeout: Duration,
+    /// Longest a request may take to arrive whole, from its headers to its last byte.
+    pub request_read_timeout: Duration,
     /// Output kept per command; the rest is counted but cut.
     pub max_output_bytes: usize,
     /// How much of `max_output_bytes` goes to the output's head, in percent; the rest
@@ -544,10 +546,11 @@ impl Default for Limits {
             max_commands_per_principal: 16,
             requests_per_second_per_principal: 20,
             request_burst_per_principal: 100,
-            max_in_flight_requests: 1024,
+            max_in_flight_requests: 256,
             max_connections_per_source: 64,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
+            request_read_timeout: Duration::from_secs(30),
             max_output_bytes: 512 * 1024,
             output_head_percent: 50,
             kill_grace: Duration::from_secs(5),

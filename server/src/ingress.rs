@@ -3,6 +3,7 @@
 //! allowlist before any TLS work, complete the rustls handshake, and hand tonic a
 //! connection that carries who and where the peer is.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -420,6 +421,7 @@ async fn accept_loop(
                             stream,
                             info,
                             _slot: slot,
+                            first_bytes: Some(Box::pin(tokio::time::sleep(handshake_timeout))),
                         }))
                         .await;
                 }
@@ -451,6 +453,10 @@ pub struct Conn {
     info: ConnInfo,
     /// Its place in the connection limits, held while it is open.
     _slot: ConnectionSlot,
+    /// Until the client's first bytes after the TLS handshake (its HTTP/2 preface):
+    /// when they must have arrived. A client that completes TLS and then says nothing
+    /// is dropped rather than holding its place.
+    first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -467,7 +473,25 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.stream).poll_read(cx, buf);
+        if self.first_bytes.is_some() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_bytes = None,
+                Poll::Pending => {
+                    if let Some(deadline) = self.first_bytes.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no HTTP/2 preface within limits.handshake_timeout after TLS",
+                        )));
+                    }
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 

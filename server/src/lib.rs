@@ -137,6 +137,10 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<nix::fcntl::Flock<std::fs::Fi
 /// Largest HTTP/2 header list a request may send, in bytes (hyper's default is 16 KiB).
 const MAX_HEADER_LIST_BYTES: u32 = 1024 * 1024 + 64 * 1024;
 
+/// Largest message the health, reflection and access services read, in bytes (their
+/// requests are a few names; a break-glass justification is the longest).
+const SMALL_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// Streams one connection may have open at once.
 const MAX_CONCURRENT_STREAMS: u32 = 128;
 
@@ -392,14 +396,28 @@ impl Gateway {
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .layer(InFlightLimit::new(
                 config.limits.max_in_flight_requests,
+                config.limits.request_read_timeout,
                 audit.clone(),
             ))
             .layer(TransportRefusals::new(&config.limits, audit.clone()))
-            .add_service(health)
-            .add_service(reflection_v1.build_v1()?)
-            .add_service(reflection_v1alpha.build_v1alpha()?)
+            // the small services read small messages: their requests are never
+            // allowed the size a command's attachments are
+            .add_service(health.max_decoding_message_size(SMALL_MESSAGE_BYTES))
+            .add_service(
+                reflection_v1
+                    .build_v1()?
+                    .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+            )
+            .add_service(
+                reflection_v1alpha
+                    .build_v1alpha()?
+                    .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+            )
             .add_service(commands)
-            .add_service(AccessServiceServer::new(AccessApi::new(guard)))
+            .add_service(
+                AccessServiceServer::new(AccessApi::new(guard))
+                    .max_decoding_message_size(SMALL_MESSAGE_BYTES),
+            )
             // the incoming stream ending (stop_accepting) starts tonic's graceful shutdown:
             // open calls, such as a waiting invoke, run to their end
             .serve_with_incoming_shutdown(incoming, std::future::pending::<()>());

@@ -11,12 +11,10 @@
 
 mod support;
 
-use bytes::{Buf, BufMut};
 use kinvoke_proto::v1 as pb;
 use prost::Message;
-use support::{ADMIN, TestGateway, invoke, run, still_serves};
+use support::{ADMIN, RawCodec, TestGateway, invoke, run, still_serves};
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 fn file(path: &str, content: &[u8], mode: u32) -> pb::AttachedFile {
     pb::AttachedFile {
@@ -150,49 +148,6 @@ async fn a_symlink_mode_is_not_a_symlink() {
     request.command = "test -L link && echo symlink; test -f link && cat link".into();
     let result = run(&gw, request).await;
     assert_eq!(result.output, b"/etc/shadow");
-}
-
-/// Sends and receives messages as the bytes they are, so a test can send what no
-/// well-behaved client would.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-struct Raw;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let mut out = vec![0; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
-    }
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use kinvoke_proto::v1 as pb;
 use rustls_pki_types::pem::PemObject;
-use support::{ADMIN, TestGateway, invoke, still_serves};
+use support::{ADMIN, RawCodec, TestGateway, invoke, still_serves};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -215,5 +215,67 @@ async fn ten_thousand_streams_at_once_on_one_connection_are_all_answered() {
     }
     assert_eq!(served + limited, 10_000);
     assert!(served >= 1024, "{served} served");
+    still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn a_client_that_finishes_tls_and_never_speaks_http2_is_closed() {
+    let gw = TestGateway::start("handshake_timeout = \"200ms\"", "").await;
+    let mut silent = h2_connection(&gw).await;
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(10)).await,
+        "a connection with no HTTP/2 preface stayed open"
+    );
+    still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn a_request_that_never_finishes_gives_its_place_back_after_the_read_timeout() {
+    let gw = TestGateway::start(
+        "max_in_flight_requests = 1\nrequest_read_timeout = \"300ms\"",
+        "",
+    )
+    .await;
+    // headers sent, the message never: a stream of requests that never yields
+    let mut grpc = tonic::client::Grpc::new(gw.channel_as(ADMIN).await);
+    grpc.ready().await.unwrap();
+    let status = grpc
+        .client_streaming(
+            tonic::Request::new(tokio_stream::pending::<Vec<u8>>()),
+            http::uri::PathAndQuery::from_static("/kinvoke.v1.CommandService/InvokeCommand"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        status.message().contains("limits.request_read_timeout"),
+        "{status:?}"
+    );
+    // its place is free again
+    still_serves(&gw).await;
+}
+
+#[tokio::test]
+async fn the_small_services_refuse_large_messages() {
+    let gw = TestGateway::start("", "").await;
+    let mut grpc = tonic::client::Grpc::new(gw.channel_as(ADMIN).await);
+    grpc.ready().await.unwrap();
+    // a health check request of 1 MiB (a real one is a few bytes)
+    let mut message = vec![0x0a, 0x80, 0x80, 0x40];
+    message.extend(std::iter::repeat_n(b'a', 1024 * 1024));
+    let status = grpc
+        .unary(
+            tonic::Request::new(message),
+            http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check"),
+            RawCodec,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("reads small messages only"),
+        "{status:?}"
+    );
     still_serves(&gw).await;
 }

@@ -98,6 +98,8 @@ pub(super) struct RawLimits {
     pub(super) max_connections: Option<usize>,
     #[serde(default, with = "humantime_serde")]
     pub(super) handshake_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) request_read_timeout: Option<Duration>,
     pub(super) max_output_bytes: Option<ByteSize>,
     pub(super) output_head_percent: Option<u8>,
     #[serde(default, with = "humantime_serde")]

@@ -148,6 +148,7 @@ pub(super) fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
             .unwrap_or(d.max_connections_per_source),
         max_connections: raw.max_connections.unwrap_or(d.max_connections),
         handshake_timeout: raw.handshake_timeout.unwrap_or(d.handshake_timeout),
+        request_read_timeout: raw.request_read_timeout.unwrap_or(d.request_read_timeout),
         max_output_bytes: usize_of(
             "max_output_bytes",
             size(
@@ -166,6 +167,12 @@ pub(super) fn parse_limits(raw: RawLimits) -> Result<Limits, ConfigError> {
                 "{} is over 100; it is the share of max_output_bytes that keeps the output's head",
                 limits.output_head_percent
             ),
+        ));
+    }
+    if limits.request_read_timeout.is_zero() {
+        return Err(invalid(
+            "limits.request_read_timeout",
+            "must be longer than 0s",
         ));
     }
     if limits.handshake_timeout.is_zero() {

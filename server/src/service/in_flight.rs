@@ -4,8 +4,11 @@
 //! a refusal, not memory; it is audited as `request_refused`. A request counts until its
 //! handler answers: a unary call (an invoke that waits included) until its result, a
 //! streaming call until the stream starts. Health checks are never refused, so an
-//! orchestrator does not restart a gateway for being busy. It also names each request's
-//! method in its extensions ([`RpcMethod`]) for the audit events of later stages.
+//! orchestrator does not restart a gateway for being busy. Every request, health checks
+//! included, must arrive whole within `limits.request_read_timeout` ([`DeadlineBody`]),
+//! so a client that starts requests and never finishes them holds neither a place nor
+//! memory. The layer also names each request's method in its extensions ([`RpcMethod`])
+//! for the audit events of later stages.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,17 +33,71 @@ const EXEMPT_PREFIX: &str = "/grpc.health.v1.Health/";
 pub struct InFlightLimit {
     slots: Arc<Semaphore>,
     limit: usize,
+    read_timeout: Duration,
     audit: Audit,
 }
 
 impl InFlightLimit {
-    /// At most `limit` requests handled at once; refusals audited to `audit`.
-    pub fn new(limit: usize, audit: Audit) -> Self {
+    /// At most `limit` requests handled at once, each given `read_timeout` to arrive
+    /// whole (so a request that never finishes cannot hold its place, or its buffered
+    /// bytes, for ever); refusals audited to `audit`.
+    pub fn new(limit: usize, read_timeout: Duration, audit: Audit) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(limit)),
             limit,
+            read_timeout,
             audit,
         }
+    }
+}
+
+/// A request body that must end within a deadline: past it, reading fails with
+/// `DEADLINE_EXCEEDED` naming `limits.request_read_timeout`.
+pub struct DeadlineBody<B> {
+    inner: Pin<Box<B>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    ended: bool,
+}
+
+impl<B> http_body::Body for DeadlineBody<B>
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = bytes::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if !this.ended && this.deadline.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            // a Status, which tonic answers as it is
+            let status = tonic::Status::deadline_exceeded(format!(
+                "the request did not arrive whole within {} (limits.request_read_timeout)",
+                humantime::format_duration(this.timeout)
+            ));
+            return Poll::Ready(Some(Err(Box::new(status))));
+        }
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map_err(Into::into))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -64,7 +121,7 @@ pub struct InFlightService<S> {
 
 impl<S, B, R> tower::Service<http::Request<B>> for InFlightService<S>
 where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S: tower::Service<http::Request<DeadlineBody<B>>, Response = http::Response<R>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     R: Default + Send + 'static,
@@ -80,6 +137,13 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let method = RpcMethod(req.uri().path().into());
         req.extensions_mut().insert(method);
+        let timeout = self.limit.read_timeout;
+        let req = req.map(|body| DeadlineBody {
+            inner: Box::pin(body),
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            ended: false,
+        });
         if req.uri().path().starts_with(EXEMPT_PREFIX) {
             return Box::pin(self.inner.call(req));
         }

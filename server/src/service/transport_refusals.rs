@@ -101,7 +101,7 @@ where
             let refusal = if status.code() == Code::OutOfRange
                 && status.message().starts_with(TONIC_TOO_LARGE)
             {
-                settings.too_large(found_bytes(status.message()))
+                settings.too_large(&method, found_bytes(status.message()))
             } else if status.code() == Code::Internal
                 && status.message().starts_with(PROST_UNDECODABLE)
             {
@@ -146,8 +146,14 @@ fn undecodable(message: &str) -> Status {
 }
 
 impl Settings {
-    fn too_large(&self, found: Option<u64>) -> Status {
+    fn too_large(&self, method: &str, found: Option<u64>) -> Status {
         let got = found.map_or_else(String::new, |n| format!(" (got a {n}-byte request)"));
+        if !method.starts_with("/kinvoke.v1.CommandService/") {
+            // the small services (health, reflection, access) read small messages only
+            return Status::resource_exhausted(format!(
+                "request too large for {method}{got}: this service reads small messages only"
+            ));
+        }
         Status::resource_exhausted(format!(
             "request size exceeds the gateway limit limits.max_total_file_bytes = {} bytes of \
              attached files{got}; with file paths, the command line and framing a request may \
