@@ -123,12 +123,17 @@ pub enum AuditEvent {
         /// The principal, when the caller was identified.
         #[serde(skip_serializing_if = "Option::is_none")]
         principal: Option<String>,
-        /// The gRPC method, e.g. `/kinvoke.v1.CommandService/InvokeCommand`.
+        /// The gRPC method, e.g. `/kinvoke.v1.CommandService/InvokeCommand` (its first
+        /// 256 bytes).
         method: String,
         /// The gRPC code the caller got.
         code: String,
         /// The message the caller got.
         reason: String,
+        /// Refusals of this source (or principal) left out since the last recorded
+        /// one: their lines are capped per second.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unrecorded_before: Option<u64>,
     },
     /// Credentials were missing or wrong.
     AuthenticationFailed {
@@ -346,6 +351,70 @@ impl AuditEvent {
     }
 }
 
+/// Caps how many audit lines one key (a source address, a command) may cause for
+/// refusals it can repeat at will, so a flood of refused requests cannot flood the log:
+/// `per_second` lines a second per key after a burst; the next line recorded carries
+/// how many were left out (`unrecorded_before`).
+pub struct Throttle<K: std::hash::Hash + Eq + Clone> {
+    limiter: governor::DefaultKeyedRateLimiter<K>,
+    unrecorded: std::sync::Mutex<std::collections::HashMap<K, u64>>,
+}
+
+/// Audit lines a second, and their burst, for refusals one source, principal or command
+/// can repeat at will.
+pub const REFUSAL_LINES_PER_SECOND: u32 = 10;
+/// See [`REFUSAL_LINES_PER_SECOND`].
+pub const REFUSAL_LINES_BURST: u32 = 50;
+
+/// Keys a [`Throttle`] keeps counts for before it forgets the oldest counts.
+const THROTTLE_KEYS: usize = 10_000;
+
+impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
+    /// At most `per_second` lines a second per key, `burst` at once.
+    pub fn new(per_second: u32, burst: u32) -> Self {
+        let rate = std::num::NonZeroU32::new(per_second).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            limiter: governor::RateLimiter::keyed(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+            unrecorded: std::sync::Mutex::default(),
+        }
+    }
+
+    /// `Some(left out before this one)` when an event of `key` may be recorded now;
+    /// `None` when it is left out (and counted for the next recorded one).
+    pub fn admit(&self, key: &K) -> Option<u64> {
+        let mut unrecorded = self
+            .unrecorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.limiter.check_key(key).is_ok() {
+            return Some(unrecorded.remove(key).unwrap_or(0));
+        }
+        if unrecorded.len() >= THROTTLE_KEYS && !unrecorded.contains_key(key) {
+            // bounded memory under a flood from many keys: the oldest counts are lost
+            unrecorded.clear();
+            self.limiter.retain_recent();
+        }
+        *unrecorded.entry(key.clone()).or_insert(0) += 1;
+        None
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary: for values a caller
+/// chooses (a request path) that an audit line carries.
+pub fn clip(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 struct Entry {
     fields: Map<String, Value>,
     durable: Option<oneshot::Sender<Result<(), AuditUnavailable>>>,
@@ -457,6 +526,20 @@ impl Audit {
             .is_err()
         {
             self.healthy.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Records the event `make` builds, unless `key` has caused more lines than
+    /// `throttle` allows lately; `make` gets how many were left out before this one
+    /// (`None` for none). For refusals a caller can repeat at will.
+    pub fn record_throttled<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        throttle: &Throttle<K>,
+        key: &K,
+        make: impl FnOnce(Option<u64>) -> AuditEvent,
+    ) {
+        if let Some(unrecorded) = throttle.admit(key) {
+            self.record(make((unrecorded > 0).then_some(unrecorded)));
         }
     }
 

@@ -8,7 +8,7 @@ use tonic::Request;
 
 use crate::access::authz::{Action, Decision, Denied, GrantUse, Policy};
 use crate::admission::{RateLimited, RequestRate};
-use crate::audit::{Audit, AuditEvent};
+use crate::audit::{Audit, AuditEvent, REFUSAL_LINES_BURST, REFUSAL_LINES_PER_SECOND, Throttle};
 use crate::authn::{Authenticator, AuthnError, Principal};
 use crate::breakglass::BreakGlass;
 use crate::command::ClusterName;
@@ -100,6 +100,8 @@ pub struct GuardSettings {
 pub struct Guard {
     config: GuardSettings,
     rate: RequestRate,
+    /// Caps the audit lines of rate refusals per principal.
+    refusals: Throttle<String>,
     authn: Authenticator,
     audit: Audit,
     breakglass: Arc<BreakGlass>,
@@ -115,6 +117,7 @@ impl Guard {
     ) -> Self {
         Self {
             rate: RequestRate::new(config.requests_per_second, config.request_burst),
+            refusals: Throttle::new(REFUSAL_LINES_PER_SECOND, REFUSAL_LINES_BURST),
             config,
             authn,
             audit,
@@ -168,18 +171,25 @@ impl Guard {
             Ok(principal) => {
                 tracing::debug!(principal = %principal.id, method = %principal.auth_method, source = %principal.source, "caller identified");
                 if let Err(limited) = self.rate.check(&principal.id) {
-                    self.audit.record(AuditEvent::RequestRefused {
-                        listener: conn.listener.to_string(),
-                        source: conn.source.to_string(),
-                        principal: Some(principal.id.clone()),
-                        method: req
-                            .extensions()
-                            .get::<RpcMethod>()
-                            .map(|m| m.0.to_string())
-                            .unwrap_or_default(),
-                        code: "ResourceExhausted".to_owned(),
-                        reason: limited.to_string(),
-                    });
+                    // a principal over its rate can send refused requests as fast as
+                    // it likes: their lines are capped too
+                    self.audit.record_throttled(
+                        &self.refusals,
+                        &principal.id,
+                        |unrecorded_before| AuditEvent::RequestRefused {
+                            listener: conn.listener.to_string(),
+                            source: conn.source.to_string(),
+                            principal: Some(principal.id.clone()),
+                            method: req
+                                .extensions()
+                                .get::<RpcMethod>()
+                                .map(|m| m.0.to_string())
+                                .unwrap_or_default(),
+                            code: "ResourceExhausted".to_owned(),
+                            reason: limited.to_string(),
+                            unrecorded_before,
+                        },
+                    );
                     return Err(limited.into());
                 }
                 Ok(principal)

@@ -387,6 +387,11 @@ impl Gateway {
             })
         };
         let store_probe = tokio::spawn(store_probe_loop(runner.clone()));
+        // refusals before authentication, capped per source address in the audit log
+        let refusals = Arc::new(audit::Throttle::new(
+            audit::REFUSAL_LINES_PER_SECOND,
+            audit::REFUSAL_LINES_BURST,
+        ));
         let server = tonic::transport::Server::builder()
             // room for a bearer token far over MAX_BEARER_TOKEN_BYTES, so an oversized
             // one reaches authentication and is refused there, audited, not by HTTP/2
@@ -398,8 +403,13 @@ impl Gateway {
                 config.limits.max_in_flight_requests,
                 config.limits.request_read_timeout,
                 audit.clone(),
+                refusals.clone(),
             ))
-            .layer(TransportRefusals::new(&config.limits, audit.clone()))
+            .layer(TransportRefusals::new(
+                &config.limits,
+                audit.clone(),
+                refusals,
+            ))
             // the small services read small messages: their requests are never
             // allowed the size a command's attachments are
             .add_service(health.max_decoding_message_size(SMALL_MESSAGE_BYTES))

@@ -26,28 +26,40 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::audit::{Audit, AuditEvent};
+use crate::audit::{Audit, AuditEvent, clip};
 use crate::hex::encode as hex;
 use crate::pki::CertificateAuthority;
-
-/// Audit lines a second for relay refusals without a valid token, and their burst.
-const TOKENLESS_AUDIT_PER_SECOND: std::num::NonZeroU32 =
-    std::num::NonZeroU32::MIN.saturating_add(9);
-const TOKENLESS_AUDIT_BURST: std::num::NonZeroU32 = std::num::NonZeroU32::MIN.saturating_add(49);
 
 /// Longest request path an audit line carries, in bytes.
 const MAX_AUDITED_PATH: usize = 1024;
 
-/// `text` cut to at most `max` bytes, at a character boundary.
-fn clip(text: &str, max: usize) -> &str {
-    if text.len() <= max {
-        return text;
+/// Requests one command may have in progress through the relay at once (a watch is in
+/// progress until it ends); more are answered 429.
+const MAX_REQUESTS_PER_COMMAND: usize = 64;
+
+/// Longest a request body may take to arrive whole.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One request of a command in progress; ends on drop.
+struct CommandRequest {
+    relay: Arc<Relay>,
+    command: String,
+}
+
+impl Drop for CommandRequest {
+    fn drop(&mut self) {
+        let mut open = self
+            .relay
+            .in_progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&self.command) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.command);
+            }
+        }
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Largest request body a command may send through the relay.
@@ -156,10 +168,11 @@ pub struct Relay {
     clusters: HashMap<String, kube::Client>,
     audit: Audit,
     stop: CancellationToken,
-    /// Caps the audit lines of refusals without a valid token.
-    tokenless: governor::DefaultDirectRateLimiter,
-    /// Refusals without a valid token not recorded since the last recorded one.
-    unrecorded: std::sync::atomic::AtomicU64,
+    /// Caps the audit lines of refusals per command ("" for those without a valid
+    /// token), which a command can repeat at will.
+    refusals: crate::audit::Throttle<String>,
+    /// Requests in progress per command.
+    in_progress: Mutex<HashMap<String, usize>>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -222,11 +235,11 @@ impl Relay {
             clusters,
             audit,
             stop: CancellationToken::new(),
-            tokenless: governor::RateLimiter::direct(
-                governor::Quota::per_second(TOKENLESS_AUDIT_PER_SECOND)
-                    .allow_burst(TOKENLESS_AUDIT_BURST),
+            refusals: crate::audit::Throttle::new(
+                crate::audit::REFUSAL_LINES_PER_SECOND,
+                crate::audit::REFUSAL_LINES_BURST,
             ),
-            unrecorded: std::sync::atomic::AtomicU64::new(0),
+            in_progress: Mutex::new(HashMap::new()),
         });
         tokio::spawn(serve(
             relay.clone(),
@@ -291,7 +304,7 @@ impl Relay {
         self.stop.cancel();
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<RelayBody> {
+    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<RelayBody> {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
         let verb = verb_of(req.method(), &path, req.uri().query());
@@ -300,6 +313,10 @@ impl Relay {
         let refuse = |refusal: RelayRefusal| self.refuse(refusal, binding.as_ref(), verb, &path);
         let Some(binding) = binding.clone() else {
             return refuse(RelayRefusal::NoToken);
+        };
+        // in progress until its response body is done with (a watch: until it ends)
+        let Some(in_progress) = self.begin_request(&binding.command_id) else {
+            return refuse(RelayRefusal::TooManyRequests);
         };
         if let Some(name) = req
             .headers()
@@ -320,9 +337,15 @@ impl Relay {
             });
         };
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, MAX_REQUEST_BYTES).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => return refuse(RelayRefusal::BodyTooLarge),
+        let body = match tokio::time::timeout(
+            BODY_TIMEOUT,
+            Limited::new(body, MAX_REQUEST_BYTES).collect(),
+        )
+        .await
+        {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(_)) => return refuse(RelayRefusal::BodyTooLarge),
+            Err(_) => return refuse(RelayRefusal::BodyTimeout),
         };
         let path_and_query = parts
             .uri
@@ -407,14 +430,17 @@ impl Relay {
             parts.headers.remove(*name);
         }
         // streamed as it arrives: a watch or `logs -f` is never held whole
-        let body = body.map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { Box::new(e) });
+        let body = body.map_err(move |e| -> Box<dyn std::error::Error + Send + Sync> {
+            let _ = &in_progress;
+            Box::new(e)
+        });
         Response::from_parts(parts, UnsyncBoxBody::new(body))
     }
 
     /// The one place a refusal is audited and answered: every refusal path goes
-    /// through here, so none can forget its audit record. Refusals without a valid
-    /// token cannot be attributed to a command, so their lines are capped per second;
-    /// the next recorded one counts those left out.
+    /// through here, so none can forget its audit record. A command can repeat a
+    /// refused request at will, so lines are capped per command (and for requests
+    /// without a valid token, together); the next recorded one counts those left out.
     fn refuse(
         &self,
         refusal: RelayRefusal,
@@ -422,26 +448,38 @@ impl Relay {
         verb: &str,
         path: &str,
     ) -> Response<RelayBody> {
-        use std::sync::atomic::Ordering;
         let reason = refusal.to_string();
-        let recorded = binding.is_some() || self.tokenless.check().is_ok();
-        if recorded {
-            let unrecorded = match binding {
-                Some(_) => 0,
-                None => self.unrecorded.swap(0, Ordering::Relaxed),
-            };
-            self.audit.record(AuditEvent::RelayRefused {
-                command_id: binding.map(|b| b.command_id.clone()),
-                principal: binding.map(|b| b.principal.clone()),
-                verb: verb.to_owned(),
-                path: clip(path, MAX_AUDITED_PATH).to_owned(),
-                reason: reason.clone(),
-                unrecorded_before: (unrecorded > 0).then_some(unrecorded),
+        let key = binding.map(|b| b.command_id.clone()).unwrap_or_default();
+        self.audit
+            .record_throttled(&self.refusals, &key, |unrecorded_before| {
+                AuditEvent::RelayRefused {
+                    command_id: binding.map(|b| b.command_id.clone()),
+                    principal: binding.map(|b| b.principal.clone()),
+                    verb: verb.to_owned(),
+                    path: clip(path, MAX_AUDITED_PATH).to_owned(),
+                    reason: reason.clone(),
+                    unrecorded_before,
+                }
             });
-        } else {
-            self.unrecorded.fetch_add(1, Ordering::Relaxed);
-        }
         refusal.response(path, &reason)
+    }
+
+    /// A place for one more request of `command`, or `None` when it has
+    /// [`MAX_REQUESTS_PER_COMMAND`] in progress.
+    fn begin_request(self: &Arc<Self>, command: &str) -> Option<CommandRequest> {
+        let mut open = self
+            .in_progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(command.to_owned()).or_insert(0);
+        if *count >= MAX_REQUESTS_PER_COMMAND {
+            return None;
+        }
+        *count += 1;
+        Some(CommandRequest {
+            relay: self.clone(),
+            command: command.to_owned(),
+        })
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Option<Binding> {
@@ -733,6 +771,14 @@ enum RelayRefusal {
     /// The request body is over [`MAX_REQUEST_BYTES`].
     #[error("request body larger than {MAX_REQUEST_BYTES} bytes")]
     BodyTooLarge,
+    /// The request body did not arrive whole within [`BODY_TIMEOUT`].
+    #[error("request body not received within {}s", BODY_TIMEOUT.as_secs())]
+    BodyTimeout,
+    /// The command has [`MAX_REQUESTS_PER_COMMAND`] requests in progress already.
+    #[error(
+        "this command has {MAX_REQUESTS_PER_COMMAND} requests in progress through the kinvoke relay, as many as one command may; wait for one to end"
+    )]
+    TooManyRequests,
     /// The request cannot be rebuilt for the cluster.
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -751,6 +797,8 @@ impl RelayRefusal {
             }
             Self::NoApiServer { .. } => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
             Self::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
+            Self::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "Timeout"),
+            Self::TooManyRequests => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
         }
     }
@@ -1526,6 +1574,91 @@ mod refusal_tests {
                 .iter()
                 .all(|e| e["path"].as_str().unwrap().len() <= 1024)
         );
+        relay.shutdown();
+    }
+
+    #[tokio::test]
+    async fn refusals_a_command_repeats_with_its_own_token_are_capped_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (relay, audit, config) = relay(dir.path()).await;
+        let (token, ca) = alices_token(&relay);
+        let client = https_client(&ca);
+        for _ in 0..200 {
+            let response = client
+                .get(format!("{}/api/v1/namespaces/demo/pods", relay.url()))
+                .bearer_auth(&token)
+                .header("Impersonate-User", "system:admin")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        }
+        audit
+            .record_durable(AuditEvent::GatewayStopped {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&config.path).unwrap();
+        let refused = text
+            .lines()
+            .filter(|l| l.contains("\"event\":\"relay_refused\""))
+            .count();
+        assert!(
+            (50..100).contains(&refused),
+            "{refused} lines for 200 refusals"
+        );
+        relay.shutdown();
+    }
+
+    #[tokio::test]
+    async fn one_command_may_have_only_so_many_requests_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("https://{}", hanging.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((tcp, _)) = hanging.accept().await {
+                open.push(tcp);
+            }
+        });
+        let mut settings = settings();
+        settings.response_timeout = Duration::from_secs(30);
+        settings.max_connections = 4 * MAX_REQUESTS_PER_COMMAND;
+        let (relay, _audit, _config) = relay_with(dir.path(), &upstream, settings).await;
+        let (token, ca) = alices_token(&relay);
+        let client = https_client(&ca);
+        let url = format!("{}/api/v1/namespaces/demo/pods", relay.url());
+        let waiting: Vec<_> = (0..MAX_REQUESTS_PER_COMMAND)
+            .map(|_| {
+                let request = client.get(&url).bearer_auth(&token).send();
+                tokio::spawn(request)
+            })
+            .collect();
+        // every one of them in progress at the relay (bounded: a failed request would
+        // never get there)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while relay
+            .in_progress
+            .lock()
+            .unwrap()
+            .get("cmd-fault")
+            .copied()
+            .unwrap_or(0)
+            < MAX_REQUESTS_PER_COMMAND
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the requests never got in progress"
+            );
+            tokio::task::yield_now().await;
+        }
+        let over = client.get(&url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+        for request in waiting {
+            request.abort();
+        }
+        held.abort();
         relay.shutdown();
     }
 

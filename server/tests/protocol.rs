@@ -279,3 +279,38 @@ async fn the_small_services_refuse_large_messages() {
     );
     still_serves(&gw).await;
 }
+
+#[tokio::test]
+async fn refusals_before_authentication_cannot_flood_the_audit_log() {
+    let gw = TestGateway::start("", "").await;
+    let mut grpc = tonic::client::Grpc::new(gw.channel_as(ADMIN).await);
+    // a message that does not parse (a string field holding invalid UTF-8), 200 times
+    let undecodable = vec![0x0a, 0x02, 0xff, 0xfe];
+    for _ in 0..200 {
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                tonic::Request::new(undecodable.clone()),
+                http::uri::PathAndQuery::from_static("/kinvoke.v1.CommandService/InvokeCommand"),
+                RawCodec,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+    still_serves(&gw).await;
+    let events = gw
+        .audit_until("the capped refusals", |events| {
+            events
+                .iter()
+                .filter(|e| e["event"] == "request_refused")
+                .count()
+                >= 50
+        })
+        .await;
+    let lines = events
+        .iter()
+        .filter(|e| e["event"] == "request_refused")
+        .count();
+    assert!((50..100).contains(&lines), "{lines} lines for 200 refusals");
+}

@@ -18,12 +18,15 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::audit::{Audit, AuditEvent};
+use crate::audit::{Audit, AuditEvent, Throttle, clip};
 use crate::connection::{ConnInfo, RpcMethod};
 use crate::status::retry_later;
 
 /// The retry hint of a refusal: in-flight calls end at their own pace.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Longest method path an audit line carries, in bytes (a caller chooses it).
+pub const MAX_AUDITED_METHOD: usize = 256;
 
 /// Paths never counted or refused.
 const EXEMPT_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -35,18 +38,26 @@ pub struct InFlightLimit {
     limit: usize,
     read_timeout: Duration,
     audit: Audit,
+    throttle: Arc<Throttle<String>>,
 }
 
 impl InFlightLimit {
     /// At most `limit` requests handled at once, each given `read_timeout` to arrive
     /// whole (so a request that never finishes cannot hold its place, or its buffered
-    /// bytes, for ever); refusals audited to `audit`.
-    pub fn new(limit: usize, read_timeout: Duration, audit: Audit) -> Self {
+    /// bytes, for ever); refusals audited to `audit`, at most as often per source as
+    /// `throttle` allows.
+    pub fn new(
+        limit: usize,
+        read_timeout: Duration,
+        audit: Audit,
+        throttle: Arc<Throttle<String>>,
+    ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(limit)),
             limit,
             read_timeout,
             audit,
+            throttle,
         }
     }
 }
@@ -157,14 +168,20 @@ where
                 RETRY_AFTER,
             );
             let conn = req.extensions().get::<ConnInfo>();
-            self.limit.audit.record(AuditEvent::RequestRefused {
-                listener: conn.map(|c| c.listener.to_string()).unwrap_or_default(),
-                source: conn.map(|c| c.source.to_string()).unwrap_or_default(),
-                principal: None,
-                method: req.uri().path().to_owned(),
-                code: format!("{:?}", status.code()),
-                reason: status.message().to_owned(),
-            });
+            let source_ip = conn.map(|c| c.source.ip().to_string()).unwrap_or_default();
+            self.limit.audit.record_throttled(
+                &self.limit.throttle,
+                &source_ip,
+                |unrecorded_before| AuditEvent::RequestRefused {
+                    listener: conn.map(|c| c.listener.to_string()).unwrap_or_default(),
+                    source: conn.map(|c| c.source.to_string()).unwrap_or_default(),
+                    principal: None,
+                    method: clip(req.uri().path(), MAX_AUDITED_METHOD).to_owned(),
+                    code: format!("{:?}", status.code()),
+                    reason: status.message().to_owned(),
+                    unrecorded_before,
+                },
+            );
             return Box::pin(std::future::ready(Ok(status.into_http())));
         };
         let response = self.inner.call(req);

@@ -16,9 +16,10 @@ use std::task::{Context, Poll};
 
 use tonic::{Code, Status};
 
-use crate::audit::{Audit, AuditEvent};
+use crate::audit::{Audit, AuditEvent, Throttle, clip};
 use crate::command::Limits;
 use crate::connection::ConnInfo;
+use crate::service::in_flight::MAX_AUDITED_METHOD;
 
 /// The start of tonic's message for a request over `max_decoding_message_size`
 /// (tonic 0.14 `codec/decode.rs`); followed by `: found N bytes, the limit is: M bytes`.
@@ -39,16 +40,19 @@ struct Settings {
     max_total_file_bytes: u64,
     max_request_bytes: usize,
     audit: Audit,
+    throttle: Arc<Throttle<String>>,
 }
 
 impl TransportRefusals {
-    /// The layer for a gateway with these limits, auditing refusals to `audit`.
-    pub fn new(limits: &Limits, audit: Audit) -> Self {
+    /// The layer for a gateway with these limits, auditing refusals to `audit`, at most
+    /// as often per source as `throttle` allows.
+    pub fn new(limits: &Limits, audit: Audit, throttle: Arc<Throttle<String>>) -> Self {
         Self {
             inner: Arc::new(Settings {
                 max_total_file_bytes: limits.max_total_file_bytes,
                 max_request_bytes: limits.max_request_bytes(),
                 audit,
+                throttle,
             }),
         }
     }
@@ -109,17 +113,29 @@ where
             } else {
                 return Ok(response);
             };
-            settings.audit.record(AuditEvent::RequestRefused {
-                listener: conn
-                    .as_ref()
-                    .map(|c| c.listener.to_string())
-                    .unwrap_or_default(),
-                source: conn.map(|c| c.source.to_string()).unwrap_or_default(),
-                principal: None,
-                method,
-                code: format!("{:?}", refusal.code()),
-                reason: refusal.message().to_owned(),
-            });
+            let source_ip = conn
+                .as_ref()
+                .map(|c| c.source.ip().to_string())
+                .unwrap_or_default();
+            settings
+                .audit
+                .record_throttled(&settings.throttle, &source_ip, |unrecorded_before| {
+                    AuditEvent::RequestRefused {
+                        listener: conn
+                            .as_ref()
+                            .map(|c| c.listener.to_string())
+                            .unwrap_or_default(),
+                        source: conn
+                            .as_ref()
+                            .map(|c| c.source.to_string())
+                            .unwrap_or_default(),
+                        principal: None,
+                        method: clip(&method, MAX_AUDITED_METHOD).to_owned(),
+                        code: format!("{:?}", refusal.code()),
+                        reason: refusal.message().to_owned(),
+                        unrecorded_before,
+                    }
+                });
             let headers = response.headers_mut();
             headers.remove("grpc-status");
             headers.remove("grpc-message");
