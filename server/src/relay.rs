@@ -1488,6 +1488,20 @@ mod refusal_tests {
         relay.shutdown();
     }
 
+    /// An "API server" that accepts connections and never says a word: its URL, and
+    /// the task holding them (abort it to close them).
+    async fn hanging_api_server() -> (String, tokio::task::JoinHandle<()>) {
+        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = format!("https://{}", hanging.local_addr().unwrap());
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((tcp, _)) = hanging.accept().await {
+                open.push(tcp);
+            }
+        });
+        (upstream, held)
+    }
+
     /// A valid token of cluster `c` for `alice`.
     fn alices_token(relay: &Relay) -> (String, Vec<u8>) {
         let issued = relay
@@ -1614,14 +1628,7 @@ mod refusal_tests {
     #[tokio::test]
     async fn one_command_may_have_only_so_many_requests_in_progress() {
         let dir = tempfile::tempdir().unwrap();
-        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = format!("https://{}", hanging.local_addr().unwrap());
-        let held = tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((tcp, _)) = hanging.accept().await {
-                open.push(tcp);
-            }
-        });
+        let (upstream, held) = hanging_api_server().await;
         let mut settings = settings();
         settings.response_timeout = Duration::from_secs(30);
         settings.max_connections = 4 * MAX_REQUESTS_PER_COMMAND;
@@ -1684,14 +1691,7 @@ mod refusal_tests {
     async fn an_api_server_that_hangs_is_answered_504_after_the_response_timeout() {
         let dir = tempfile::tempdir().unwrap();
         // accepts connections and never says a word
-        let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream = format!("https://{}", hanging.local_addr().unwrap());
-        let held = tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((tcp, _)) = hanging.accept().await {
-                open.push(tcp);
-            }
-        });
+        let (upstream, held) = hanging_api_server().await;
         let mut settings = settings();
         settings.response_timeout = Duration::from_millis(300);
         let (relay, audit, config) = relay_with(dir.path(), &upstream, settings).await;

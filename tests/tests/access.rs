@@ -645,17 +645,28 @@ fn a_one_megabyte_token_is_refused_by_its_size_audited_and_the_gateway_stays_up(
     whoami(gw.token_client(&good).unwrap());
 }
 
-#[test]
-fn a_github_actions_job_fetches_its_own_token_with_no_glue() {
+/// A token issuer and a gateway that trusts it.
+fn oidc_setup() -> (TestIssuer, Gateway) {
     let issuer = TestIssuer::new().unwrap();
     let gw = oidc_gateway(&issuer);
-    let token = issuer
+    (issuer, gw)
+}
+
+/// An RS256 token of a CI job on `refs/heads/main`.
+fn main_branch_token(issuer: &TestIssuer) -> String {
+    issuer
         .sign(
             Algorithm::RS256,
             TestIssuer::RSA_KID,
             &ci_claims("refs/heads/main"),
         )
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn a_github_actions_job_fetches_its_own_token_with_no_glue() {
+    let (issuer, gw) = oidc_setup();
+    let token = main_branch_token(&issuer);
     // GitHub's token endpoint as documented: GET the request URL with `&audience=`,
     // the request token as a bearer, answer {"value": "<JWT>"}
     let endpoint = WebhookReceiver::answering(json!({ "value": token }).to_string()).unwrap();
@@ -715,15 +726,8 @@ fn a_github_actions_job_fetches_its_own_token_with_no_glue() {
 
 #[test]
 fn an_azure_pipelines_job_fetches_its_token_for_its_service_connection() {
-    let issuer = TestIssuer::new().unwrap();
-    let gw = oidc_gateway(&issuer);
-    let token = issuer
-        .sign(
-            Algorithm::RS256,
-            TestIssuer::RSA_KID,
-            &ci_claims("refs/heads/main"),
-        )
-        .unwrap();
+    let (issuer, gw) = oidc_setup();
+    let token = main_branch_token(&issuer);
     // the pipeline's OIDC endpoint: POST ?api-version=7.1&serviceConnectionId=ID with
     // the job's access token, answer {"oidcToken": "<JWT>"}
     let endpoint = WebhookReceiver::answering(json!({ "oidcToken": token }).to_string()).unwrap();
@@ -773,15 +777,8 @@ fn an_azure_pipelines_job_fetches_its_token_for_its_service_connection() {
 
 #[test]
 fn env_and_file_token_sources_and_a_profile_that_names_one() {
-    let issuer = TestIssuer::new().unwrap();
-    let gw = oidc_gateway(&issuer);
-    let token = issuer
-        .sign(
-            Algorithm::RS256,
-            TestIssuer::RSA_KID,
-            &ci_claims("refs/heads/main"),
-        )
-        .unwrap();
+    let (issuer, gw) = oidc_setup();
+    let token = main_branch_token(&issuer);
     let me = whoami(
         gw.anonymous_client()
             .unwrap()

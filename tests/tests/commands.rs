@@ -1058,13 +1058,35 @@ fn client_at_home(config_home: &Path, home: &Path) -> Client {
         .env("HOME", home)
 }
 
+/// `kinvoke config set-profile NAME` with `endpoint` and the gateway's CA and user
+/// certificate.
+fn set_profile(
+    config_home: &Path,
+    home: &Path,
+    gw: &Gateway,
+    endpoint: &str,
+    name: &str,
+) -> Output {
+    let cert = gw.user_cert();
+    client_at_home(config_home, home)
+        .args(["--endpoint", endpoint])
+        .arg("--ca-cert")
+        .arg(&gw.pki().ca_cert)
+        .arg("--client-cert")
+        .arg(&cert.cert)
+        .arg("--client-key")
+        .arg(&cert.key)
+        .args(["config", "set-profile", name])
+        .run()
+        .unwrap()
+}
+
 #[test]
 fn the_default_config_file_holds_profiles_that_config_adds_and_switches() {
     let gw = gateway();
     let root = tempfile::tempdir().unwrap();
     let (config_home, home) = (root.path().join("xdg"), root.path().join("home"));
     fs::create_dir_all(&home).unwrap();
-    let cert = gw.user_cert();
 
     // no config anywhere yet: the error says how to add one
     let out = client_at_home(&config_home, &home)
@@ -1074,17 +1096,7 @@ fn the_default_config_file_holds_profiles_that_config_adds_and_switches() {
     assert_eq!(out.code, Some(2), "{out}");
     assert!(out.stderr.contains("kinvoke config set-profile"), "{out}");
 
-    let set = client_at_home(&config_home, &home)
-        .args(["--endpoint", &gw.endpoint()])
-        .arg("--ca-cert")
-        .arg(&gw.pki().ca_cert)
-        .arg("--client-cert")
-        .arg(&cert.cert)
-        .arg("--client-key")
-        .arg(&cert.key)
-        .args(["config", "set-profile", "prod"])
-        .run()
-        .unwrap();
+    let set = set_profile(&config_home, &home, &gw, &gw.endpoint(), "prod");
     assert_eq!(set.code, Some(0), "{set}");
     let file = config_home.join("kinvoke").join("config.toml");
     assert!(file.exists(), "{set}");
@@ -1097,17 +1109,7 @@ fn the_default_config_file_holds_profiles_that_config_adds_and_switches() {
     assert_eq!(out.json().unwrap()["principal"], USER, "{out}");
 
     // a second profile that points nowhere, made the default
-    let out = client_at_home(&config_home, &home)
-        .args(["--endpoint", "https://127.0.0.1:1"])
-        .arg("--ca-cert")
-        .arg(&gw.pki().ca_cert)
-        .arg("--client-cert")
-        .arg(&cert.cert)
-        .arg("--client-key")
-        .arg(&cert.key)
-        .args(["config", "set-profile", "broken"])
-        .run()
-        .unwrap();
+    let out = set_profile(&config_home, &home, &gw, "https://127.0.0.1:1", "broken");
     assert_eq!(out.code, Some(0), "{out}");
     let out = client_at_home(&config_home, &home)
         .args(["config", "use-profile", "broken"])
