@@ -340,6 +340,9 @@ fn http_client() -> Result<reqwest::Client, LocalError> {
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(REQUEST_TIMEOUT)
+        // the request carries the job's own credential: it goes to the URL the CI
+        // system gave, and nowhere a redirect would send it
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| LocalError(format!("HTTP client: {e}")))
 }
