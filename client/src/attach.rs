@@ -1,7 +1,9 @@
 //! Turns `--file` arguments into attached files. A single file keeps its base name; a
 //! directory is attached recursively as `NAME/...`, except `.` whose contents keep their
 //! paths relative to it (like az). Names are those the user gave: a symbolic link keeps
-//! its own name and its target supplies the content. The same name twice is an error.
+//! its own name and its target supplies the content; inside an attached directory, a
+//! link must stay inside it (a link out is refused, naming where it leads). The same
+//! name twice is an error.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -91,6 +93,26 @@ fn walk(
             let target = std::fs::metadata(&path).map_err(|e| {
                 LocalError(format!("--file {}: {}: {e}", arg.display(), path.display()))
             })?;
+            // a link that leads out of the attached directory (a chart's
+            // `values.yaml -> ~/.kube/config`) would upload a file nobody named
+            let (Ok(resolved), Ok(root)) = (path.canonicalize(), arg.canonicalize()) else {
+                return Err(LocalError(format!(
+                    "--file {}: {} is a symbolic link that cannot be resolved",
+                    arg.display(),
+                    path.display()
+                )));
+            };
+            if !resolved.starts_with(&root) {
+                return Err(LocalError(format!(
+                    "--file {}: {} is a symbolic link to {}, outside {}; attach that file \
+                     itself (--file {}) if it is meant to go",
+                    arg.display(),
+                    path.display(),
+                    resolved.display(),
+                    arg.display(),
+                    resolved.display()
+                )));
+            }
             if target.is_dir() {
                 return Err(LocalError(format!(
                     "--file {}: {} is a symbolic link to a directory; attach the directory itself",
@@ -187,6 +209,29 @@ mod tests {
         // `..` and `dir/.` still name the directory they mean
         let files = collect(&[dir.join("chart-1.2.3/.")]).unwrap();
         assert_eq!(names(&files), ["chart-1.2.3/Chart.yaml"]);
+    }
+
+    #[test]
+    fn a_link_inside_a_directory_that_leads_out_of_it_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let secret = tmp.path().join("kubeconfig");
+        std::fs::write(&secret, "SECRET").unwrap();
+        let chart = tmp.path().join("chart");
+        std::fs::create_dir_all(chart.join("templates")).unwrap();
+        std::fs::write(chart.join("values.base.yaml"), "a: 1").unwrap();
+        std::os::unix::fs::symlink(&secret, chart.join("templates/values.yaml")).unwrap();
+        let err = collect(&[&chart]).unwrap_err();
+        assert!(err.0.contains("outside"), "{}", err.0);
+        assert!(err.0.contains("kubeconfig"), "{}", err.0);
+        // a link that stays inside is fine
+        std::fs::remove_file(chart.join("templates/values.yaml")).unwrap();
+        std::os::unix::fs::symlink("../values.base.yaml", chart.join("templates/values.yaml"))
+            .unwrap();
+        let files = collect(&[&chart]).unwrap();
+        assert_eq!(
+            names(&files),
+            ["chart/templates/values.yaml", "chart/values.base.yaml"]
+        );
     }
 
     #[test]

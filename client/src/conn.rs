@@ -210,10 +210,43 @@ impl ConnArgs {
             ),
             (None, None) => None,
         };
+        // flags win over environment variables: a CI job's KINVOKE_TOKEN does not stop
+        // one command from naming another source; two of one kind are an error
+        let (mut token_flag, mut file_flag, mut source_flag) = (
+            self.token.clone(),
+            self.token_file.clone(),
+            self.token_source.clone(),
+        );
+        let from_flags = [
+            token_flag.is_some() && given_as_flag("--token"),
+            file_flag.is_some() && given_as_flag("--token-file"),
+            source_flag.is_some() && given_as_flag("--token-source"),
+        ];
+        if from_flags.iter().any(|f| *f) {
+            if !from_flags[0] {
+                token_flag = None;
+            }
+            if !from_flags[1] {
+                file_flag = None;
+            }
+            if !from_flags[2] {
+                source_flag = None;
+            }
+        }
+        // the environment's source was dropped for a flag: the profile's is not used
+        let source = match &source_flag {
+            Some(flag) => Some(flag.clone()),
+            None if self.token_source.is_some() => None,
+            None => source,
+        };
         let given = [
-            self.token.is_some().then_some("--token/KINVOKE_TOKEN"),
-            self.token_file.is_some().then_some("--token-file"),
-            self.token_source.is_some().then_some("--token-source"),
+            token_flag.is_some().then_some("--token/KINVOKE_TOKEN"),
+            file_flag
+                .is_some()
+                .then_some("--token-file/KINVOKE_TOKEN_FILE"),
+            source_flag
+                .is_some()
+                .then_some("--token-source/KINVOKE_TOKEN_SOURCE"),
         ];
         let given: Vec<&str> = given.into_iter().flatten().collect();
         if given.len() > 1 {
@@ -222,7 +255,7 @@ impl ConnArgs {
                 given.join(" and ")
             )));
         }
-        let token = match (&self.token, &self.token_file) {
+        let token = match (&token_flag, &file_flag) {
             (Some(t), _) => Some(Credential::Fixed(Token::new(t, "--token/KINVOKE_TOKEN")?)),
             (None, None) if source.is_some() => source.map(|source| {
                 Credential::Source(TokenProvider::new(
@@ -274,6 +307,13 @@ impl ConnArgs {
     }
 }
 
+/// Whether `flag` is on this process's command line (as `--flag VALUE` or
+/// `--flag=VALUE`), rather than its value coming from the environment.
+fn given_as_flag(flag: &str) -> bool {
+    let with_value = format!("{flag}=");
+    std::env::args().any(|a| a == flag || a.starts_with(&with_value))
+}
+
 fn load_profile(path: &Path, wanted: Option<&str>) -> anyhow::Result<Profile> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| LocalError(format!("cannot read client config {}: {e}", path.display())))?;
@@ -284,6 +324,10 @@ fn load_profile(path: &Path, wanted: Option<&str>) -> anyhow::Result<Profile> {
             e.to_string().trim_end()
         ))
     })?;
+    if wanted.is_none() && file.default_profile.is_none() && file.profiles.is_empty() {
+        // a file with no profile yet (or its last one deleted) sets nothing
+        return Ok(Profile::default());
+    }
     let name = wanted
         .map(str::to_owned)
         .or(file.default_profile.clone())
@@ -315,6 +359,14 @@ fn load_profile(path: &Path, wanted: Option<&str>) -> anyhow::Result<Profile> {
         if p.is_relative() {
             *p = base.join(&*p);
         }
+    }
+    if let Some(relative) = profile
+        .token_source
+        .as_deref()
+        .and_then(|t| t.strip_prefix("file:"))
+        .filter(|p| Path::new(p).is_relative())
+    {
+        profile.token_source = Some(format!("file:{}", base.join(relative).display()));
     }
     Ok(profile)
 }
@@ -412,6 +464,21 @@ mod tests {
         let s = args.resolve().unwrap();
         assert_eq!(s.endpoint, "https://gw.example:8443");
         assert_eq!(s.ca_cert, dir.path().join("ca.crt"));
+    }
+
+    #[test]
+    fn a_file_token_source_is_relative_to_the_config_and_an_empty_file_sets_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[profiles.ci]\ntoken_source = \"file:tok.jwt\"\n").unwrap();
+        let profile = load_profile(&path, None).unwrap();
+        assert_eq!(
+            profile.token_source.unwrap(),
+            format!("file:{}", dir.path().join("tok.jwt").display())
+        );
+        // every profile deleted: flags alone still work
+        std::fs::write(&path, "# no profiles left\n").unwrap();
+        assert!(load_profile(&path, None).unwrap().endpoint.is_none());
     }
 
     #[test]

@@ -229,7 +229,13 @@ fn config(conn: &ConnArgs, cmd: &ConfigCmd) -> anyhow::Result<u8> {
                 client_cert: conn.client_cert.as_deref().map(profiles::absolute),
                 client_key: conn.client_key.as_deref().map(profiles::absolute),
                 token_file: conn.token_file.as_deref().map(profiles::absolute),
-                token_source: conn.token_source.as_ref().map(ToString::to_string),
+                // a file source's path made absolute too, like the other paths
+                token_source: conn.token_source.as_ref().map(|source| match source {
+                    token::TokenSource::File(path) => {
+                        token::TokenSource::File(profiles::absolute(path)).to_string()
+                    }
+                    other => other.to_string(),
+                }),
                 audience: conn.audience.clone(),
             };
             file.set_profile(name, &settings)?;
@@ -321,6 +327,14 @@ fn describe(err: &anyhow::Error) -> (u8, String) {
     }
     if err.downcast_ref::<LocalError>().is_some() {
         return (exit::USAGE, err.to_string());
+    }
+    // a local problem met while writing output (a --query that fails on the object)
+    if let Some(local) = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(|e| e.get_ref())
+        .and_then(|e| e.downcast_ref::<LocalError>())
+    {
+        return (exit::USAGE, local.to_string());
     }
     if err.downcast_ref::<Unreachable>().is_some() {
         return (exit::UNAVAILABLE, err.to_string());

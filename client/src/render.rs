@@ -225,8 +225,13 @@ pub fn set_query(text: &str) -> Result<(), crate::conn::LocalError> {
 
 fn serialize<T: Serialize>(format: Format, value: &T) -> io::Result<String> {
     if let Some(query) = QUERY.get() {
-        let data = jmespath::Variable::from_serializable(value).map_err(io::Error::other)?;
-        let found = query.search(data).map_err(io::Error::other)?;
+        // a query that fails on this object is the caller's to fix (exit 2), not the
+        // gateway's
+        let local = |e: jmespath::JmespathError| {
+            io::Error::other(crate::conn::LocalError(format!("--query: {e}")))
+        };
+        let data = jmespath::Variable::from_serializable(value).map_err(local)?;
+        let found = query.search(data).map_err(local)?;
         return serialize_plain(format, &*found);
     }
     serialize_plain(format, value)

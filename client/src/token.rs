@@ -27,6 +27,9 @@ pub const DEFAULT_AUDIENCE: &str = "kinvoke";
 /// How long before its expiry a fetched token is replaced.
 const REFRESH_BEFORE: Duration = Duration::from_secs(60);
 
+/// The shortest wait between two fetches of a token source by the refresh task.
+const MIN_REFETCH: Duration = Duration::from_secs(30);
+
 /// How long a token request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -195,16 +198,19 @@ impl TokenProvider {
             loop {
                 let wait = match &provider.source {
                     TokenSource::File(_) => Duration::from_secs(5),
+                    // a minute before expiry, but never more often than MIN_REFETCH: a
+                    // source that hands out short-lived (or already expiring) tokens
+                    // must not be asked every second
                     _ => lock(&provider.current)
                         .as_ref()
                         .and_then(|f| f.expires)
                         .and_then(|exp| exp.duration_since(SystemTime::now()).ok())
-                        .map_or(Duration::from_secs(300), |left| {
-                            left.saturating_sub(REFRESH_BEFORE)
-                                .max(Duration::from_secs(1))
+                        .map_or(MIN_REFETCH, |left| {
+                            left.saturating_sub(REFRESH_BEFORE).max(MIN_REFETCH)
                         }),
                 };
                 tokio::time::sleep(wait).await;
+                // a failure keeps the last token and waits a full period again
                 if provider.fresh().is_none()
                     && let Ok(fetched) = provider.fetch().await
                 {
@@ -275,7 +281,7 @@ impl TokenProvider {
         let mut url = request_url(&url, "ACTIONS_ID_TOKEN_REQUEST_URL")?;
         url.query_pairs_mut()
             .append_pair("audience", &self.audience);
-        let request = http_client()?.get(url).bearer_auth(bearer);
+        let request = http_client(&url)?.get(url).bearer_auth(bearer);
         let body = send(request, "github-actions").await?;
         field(&body, "value", "github-actions")
     }
@@ -295,7 +301,7 @@ impl TokenProvider {
         url.query_pairs_mut()
             .append_pair("api-version", "7.1")
             .append_pair("serviceConnectionId", connection);
-        let request = http_client()?
+        let request = http_client(&url)?
             .post(url)
             .bearer_auth(bearer)
             .header("content-type", "application/json")
@@ -327,7 +333,7 @@ fn request_url(text: &str, var: &str) -> Result<reqwest::Url, LocalError> {
     }
 }
 
-fn http_client() -> Result<reqwest::Client, LocalError> {
+fn http_client(url: &reqwest::Url) -> Result<reqwest::Client, LocalError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -337,12 +343,19 @@ fn http_client() -> Result<reqwest::Client, LocalError> {
     .map_err(|e| LocalError(format!("TLS setup: {e}")))?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(REQUEST_TIMEOUT)
         // the request carries the job's own credential: it goes to the URL the CI
         // system gave, and nowhere a redirect would send it
-        .redirect(reqwest::redirect::Policy::none())
+        .redirect(reqwest::redirect::Policy::none());
+    // plain http is allowed to this host only: never hand it (and its bearer) to a proxy
+    let builder = if url.scheme() == "http" {
+        builder.no_proxy()
+    } else {
+        builder
+    };
+    builder
         .build()
         .map_err(|e| LocalError(format!("HTTP client: {e}")))
 }
@@ -394,7 +407,7 @@ fn jwt_expiry(token: &str) -> Option<SystemTime> {
         .ok()?;
     let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let exp = claims.get("exp")?.as_u64()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
 #[cfg(test)]
@@ -510,6 +523,12 @@ mod tests {
         });
         provider.token().await.unwrap();
         assert!(provider.fresh().is_some());
+    }
+
+    #[test]
+    fn an_absurd_expiry_is_no_expiry_rather_than_a_crash() {
+        assert_eq!(jwt_expiry(&jwt(u64::MAX)), None);
+        assert!(jwt_expiry(&jwt(4_102_444_800)).is_some());
     }
 
     #[test]

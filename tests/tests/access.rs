@@ -804,17 +804,26 @@ fn env_and_file_token_sources_and_a_profile_that_names_one() {
     let me = whoami(Client::new().unwrap().arg("--config").arg(&config));
     assert_eq!(me["principal"], format!("ci:{CI_SUBJECT}"), "{me}");
 
-    // two sources at once are a usage error naming both
+    // a flag wins over the environment: a job's KINVOKE_TOKEN does not stop one
+    // command from naming its own source
+    let me = whoami(
+        gw.token_client("not-a-valid-token")
+            .unwrap()
+            .env("CI_JOB_JWT_KINVOKE", &token)
+            .args(["--token-source", "gitlab:CI_JOB_JWT_KINVOKE"]),
+    );
+    assert_eq!(me["principal"], format!("ci:{CI_SUBJECT}"), "{me}");
+    // two flags at once are a usage error naming both
     let out = gw
-        .token_client(&token)
+        .anonymous_client()
         .unwrap()
-        .args(["--token-source", "env:X", "whoami"])
+        .args(["--token", &token, "--token-source", "env:X", "whoami"])
         .run()
         .unwrap();
     assert_eq!(out.code, Some(2), "{out}");
     assert!(
         out.stderr
-            .contains("--token/KINVOKE_TOKEN and --token-source are all set"),
+            .contains("--token/KINVOKE_TOKEN and --token-source/KINVOKE_TOKEN_SOURCE are all set"),
         "{out}"
     );
 }
