@@ -239,6 +239,22 @@ impl ConnArgs {
             None if self.token_source.is_some() => None,
             None => source,
         };
+        if profile.token_file.is_some() && profile.token_source.is_some() {
+            bail!(LocalError(
+                "the profile sets both token_file and token_source; keep one".to_owned()
+            ));
+        }
+        // only a source that asks for a token names an audience
+        let asks_for_audience = matches!(source, Some(TokenSource::GitHubActions))
+            && token_flag.is_none()
+            && file_flag.is_none();
+        if self.audience.is_some() && !asks_for_audience {
+            bail!(LocalError(
+                "--audience/KINVOKE_TOKEN_AUDIENCE applies to --token-source github-actions only \
+                 (other sources hand out a token whose audience is set where it is issued)"
+                    .to_owned()
+            ));
+        }
         let given = [
             token_flag.is_some().then_some("--token/KINVOKE_TOKEN"),
             file_flag
@@ -479,6 +495,19 @@ mod tests {
         // every profile deleted: flags alone still work
         std::fs::write(&path, "# no profiles left\n").unwrap();
         assert!(load_profile(&path, None).unwrap().endpoint.is_none());
+    }
+
+    #[test]
+    fn an_audience_without_a_source_that_uses_it_is_refused() {
+        let args = ConnArgs {
+            endpoint: Some("https://gw.example:8443".into()),
+            ca_cert: Some("ca.crt".into()),
+            token_source: Some(TokenSource::Env("T".into())),
+            audience: Some("other".into()),
+            ..ConnArgs::default()
+        };
+        let err = args.resolve().unwrap_err().to_string();
+        assert!(err.contains("github-actions only"), "{err}");
     }
 
     #[test]

@@ -223,6 +223,22 @@ fn config(conn: &ConnArgs, cmd: &ConfigCmd) -> anyhow::Result<u8> {
             return Ok(0);
         }
         ConfigCmd::SetProfile { name } => {
+            // what a profile does not store is refused, not dropped
+            if conn.token.is_some() {
+                return Err(LocalError(
+                    "a profile does not store a token (--token/KINVOKE_TOKEN); name where it \
+                     comes from instead: --token-file FILE or --token-source SOURCE"
+                        .to_owned(),
+                )
+                .into());
+            }
+            if conn.source_address.is_some() {
+                return Err(LocalError(
+                    "a profile does not store --source-address; pass it with each command"
+                        .to_owned(),
+                )
+                .into());
+            }
             let settings = profiles::ProfileSettings {
                 endpoint: conn.endpoint.clone(),
                 ca_cert: conn.ca_cert.as_deref().map(profiles::absolute),

@@ -80,6 +80,15 @@ fn result_json(gw: &Gateway, id: &str, wait: bool) -> (Output, Value) {
     (out, json)
 }
 
+/// `kinvoke result --cluster local --command-id ID --wait`, in the default format.
+fn result_waited(gw: &Gateway, id: &str) -> Output {
+    gw.client()
+        .unwrap()
+        .args(["result", "--cluster", CLUSTER, "--command-id", id, "--wait"])
+        .run()
+        .unwrap()
+}
+
 fn state(json: &Value) -> &str {
     json["provisioningState"].as_str().unwrap_or("(missing)")
 }
@@ -198,19 +207,7 @@ fn a_no_wait_command_is_collected_later_with_result_wait() {
     let id = command_id_from_tsv(&started.stdout)
         .unwrap_or_else(|| panic!("no id in the tsv output:\n{started}"));
 
-    let out = gw
-        .client()
-        .unwrap()
-        .args([
-            "result",
-            "--cluster",
-            CLUSTER,
-            "--command-id",
-            &id,
-            "--wait",
-        ])
-        .run()
-        .unwrap();
+    let out = result_waited(&gw, &id);
     assert_eq!(out.code, Some(0), "{out}");
     let header = parse_header(out.lines()[0])
         .unwrap_or_else(|| panic!("first line is not the result header:\n{out}"));
@@ -508,19 +505,7 @@ fn a_client_that_disconnects_does_not_stop_its_command() {
     waiting.kill().unwrap();
     fs::write(&go, "").unwrap();
 
-    let out = gw
-        .client()
-        .unwrap()
-        .args([
-            "result",
-            "--cluster",
-            CLUSTER,
-            "--command-id",
-            &id,
-            "--wait",
-        ])
-        .run()
-        .unwrap();
+    let out = result_waited(&gw, &id);
     assert_eq!(out.code, Some(0), "{out}");
     assert_eq!(&out.lines()[1..], ["waiting", "done"], "{out}");
     let (out, json) = result_json(&gw, &id, false);
@@ -1154,6 +1139,19 @@ fn the_default_config_file_holds_profiles_that_config_adds_and_switches() {
         .run()
         .unwrap();
     assert_eq!(out.code, Some(0), "{out}");
+
+    // a token is not stored: refused, not dropped
+    let out = client_at_home(&config_home, &home)
+        .args(["--token", "t0ken", "config", "set-profile", "with-token"])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("does not store a token"), "{out}");
+    assert!(
+        !fs::read_to_string(config_home.join("kinvoke/config.toml"))
+            .unwrap()
+            .contains("t0ken")
+    );
 
     // without XDG_CONFIG_HOME, the file is ~/.config/kinvoke/config.toml
     let out = Client::new()
