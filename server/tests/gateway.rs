@@ -343,15 +343,7 @@ async fn the_listener_refuses_an_address_outside_its_ranges_before_tls_and_audit
         .channel_from(Some("127.0.0.3".parse().unwrap()), ADMIN)
         .await;
     assert!(refused.is_err(), "127.0.0.3 got a connection");
-    let events = gw
-        .audit_until("the refused connection", |events| {
-            events.iter().any(|e| e["event"] == "connection_refused")
-        })
-        .await;
-    let refusal = events
-        .iter()
-        .find(|e| e["event"] == "connection_refused")
-        .unwrap();
+    let refusal = gw.audit_event("connection_refused").await;
     assert!(
         refusal["peer"].as_str().unwrap().starts_with("127.0.0.3:"),
         "{refusal}"
@@ -364,7 +356,11 @@ async fn the_listener_refuses_an_address_outside_its_ranges_before_tls_and_audit
         "{refusal}"
     );
     // and nothing about it reached authentication
-    assert!(events.iter().all(|e| e["event"] != "authentication_failed"));
+    assert!(
+        gw.audit()
+            .iter()
+            .all(|e| e["event"] != "authentication_failed")
+    );
 }
 
 #[tokio::test]
@@ -466,15 +462,7 @@ async fn a_request_over_the_transport_limit_names_the_file_limit_and_is_audited(
         status.message().contains(&format!("at most {max} bytes")),
         "{status:?}"
     );
-    let events = gw
-        .audit_until("the refusal", |events| {
-            events.iter().any(|e| e["event"] == "request_refused")
-        })
-        .await;
-    let refusal = events
-        .iter()
-        .find(|e| e["event"] == "request_refused")
-        .unwrap();
+    let refusal = gw.audit_event("request_refused").await;
     assert_eq!(refusal["code"], "ResourceExhausted", "{refusal}");
     assert_eq!(refusal["listener"], "main", "{refusal}");
     assert!(

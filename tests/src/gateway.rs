@@ -624,25 +624,32 @@ impl Gateway {
     }
 }
 
+/// Stops a gateway process a harness is dropped with: gracefully, so it stops the
+/// commands it still runs instead of orphaning them; killed if it does not manage. On
+/// a failing test, its stderr goes to the test's output.
+fn stop_on_drop(proc: Option<Proc>, label: &str, log_path: &Path, log: impl FnOnce() -> String) {
+    if let Some(mut proc) = proc {
+        let stopped = proc
+            .signal(Signal::SIGTERM)
+            .and_then(|()| proc.wait_timeout(DROP_TERMINATE_TIMEOUT));
+        if stopped.is_err() {
+            let _ = proc.kill();
+        }
+    }
+    if thread::panicking() {
+        eprintln!(
+            "----- {label} stderr ({}) -----\n{}",
+            log_path.display(),
+            log()
+        );
+    }
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            // graceful, so the gateway stops the commands it still runs instead of
-            // orphaning them; killed if it does not manage
-            let stopped = proc
-                .signal(Signal::SIGTERM)
-                .and_then(|()| proc.wait_timeout(DROP_TERMINATE_TIMEOUT));
-            if stopped.is_err() {
-                let _ = proc.kill();
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- gateway stderr ({}) -----\n{}",
-                self.stderr_log_path().display(),
-                self.stderr_log()
-            );
-        }
+        stop_on_drop(self.proc.take(), "gateway", &self.stderr_log_path(), || {
+            self.stderr_log()
+        });
     }
 }
 
@@ -808,20 +815,11 @@ impl DevGateway {
 
 impl Drop for DevGateway {
     fn drop(&mut self) {
-        if let Some(mut proc) = self.proc.take() {
-            let stopped = proc
-                .signal(Signal::SIGTERM)
-                .and_then(|()| proc.wait_timeout(DROP_TERMINATE_TIMEOUT));
-            if stopped.is_err() {
-                let _ = proc.kill();
-            }
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- dev gateway stderr ({}) -----\n{}",
-                self.stderr_log_path().display(),
-                self.stderr_log()
-            );
-        }
+        stop_on_drop(
+            self.proc.take(),
+            "dev gateway",
+            &self.stderr_log_path(),
+            || self.stderr_log(),
+        );
     }
 }

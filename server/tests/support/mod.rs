@@ -202,6 +202,15 @@ impl TestGateway {
         }
     }
 
+    /// The first audit event named `event`, once the log shows one.
+    pub async fn audit_event(&self, event: &str) -> serde_json::Value {
+        self.audit_until(event, |events| events.iter().any(|e| e["event"] == event))
+            .await
+            .into_iter()
+            .find(|e| e["event"] == event)
+            .expect("audit_until saw it")
+    }
+
     /// Stops serving (running commands get the configured grace) and waits for it; the
     /// state directory stays until the harness is dropped.
     pub async fn stop(&mut self) -> Result<(), GatewayError> {
