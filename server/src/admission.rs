@@ -1,10 +1,12 @@
 //! Admission limits per principal, so one caller cannot take the gateway from the
 //! others: a request rate (a token bucket per principal, GCRA from the `governor`
 //! crate) checked after authentication on every RPC, and a number of commands running
-//! at once per principal, checked when a command is admitted. A refusal carries how
+//! at once per principal, checked when a command is admitted ([`KeyedSlots`], which
+//! the relay and the listeners use for their own per-key caps too). A refusal carries how
 //! long to wait, which the service puts in the status as a `google.rpc.RetryInfo`.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,26 +103,40 @@ impl RequestRate {
     }
 }
 
-/// Commands running at once per principal.
+/// At most `limit` of something at once per key: commands per principal, relay requests
+/// per command, connections per source address. A place is held by its
+/// [`KeyedPermit`] and given back when that is dropped; keys with nothing held take no
+/// memory.
 #[derive(Debug)]
-pub struct PrincipalSlots {
+pub struct KeyedSlots<K: Hash + Eq + Clone> {
     limit: usize,
-    running: Arc<Mutex<HashMap<String, usize>>>,
+    held: Arc<Mutex<HashMap<K, usize>>>,
 }
 
-/// One running command's place in its principal's count; given back on drop.
+/// One place in a [`KeyedSlots`]; given back on drop.
 #[derive(Debug)]
-pub struct PrincipalPermit {
-    principal: String,
-    running: Arc<Mutex<HashMap<String, usize>>>,
+pub struct KeyedPermit<K: Hash + Eq + Clone> {
+    key: K,
+    held: Arc<Mutex<HashMap<K, usize>>>,
 }
 
-impl PrincipalSlots {
-    /// At most `limit` commands at once per principal.
+/// Commands running at once per principal.
+pub type PrincipalSlots = KeyedSlots<String>;
+
+/// One running command's place in its principal's count.
+pub type PrincipalPermit = KeyedPermit<String>;
+
+fn lock<K>(held: &Mutex<HashMap<K, usize>>) -> std::sync::MutexGuard<'_, HashMap<K, usize>> {
+    held.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<K: Hash + Eq + Clone> KeyedSlots<K> {
+    /// At most `limit` places per key.
     pub fn new(limit: usize) -> Self {
         Self {
             limit,
-            running: Arc::default(),
+            held: Arc::default(),
         }
     }
 
@@ -129,45 +145,38 @@ impl PrincipalSlots {
         self.limit
     }
 
-    /// A place for one more command of `principal`, or `None` when it has `limit`
-    /// running.
-    pub fn try_acquire(&self, principal: &str) -> Option<PrincipalPermit> {
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = running.entry(principal.to_owned()).or_insert(0);
+    /// A place for `key`, or `None` when it holds `limit` already.
+    pub fn try_acquire(&self, key: &K) -> Option<KeyedPermit<K>> {
+        let mut held = lock(&self.held);
+        let count = held.entry(key.clone()).or_insert(0);
         if *count >= self.limit {
             return None;
         }
         *count += 1;
-        Some(PrincipalPermit {
-            principal: principal.to_owned(),
-            running: self.running.clone(),
+        Some(KeyedPermit {
+            key: key.clone(),
+            held: self.held.clone(),
         })
     }
 
-    /// Commands `principal` has running.
-    pub fn running(&self, principal: &str) -> usize {
-        self.running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(principal)
-            .copied()
-            .unwrap_or(0)
+    /// Places `key` holds now.
+    pub fn held(&self, key: &K) -> usize {
+        lock(&self.held).get(key).copied().unwrap_or(0)
+    }
+
+    /// Keys holding at least one place.
+    pub fn keys(&self) -> usize {
+        lock(&self.held).len()
     }
 }
 
-impl Drop for PrincipalPermit {
+impl<K: Hash + Eq + Clone> Drop for KeyedPermit<K> {
     fn drop(&mut self) {
-        let mut running = self
-            .running
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = running.get_mut(&self.principal) {
+        let mut held = lock(&self.held);
+        if let Some(count) = held.get_mut(&self.key) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                running.remove(&self.principal);
+                held.remove(&self.key);
             }
         }
     }
@@ -201,19 +210,20 @@ mod tests {
     #[test]
     fn a_principal_runs_at_most_its_limit_and_a_finished_command_frees_a_place() {
         let slots = PrincipalSlots::new(2);
-        let a = slots.try_acquire("alice").unwrap();
-        let _b = slots.try_acquire("alice").unwrap();
-        assert!(slots.try_acquire("alice").is_none());
-        let _other = slots.try_acquire("bob").unwrap();
+        let alice = "alice".to_owned();
+        let a = slots.try_acquire(&alice).unwrap();
+        let _b = slots.try_acquire(&alice).unwrap();
+        assert!(slots.try_acquire(&alice).is_none());
+        let _other = slots.try_acquire(&"bob".to_owned()).unwrap();
         drop(a);
-        assert_eq!(slots.running("alice"), 1);
-        assert!(slots.try_acquire("alice").is_some());
+        assert_eq!(slots.held(&alice), 1);
+        assert!(slots.try_acquire(&alice).is_some());
     }
 
     #[test]
     fn a_principal_with_nothing_running_leaves_no_entry() {
         let slots = PrincipalSlots::new(1);
-        drop(slots.try_acquire("alice").unwrap());
-        assert!(slots.running.lock().unwrap().is_empty());
+        drop(slots.try_acquire(&"alice".to_owned()).unwrap());
+        assert_eq!(slots.keys(), 0);
     }
 }

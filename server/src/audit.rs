@@ -96,6 +96,10 @@ pub enum AuditEvent {
         peer: String,
         /// Why; names the rule (ranges, untrusted PROXY header).
         reason: String,
+        /// Refusals of this address left out since the last recorded one: their lines
+        /// are capped per second.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unrecorded_before: Option<u64>,
     },
     /// An authorized request to run a command was refused before the command existed:
     /// invalid or over a limit, refused by argv mode's policy, no Kubernetes identity,
@@ -143,6 +147,10 @@ pub enum AuditEvent {
         source: String,
         /// Why (never the credential).
         reason: String,
+        /// Failures from this address left out since the last recorded one: their
+        /// lines are capped per second.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        unrecorded_before: Option<u64>,
     },
     /// An authorization decision.
     Authorization {
@@ -357,7 +365,14 @@ impl AuditEvent {
 /// how many were left out (`unrecorded_before`).
 pub struct Throttle<K: std::hash::Hash + Eq + Clone> {
     limiter: governor::DefaultKeyedRateLimiter<K>,
-    unrecorded: std::sync::Mutex<std::collections::HashMap<K, u64>>,
+    unrecorded: std::sync::Mutex<Unrecorded<K>>,
+}
+
+/// Events left out per key, and those whose key was forgotten under a flood of keys
+/// (reported with the next recorded event of any key, so none goes uncounted).
+struct Unrecorded<K> {
+    per_key: std::collections::HashMap<K, u64>,
+    forgotten: u64,
 }
 
 /// Audit lines a second, and their burst, for refusals one source, principal or command
@@ -378,7 +393,10 @@ impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
             limiter: governor::RateLimiter::keyed(
                 governor::Quota::per_second(rate).allow_burst(burst),
             ),
-            unrecorded: std::sync::Mutex::default(),
+            unrecorded: std::sync::Mutex::new(Unrecorded {
+                per_key: std::collections::HashMap::new(),
+                forgotten: 0,
+            }),
         }
     }
 
@@ -389,30 +407,38 @@ impl<K: std::hash::Hash + Eq + Clone> Throttle<K> {
             .unrecorded
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if self.limiter.check_key(key).is_ok() {
-            return Some(unrecorded.remove(key).unwrap_or(0));
-        }
-        if unrecorded.len() >= THROTTLE_KEYS && !unrecorded.contains_key(key) {
-            // bounded memory under a flood from many keys: the oldest counts are lost
-            unrecorded.clear();
+        if self.limiter.len() > THROTTLE_KEYS {
+            // keys whose budget is whole again cost nothing to forget
             self.limiter.retain_recent();
         }
-        *unrecorded.entry(key.clone()).or_insert(0) += 1;
+        if self.limiter.check_key(key).is_ok() {
+            let own = unrecorded.per_key.remove(key).unwrap_or(0);
+            return Some(own + std::mem::take(&mut unrecorded.forgotten));
+        }
+        if unrecorded.per_key.len() >= THROTTLE_KEYS && !unrecorded.per_key.contains_key(key) {
+            // bounded memory under a flood from many keys: the counts lose their keys,
+            // not their number
+            let total: u64 = unrecorded.per_key.drain().map(|(_, n)| n).sum();
+            unrecorded.forgotten += total;
+            self.limiter.retain_recent();
+        }
+        *unrecorded.per_key.entry(key.clone()).or_insert(0) += 1;
         None
     }
 }
 
-/// `text` cut to at most `max` bytes at a character boundary: for values a caller
-/// chooses (a request path) that an audit line carries.
-pub fn clip(text: &str, max: usize) -> &str {
+/// `text` as an audit line carries a value a caller chooses (the path of a refused
+/// request): whole up to `max` bytes, else its first `max` bytes (at a character
+/// boundary) and a marker with the full length, so a cut value never reads as whole.
+pub fn clip(text: &str, max: usize) -> String {
     if text.len() <= max {
-        return text;
+        return text.to_owned();
     }
     let mut end = max;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    &text[..end]
+    format!("{}…[cut: {} bytes in all]", &text[..end], text.len())
 }
 
 struct Entry {
@@ -775,5 +801,27 @@ mod tests {
         );
         assert!(!audit.is_healthy());
         assert_eq!(std::fs::read(&cfg.path).unwrap(), b"");
+    }
+
+    #[test]
+    fn a_cut_value_says_so_and_its_length() {
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 3), "abc…[cut: 6 bytes in all]");
+    }
+
+    #[test]
+    fn throttled_events_are_counted_even_when_their_keys_are_forgotten() {
+        let throttle = Throttle::<u32>::new(1, 1);
+        let keys = THROTTLE_KEYS as u32 + 5;
+        let mut reported = 0;
+        // every key records one event and has one left out: more keys than are kept
+        for key in 0..keys {
+            reported += throttle.admit(&key).expect("its first event is recorded");
+            assert_eq!(throttle.admit(&key), None);
+        }
+        // the next recorded event carries the counts whose keys were forgotten
+        reported += throttle.admit(&u32::MAX).unwrap();
+        let pending: u64 = throttle.unrecorded.lock().unwrap().per_key.values().sum();
+        assert_eq!(reported + pending, u64::from(keys), "none goes uncounted");
     }
 }

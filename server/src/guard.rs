@@ -195,11 +195,17 @@ impl Guard {
                 Ok(principal)
             }
             Err(err) => {
-                self.audit.record(AuditEvent::AuthenticationFailed {
-                    listener: conn.listener.to_string(),
-                    source: conn.source.to_string(),
-                    reason: err.to_string(),
-                });
+                // a stranger can fail as fast as they like: lines capped per address
+                let key = format!("source {}", conn.source.ip());
+                self.audit
+                    .record_throttled(&self.refusals, &key, |unrecorded_before| {
+                        AuditEvent::AuthenticationFailed {
+                            listener: conn.listener.to_string(),
+                            source: conn.source.to_string(),
+                            reason: err.to_string(),
+                            unrecorded_before,
+                        }
+                    });
                 Err(err.into())
             }
         }

@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access::cidr::CidrSet;
 use crate::access::proxy_protocol;
-use crate::audit::{Audit, AuditEvent};
+use crate::admission::{KeyedPermit, KeyedSlots};
+use crate::audit::{Audit, AuditEvent, REFUSAL_LINES_BURST, REFUSAL_LINES_PER_SECOND, Throttle};
 use crate::connection::{ConnInfo, ListenerAuth};
 
 /// A listener that could not be set up.
@@ -243,75 +244,56 @@ pub struct ConnectionLimits {
 #[derive(Debug)]
 struct ConnectionSlots {
     limits: ConnectionLimits,
-    open: std::sync::Mutex<OpenConnections>,
+    total: Arc<tokio::sync::Semaphore>,
+    per_source: KeyedSlots<std::net::IpAddr>,
 }
 
-#[derive(Debug, Default)]
-struct OpenConnections {
-    total: usize,
-    per_source: std::collections::HashMap<std::net::IpAddr, usize>,
-}
-
-/// One connection's place in [`ConnectionSlots`]; given back on drop.
+/// One connection's places in [`ConnectionSlots`]; given back on drop.
 #[derive(Debug)]
 struct ConnectionSlot {
-    slots: Arc<ConnectionSlots>,
-    source: Option<std::net::IpAddr>,
+    _total: tokio::sync::OwnedSemaphorePermit,
+    source: Option<KeyedPermit<std::net::IpAddr>>,
 }
 
 impl ConnectionSlots {
-    fn open(&self) -> std::sync::MutexGuard<'_, OpenConnections> {
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn new(limits: ConnectionLimits) -> Self {
+        Self {
+            total: Arc::new(tokio::sync::Semaphore::new(limits.total)),
+            per_source: KeyedSlots::new(limits.per_source),
+            limits,
+        }
     }
 
     /// A place among all connections, or why there is none.
-    fn accept(self: &Arc<Self>) -> Result<ConnectionSlot, String> {
-        let mut open = self.open();
-        if open.total >= self.limits.total {
-            return Err(format!(
+    fn accept(&self) -> Result<ConnectionSlot, String> {
+        let total = self.total.clone().try_acquire_owned().map_err(|_| {
+            format!(
                 "the gateway has {} connections open (limits.max_connections = {})",
-                open.total, self.limits.total
-            ));
-        }
-        open.total += 1;
+                self.limits.total, self.limits.total
+            )
+        })?;
         Ok(ConnectionSlot {
-            slots: self.clone(),
+            _total: total,
             source: None,
         })
     }
-}
 
-impl ConnectionSlot {
-    /// Counts the connection against its source address too, or says why it may not.
-    fn admit_source(&mut self, source: std::net::IpAddr) -> Result<(), String> {
-        let mut open = self.slots.open();
-        let count = open.per_source.entry(source).or_insert(0);
-        if *count >= self.slots.limits.per_source {
-            return Err(format!(
-                "source {source} has {count} connections open (limits.max_connections_per_source = {})",
-                self.slots.limits.per_source
-            ));
-        }
-        *count += 1;
-        self.source = Some(source);
+    /// Counts `slot`'s connection against its source address too, or says why it may
+    /// not.
+    fn admit_source(
+        &self,
+        slot: &mut ConnectionSlot,
+        source: std::net::IpAddr,
+    ) -> Result<(), String> {
+        let permit = self.per_source.try_acquire(&source).ok_or_else(|| {
+            format!(
+                "source {source} has {} connections open (limits.max_connections_per_source = {})",
+                self.per_source.held(&source),
+                self.limits.per_source
+            )
+        })?;
+        slot.source = Some(permit);
         Ok(())
-    }
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let mut open = self.slots.open();
-        open.total = open.total.saturating_sub(1);
-        if let Some(source) = self.source
-            && let Some(count) = open.per_source.get_mut(&source)
-        {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.per_source.remove(&source);
-            }
-        }
     }
 }
 
@@ -325,14 +307,14 @@ pub fn incoming(
     audit: Audit,
 ) -> impl Stream<Item = Result<Conn, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let slots = Arc::new(ConnectionSlots {
-        limits,
-        open: std::sync::Mutex::default(),
-    });
+    let slots = Arc::new(ConnectionSlots::new(limits));
+    // refused connections, capped per address in the audit log
+    let refusals = Arc::new(Throttle::new(REFUSAL_LINES_PER_SECOND, REFUSAL_LINES_BURST));
     for listener in listeners {
         tokio::spawn(accept_loop(
             listener,
             slots.clone(),
+            refusals.clone(),
             tx.clone(),
             stop.clone(),
             audit.clone(),
@@ -344,6 +326,7 @@ pub fn incoming(
 async fn accept_loop(
     listener: BoundListener,
     slots: Arc<ConnectionSlots>,
+    refusals: Arc<Throttle<std::net::IpAddr>>,
     tx: mpsc::Sender<Result<Conn, io::Error>>,
     stop: CancellationToken,
     audit: Audit,
@@ -369,10 +352,13 @@ async fn accept_loop(
         let mut slot = match slots.accept() {
             Ok(slot) => slot,
             Err(reason) => {
-                audit.record(AuditEvent::ConnectionRefused {
-                    listener: listener.name.to_string(),
-                    peer: peer.to_string(),
-                    reason,
+                audit.record_throttled(&refusals, &peer.ip(), |unrecorded_before| {
+                    AuditEvent::ConnectionRefused {
+                        listener: listener.name.to_string(),
+                        peer: peer.to_string(),
+                        reason,
+                        unrecorded_before,
+                    }
                 });
                 continue;
             }
@@ -384,19 +370,24 @@ async fn accept_loop(
         let auth = listener.auth;
         let tx = tx.clone();
         let audit = audit.clone();
+        let slots = slots.clone();
+        let refusals = refusals.clone();
         tokio::spawn(async move {
             let handshake = async {
                 let admitted = gate
                     .admit(&mut tcp, peer)
                     .await
-                    .and_then(|source| slot.admit_source(source.ip()).map(|()| source));
+                    .and_then(|source| slots.admit_source(&mut slot, source.ip()).map(|()| source));
                 let source = match admitted {
                     Ok(source) => source,
                     Err(reason) => {
-                        audit.record(AuditEvent::ConnectionRefused {
-                            listener: name.to_string(),
-                            peer: peer.to_string(),
-                            reason,
+                        audit.record_throttled(&refusals, &peer.ip(), |unrecorded_before| {
+                            AuditEvent::ConnectionRefused {
+                                listener: name.to_string(),
+                                peer: peer.to_string(),
+                                reason,
+                                unrecorded_before,
+                            }
                         });
                         return None;
                     }
@@ -426,20 +417,26 @@ async fn accept_loop(
                         .await;
                 }
                 Ok(Some((source, Err(err)))) => {
-                    audit.record(AuditEvent::AuthenticationFailed {
-                        listener: name.to_string(),
-                        source: source.to_string(),
-                        reason: format!("TLS handshake refused: {err}"),
+                    audit.record_throttled(&refusals, &peer.ip(), |unrecorded_before| {
+                        AuditEvent::AuthenticationFailed {
+                            listener: name.to_string(),
+                            source: source.to_string(),
+                            reason: format!("TLS handshake refused: {err}"),
+                            unrecorded_before,
+                        }
                     });
                 }
                 Err(_) => {
-                    audit.record(AuditEvent::ConnectionRefused {
-                        listener: name.to_string(),
-                        peer: peer.to_string(),
-                        reason: format!(
-                            "no PROXY header and TLS handshake within {} (limits.handshake_timeout)",
-                            humantime::format_duration(handshake_timeout)
-                        ),
+                    audit.record_throttled(&refusals, &peer.ip(), |unrecorded_before| {
+                        AuditEvent::ConnectionRefused {
+                            listener: name.to_string(),
+                            peer: peer.to_string(),
+                            reason: format!(
+                                "no PROXY header and TLS handshake within {} (limits.handshake_timeout)",
+                                humantime::format_duration(handshake_timeout)
+                            ),
+                            unrecorded_before,
+                        }
                     });
                 }
             }

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::KeyedSlots;
 use crate::audit::{Audit, AuditEvent, clip};
 use crate::hex::encode as hex;
 use crate::pki::CertificateAuthority;
@@ -39,28 +40,6 @@ const MAX_REQUESTS_PER_COMMAND: usize = 64;
 
 /// Longest a request body may take to arrive whole.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One request of a command in progress; ends on drop.
-struct CommandRequest {
-    relay: Arc<Relay>,
-    command: String,
-}
-
-impl Drop for CommandRequest {
-    fn drop(&mut self) {
-        let mut open = self
-            .relay
-            .in_progress
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&self.command) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.remove(&self.command);
-            }
-        }
-    }
-}
 
 /// Largest request body a command may send through the relay.
 const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
@@ -172,7 +151,7 @@ pub struct Relay {
     /// token), which a command can repeat at will.
     refusals: crate::audit::Throttle<String>,
     /// Requests in progress per command.
-    in_progress: Mutex<HashMap<String, usize>>,
+    in_progress: KeyedSlots<String>,
 }
 
 impl std::fmt::Debug for Relay {
@@ -239,7 +218,7 @@ impl Relay {
                 crate::audit::REFUSAL_LINES_PER_SECOND,
                 crate::audit::REFUSAL_LINES_BURST,
             ),
-            in_progress: Mutex::new(HashMap::new()),
+            in_progress: KeyedSlots::new(MAX_REQUESTS_PER_COMMAND),
         });
         tokio::spawn(serve(
             relay.clone(),
@@ -304,7 +283,7 @@ impl Relay {
         self.stop.cancel();
     }
 
-    async fn handle(self: &Arc<Self>, req: Request<Incoming>) -> Response<RelayBody> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<RelayBody> {
         let started = Instant::now();
         let path = req.uri().path().to_owned();
         let verb = verb_of(req.method(), &path, req.uri().query());
@@ -315,7 +294,7 @@ impl Relay {
             return refuse(RelayRefusal::NoToken);
         };
         // in progress until its response body is done with (a watch: until it ends)
-        let Some(in_progress) = self.begin_request(&binding.command_id) else {
+        let Some(in_progress) = self.in_progress.try_acquire(&binding.command_id) else {
             return refuse(RelayRefusal::TooManyRequests);
         };
         if let Some(name) = req
@@ -407,7 +386,7 @@ impl Relay {
                     principal: binding.principal.clone(),
                     kube_user: binding.identity.user.clone(),
                     verb: verb.to_owned(),
-                    path: clip(&path, MAX_AUDITED_PATH).to_owned(),
+                    path: path.clone(),
                     namespace,
                     status: code.as_u16(),
                     duration_ms: crate::audit::duration_ms(started.elapsed()),
@@ -420,7 +399,7 @@ impl Relay {
             principal: binding.principal.clone(),
             kube_user: binding.identity.user.clone(),
             verb: verb.to_owned(),
-            path: clip(&path, MAX_AUDITED_PATH).to_owned(),
+            path,
             namespace,
             status: response.status().as_u16(),
             duration_ms: crate::audit::duration_ms(started.elapsed()),
@@ -449,37 +428,28 @@ impl Relay {
         path: &str,
     ) -> Response<RelayBody> {
         let reason = refusal.to_string();
-        let key = binding.map(|b| b.command_id.clone()).unwrap_or_default();
-        self.audit
-            .record_throttled(&self.refusals, &key, |unrecorded_before| {
-                AuditEvent::RelayRefused {
-                    command_id: binding.map(|b| b.command_id.clone()),
-                    principal: binding.map(|b| b.principal.clone()),
-                    verb: verb.to_owned(),
-                    path: clip(path, MAX_AUDITED_PATH).to_owned(),
-                    reason: reason.clone(),
-                    unrecorded_before,
-                }
-            });
-        refusal.response(path, &reason)
-    }
-
-    /// A place for one more request of `command`, or `None` when it has
-    /// [`MAX_REQUESTS_PER_COMMAND`] in progress.
-    fn begin_request(self: &Arc<Self>, command: &str) -> Option<CommandRequest> {
-        let mut open = self
-            .in_progress
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = open.entry(command.to_owned()).or_insert(0);
-        if *count >= MAX_REQUESTS_PER_COMMAND {
-            return None;
+        let event = |unrecorded_before| AuditEvent::RelayRefused {
+            command_id: binding.map(|b| b.command_id.clone()),
+            principal: binding.map(|b| b.principal.clone()),
+            verb: verb.to_owned(),
+            path: clip(path, MAX_AUDITED_PATH),
+            reason: reason.clone(),
+            unrecorded_before,
+        };
+        if refusal.always_audited() {
+            // an attempt to act as someone else is what the log exists for: never
+            // left out, whatever else the command sent
+            self.audit.record(event(None));
+        } else {
+            // each kind has its own budget, so one kind cannot spend another's
+            let key = format!(
+                "{}/{}",
+                binding.map(|b| b.command_id.as_str()).unwrap_or_default(),
+                refusal.code().1
+            );
+            self.audit.record_throttled(&self.refusals, &key, event);
         }
-        *count += 1;
-        Some(CommandRequest {
-            relay: self.clone(),
-            command: command.to_owned(),
-        })
+        refusal.response(path, &reason)
     }
 
     fn authenticate(&self, headers: &HeaderMap) -> Option<Binding> {
@@ -788,6 +758,11 @@ enum RelayRefusal {
 }
 
 impl RelayRefusal {
+    /// Refusals recorded every time, never capped: attempts to act as someone else.
+    fn always_audited(&self) -> bool {
+        matches!(self, Self::Impersonation { .. } | Self::Unattributable(_))
+    }
+
     /// The HTTP code and the Kubernetes `Status` reason.
     fn code(&self) -> (StatusCode, &'static str) {
         match self {
@@ -1388,6 +1363,22 @@ mod refusal_tests {
         (relay, audit, config)
     }
 
+    /// Every audit event written so far: a durable event first, so the lines queued
+    /// before it are in the file too.
+    async fn audit_events(audit: &Audit, config: &AuditConfig) -> Vec<serde_json::Value> {
+        audit
+            .record_durable(AuditEvent::GatewayStopped {
+                reason: "test".into(),
+            })
+            .await
+            .unwrap();
+        std::fs::read_to_string(&config.path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .collect()
+    }
+
     /// The token and CA of an issued kubeconfig.
     fn credentials(kubeconfig: &str) -> (String, Vec<u8>) {
         let field = |name: &str| {
@@ -1469,19 +1460,11 @@ mod refusal_tests {
                     ),
                 "{user:?}: {message}"
             );
-            // durable after the refusal's line, so that line is in the file too
-            audit
-                .record_durable(AuditEvent::GatewayStopped {
-                    reason: "test".into(),
-                })
-                .await
-                .unwrap();
-            let text = std::fs::read_to_string(&config.path).unwrap();
-            let refused = text
-                .lines()
-                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            let events = audit_events(&audit, &config).await;
+            let refused = events
+                .iter()
                 .find(|e| e["event"] == "relay_refused" && e["command_id"] == command_id.as_str())
-                .unwrap_or_else(|| panic!("no relay_refused for {user:?}:\n{text}"));
+                .unwrap_or_else(|| panic!("no relay_refused for {user:?}:\n{events:?}"));
             assert_eq!(refused["principal"], "alice", "{refused}");
             assert_eq!(refused["path"], "/api/v1/namespaces/demo/pods", "{refused}");
         }
@@ -1535,18 +1518,11 @@ mod refusal_tests {
         let code = response.status().as_u16();
         let body: serde_json::Value =
             serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
-        audit
-            .record_durable(AuditEvent::GatewayStopped {
-                reason: "test".into(),
-            })
-            .await
-            .unwrap();
-        let text = std::fs::read_to_string(&config.path).unwrap();
-        let event = text
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        let events = audit_events(audit, config).await;
+        let event = events
+            .into_iter()
             .find(|e| e["event"] == "relay_request")
-            .unwrap_or_else(|| panic!("no relay_request:\n{text}"));
+            .expect("a relay_request event");
         (code, body, event)
     }
 
@@ -1566,16 +1542,9 @@ mod refusal_tests {
                 .unwrap();
             assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         }
-        audit
-            .record_durable(AuditEvent::GatewayStopped {
-                reason: "test".into(),
-            })
+        let refused: Vec<serde_json::Value> = audit_events(&audit, &config)
             .await
-            .unwrap();
-        let text = std::fs::read_to_string(&config.path).unwrap();
-        let refused: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .into_iter()
             .filter(|e| e["event"] == "relay_refused")
             .collect();
         assert!(
@@ -1583,11 +1552,11 @@ mod refusal_tests {
             "{} lines for 200 refusals",
             refused.len()
         );
-        assert!(
-            refused
-                .iter()
-                .all(|e| e["path"].as_str().unwrap().len() <= 1024)
-        );
+        // the 5 KB path is cut, and says so
+        assert!(refused.iter().all(|e| {
+            let path = e["path"].as_str().unwrap();
+            path.len() <= 1100 && path.ends_with(&format!("…[cut: {} bytes in all]", long.len()))
+        }));
         relay.shutdown();
     }
 
@@ -1601,27 +1570,65 @@ mod refusal_tests {
             let response = client
                 .get(format!("{}/api/v1/namespaces/demo/pods", relay.url()))
                 .bearer_auth(&token)
-                .header("Impersonate-User", "system:admin")
+                .header("Connection", "Upgrade")
+                .header("Upgrade", "websocket")
                 .send()
                 .await
                 .unwrap();
             assert_eq!(response.status(), StatusCode::FORBIDDEN);
         }
-        audit
-            .record_durable(AuditEvent::GatewayStopped {
-                reason: "test".into(),
-            })
+        let refused = audit_events(&audit, &config)
             .await
-            .unwrap();
-        let text = std::fs::read_to_string(&config.path).unwrap();
-        let refused = text
-            .lines()
-            .filter(|l| l.contains("\"event\":\"relay_refused\""))
+            .iter()
+            .filter(|e| e["event"] == "relay_refused")
             .count();
         assert!(
             (50..100).contains(&refused),
             "{refused} lines for 200 refusals"
         );
+        relay.shutdown();
+    }
+
+    #[tokio::test]
+    async fn an_impersonation_attempt_is_audited_even_after_a_flood_of_other_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (relay, audit, config) = relay(dir.path()).await;
+        let (token, ca) = alices_token(&relay);
+        let client = https_client(&ca);
+        let url = format!("{}/api/v1/namespaces/demo/pods", relay.url());
+        for _ in 0..100 {
+            let upgrade = client
+                .get(&url)
+                .bearer_auth(&token)
+                .header("Connection", "Upgrade")
+                .header("Upgrade", "websocket")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(upgrade.status(), StatusCode::FORBIDDEN);
+        }
+        for _ in 0..3 {
+            let impersonating = client
+                .get(&url)
+                .bearer_auth(&token)
+                .header("Impersonate-User", "system:admin")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(impersonating.status(), StatusCode::FORBIDDEN);
+        }
+        let impersonations = audit_events(&audit, &config)
+            .await
+            .iter()
+            .filter(|e| {
+                e["event"] == "relay_refused"
+                    && e["reason"]
+                        .as_str()
+                        .unwrap()
+                        .contains("impersonation is not allowed")
+            })
+            .count();
+        assert_eq!(impersonations, 3);
         relay.shutdown();
     }
 
@@ -1645,15 +1652,7 @@ mod refusal_tests {
         // every one of them in progress at the relay (bounded: a failed request would
         // never get there)
         let deadline = Instant::now() + Duration::from_secs(30);
-        while relay
-            .in_progress
-            .lock()
-            .unwrap()
-            .get("cmd-fault")
-            .copied()
-            .unwrap_or(0)
-            < MAX_REQUESTS_PER_COMMAND
-        {
+        while relay.in_progress.held(&"cmd-fault".to_owned()) < MAX_REQUESTS_PER_COMMAND {
             assert!(
                 Instant::now() < deadline,
                 "the requests never got in progress"

@@ -252,6 +252,9 @@ async fn a_request_that_never_finishes_gives_its_place_back_after_the_read_timeo
         status.message().contains("limits.request_read_timeout"),
         "{status:?}"
     );
+    // audited, though the caller was never identified
+    let refusal = gw.audit_event("request_refused").await;
+    assert_eq!(refusal["code"], "DeadlineExceeded", "{refusal}");
     // its place is free again
     still_serves(&gw).await;
 }

@@ -385,7 +385,13 @@ impl ChainFile {
                 Ok((_, head, last_line)) => (head, last_line),
                 Err(err) => {
                     let good = last_good_head(path)?;
-                    let aside = path.with_extension(format!("broken-{}", good.seq));
+                    // never over the evidence of an earlier crash
+                    let mut aside = path.with_extension(format!("broken-{}", good.seq));
+                    let mut n = 1;
+                    while aside.exists() {
+                        aside = path.with_extension(format!("broken-{}-{n}", good.seq));
+                        n += 1;
+                    }
                     std::fs::rename(path, &aside)?;
                     note = Some(format!(
                         "{} did not verify ({err}); moved to {} and continuing after seq {}",
@@ -399,8 +405,9 @@ impl ChainFile {
         } else {
             (Head::genesis(), 0)
         };
-        // an empty file after a rotation (a crash right after it): the chain goes on
-        // from the newest rotated file, never from genesis again
+        // an empty file after a rotation (a crash right after it), or one with nothing
+        // whole in it: the chain goes on from the newest rotated or set-aside file,
+        // never from genesis again
         let head = if head.seq == 0 {
             match newest_rotated(path)? {
                 Some(rotated) => last_good_head(&rotated)?,
@@ -549,8 +556,8 @@ fn identity(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
     meta.is_file().then(|| (meta.dev(), meta.ino()))
 }
 
-/// The rotated file (`STEM.<last seq>.jsonl` next to `path`) with the highest sequence
-/// number, if any.
+/// The rotated (`STEM.<last seq>.jsonl`) or set-aside (`STEM.broken-<last good seq>`)
+/// file next to `path` with the highest sequence number, if any.
 fn newest_rotated(path: &Path) -> io::Result<Option<PathBuf>> {
     let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else {
         return Ok(None);
@@ -568,7 +575,10 @@ fn newest_rotated(path: &Path) -> io::Result<Option<PathBuf>> {
         let Some(seq) = name
             .to_str()
             .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| {
+                n.strip_suffix(".jsonl")
+                    .or_else(|| n.strip_prefix("broken-"))
+            })
             .and_then(|n| n.split('-').next())
             .and_then(|n| n.parse::<u64>().ok())
         else {
@@ -1022,5 +1032,51 @@ mod tests {
             "{stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    #[test]
+    fn two_torn_writes_in_a_row_neither_fork_the_chain_nor_overwrite_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let tear = |path: &Path| {
+            let mut text = std::fs::read(path).unwrap();
+            text.extend_from_slice(b"{\"seq\":99,\"ti");
+            std::fs::write(path, text).unwrap();
+        };
+        let (mut f, _) = ChainFile::open(&path).unwrap();
+        appended(&mut f, 3);
+        drop(f);
+        tear(&path);
+        // first crash: set aside as audit.broken-3, a new file continues at 4
+        let (f, _) = ChainFile::open(&path).unwrap();
+        assert_eq!(f.head().seq, 3);
+        drop(f);
+        // second crash before anything whole was written: nothing good in the file
+        tear(&path);
+        let (mut f, _) = ChainFile::open(&path).unwrap();
+        assert_eq!(f.head().seq, 3, "the chain goes on from the set-aside file");
+        appended(&mut f, 1);
+        assert_eq!(f.head().seq, 4);
+        drop(f);
+        // a third crash with the same last good seq keeps the earlier evidence
+        tear(&path);
+        let first = std::fs::read(dir.path().join("audit.broken-3")).unwrap();
+        let (f, _) = ChainFile::open(&path).unwrap();
+        assert_eq!(f.head().seq, 4);
+        assert_eq!(
+            std::fs::read(dir.path().join("audit.broken-3")).unwrap(),
+            first
+        );
+        let set_aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("audit.broken-")
+            })
+            .count();
+        assert_eq!(set_aside, 3);
     }
 }

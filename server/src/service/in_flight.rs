@@ -176,7 +176,7 @@ where
                     listener: conn.map(|c| c.listener.to_string()).unwrap_or_default(),
                     source: conn.map(|c| c.source.to_string()).unwrap_or_default(),
                     principal: None,
-                    method: clip(req.uri().path(), MAX_AUDITED_METHOD).to_owned(),
+                    method: clip(req.uri().path(), MAX_AUDITED_METHOD),
                     code: format!("{:?}", status.code()),
                     reason: status.message().to_owned(),
                     unrecorded_before,

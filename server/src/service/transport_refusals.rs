@@ -7,7 +7,9 @@
 //!   other limit has;
 //! - a message that does not parse (a string that is not UTF-8, such as a file path
 //!   sent as raw bytes) stays `INTERNAL`, as the gRPC status code table has it for a
-//!   request that cannot be parsed, with a message saying what to send instead.
+//!   request that cannot be parsed, with a message saying what to send instead;
+//! - a request that did not arrive whole in time (`limits.request_read_timeout`) keeps
+//!   its `DEADLINE_EXCEEDED` and is audited too.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -110,6 +112,12 @@ where
                 && status.message().starts_with(PROST_UNDECODABLE)
             {
                 undecodable(status.message())
+            } else if status.code() == Code::DeadlineExceeded
+                && status.message().contains("limits.request_read_timeout")
+            {
+                // a request that never arrived whole (in_flight's DeadlineBody): answered
+                // as it is, but audited like any refusal
+                status
             } else {
                 return Ok(response);
             };
@@ -130,7 +138,7 @@ where
                             .map(|c| c.source.to_string())
                             .unwrap_or_default(),
                         principal: None,
-                        method: clip(&method, MAX_AUDITED_METHOD).to_owned(),
+                        method: clip(&method, MAX_AUDITED_METHOD),
                         code: format!("{:?}", refusal.code()),
                         reason: refusal.message().to_owned(),
                         unrecorded_before,
