@@ -445,10 +445,41 @@ impl Gateway {
         timeout: Duration,
         found: impl Fn(&AuditRecord) -> bool,
     ) -> Result<AuditRecord> {
+        self.await_log(what, timeout, || {
+            self.audit_events().into_iter().find(|e| found(e))
+        })
+    }
+
+    /// Waits until the audit *file* holds a complete line that satisfies `found`, and
+    /// returns it. The gateway logs an event when it queues it and writes it to the file
+    /// in its next batch, so a test that touches the file itself first waits here for
+    /// the lines it depends on. Fails as [`Gateway::await_audit_event`] does.
+    pub fn await_audit_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        found: impl Fn(&AuditLine) -> bool,
+    ) -> Result<AuditLine> {
+        let path = self.audit_path();
+        self.await_log(what, timeout, || {
+            read_audit_file_so_far(&path)
+                .ok()?
+                .into_iter()
+                .find(|l| found(l))
+        })
+    }
+
+    /// Polls `check` until it finds something, the gateway exits, or `timeout` passes.
+    fn await_log<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        check: impl Fn() -> Option<T>,
+    ) -> Result<T> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(event) = self.audit_events().into_iter().find(|e| found(e)) {
-                return Ok(event);
+            if let Some(found) = check() {
+                return Ok(found);
             }
             if !self.is_running() {
                 bail!(
@@ -462,8 +493,8 @@ impl Gateway {
                     self.stderr_log()
                 );
             }
-            // the log is a plain file that cannot wake us, so it is polled; the pause
-            // only paces the polls (the wait ends on the event, not on a time)
+            // the logs are plain files that cannot wake us, so they are polled; the
+            // pause only paces the polls (the wait ends on the line, not on a time)
             thread::sleep(LOG_POLL_PACING);
         }
     }

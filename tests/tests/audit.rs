@@ -622,6 +622,13 @@ fn an_audit_file_replaced_under_the_gateway_fails_closed_and_a_logged_head_finds
     let mut gw = gateway();
     let (first, _) = invoke_json(gw.client().unwrap(), "echo before", &[]);
     assert_eq!(first.code, Some(0), "{first}");
+    // the result can come back before the batch holding `command_finished` is written;
+    // copying the file before then would leave out a line the gateway did write (which
+    // the logged head would rightly report as removed)
+    gw.await_audit_line("command_finished in the file", PROCESS_TIMEOUT, |l| {
+        l.event() == "command_finished"
+    })
+    .unwrap();
     // another process on the host puts a copy in the file's place
     let path = gw.audit_path();
     let copy = path.with_extension("copy");
