@@ -403,7 +403,7 @@ fn exit_code_of(r: &pb::CommandResult) -> u8 {
         }
         Ok(CommandState::TimedOut) => exit::TIMED_OUT,
         Ok(CommandState::Canceled) => exit::CANCELED,
-        Ok(CommandState::Running) => 0,
+        Ok(CommandState::Running | CommandState::Pending) => 0,
         _ => exit::FAILED,
     }
 }

@@ -72,6 +72,7 @@ struct FileView {
 /// The state's name as shown to people.
 pub fn state_name(state: i32) -> &'static str {
     match CommandState::try_from(state) {
+        Ok(CommandState::Pending) => "Pending",
         Ok(CommandState::Running) => "Running",
         Ok(CommandState::Succeeded) => "Succeeded",
         Ok(CommandState::Failed) => "Failed",
@@ -274,6 +275,7 @@ pub fn result(out: &mut impl Write, format: Format, r: &CommandResult) -> io::Re
         Format::Default => {
             match CommandState::try_from(r.state) {
                 Ok(CommandState::Running) => writeln!(out, "command is in Running state")?,
+                Ok(CommandState::Pending) => writeln!(out, "command is in Pending state")?,
                 Ok(CommandState::Succeeded) => writeln!(
                     out,
                     "command started at {}, finished at {} with exitcode={}",

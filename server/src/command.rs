@@ -74,6 +74,8 @@ use crate::hex::encode as hex;
 /// Where a command is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommandState {
+    /// Accepted, waiting for its Pod to be scheduled and started (pod executor only).
+    Pending,
     /// Started and not yet ended.
     Running,
     /// Ran to completion; the exit code says how it went.
@@ -90,6 +92,7 @@ impl CommandState {
     /// Name used in the store and in logs.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Pending => "Pending",
             Self::Running => "Running",
             Self::Succeeded => "Succeeded",
             Self::Failed => "Failed",
@@ -101,6 +104,7 @@ impl CommandState {
     /// Inverse of [`as_str`](Self::as_str).
     pub fn from_name(name: &str) -> Option<Self> {
         [
+            Self::Pending,
             Self::Running,
             Self::Succeeded,
             Self::Failed,
@@ -109,6 +113,11 @@ impl CommandState {
         ]
         .into_iter()
         .find(|s| s.as_str() == name)
+    }
+
+    /// True once the command has ended (every state but `Pending` and `Running`).
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Running)
     }
 }
 

@@ -11,6 +11,7 @@ use crate::access::cidr::CidrSet;
 pub use crate::breakglass::Webhook;
 use crate::command::ClusterName;
 pub use crate::command::Limits;
+pub use crate::exec::pod::{PodResources, PodSettings};
 pub use crate::exec::{DEFAULT_COMMAND_PATH, ExecMode, ExecSettings};
 pub use crate::ingress::{Exposure, ListenerConfig};
 pub use crate::relay::{IdentityMapping, RelayConfig};
@@ -19,6 +20,7 @@ use crate::sandbox::{LabeledPath, SandboxMode, SandboxSettings};
 mod access_control;
 mod clusters;
 mod listeners;
+mod pod_settings;
 mod raw;
 mod sandbox_settings;
 mod sections;
@@ -127,6 +129,9 @@ pub struct ClusterConfig {
     pub disable_run_command: bool,
     /// Caller addresses allowed for this cluster, besides the listener's; empty = no extra limit.
     pub authorized_ip_ranges: CidrSet,
+    /// `executor = "pod"`: its commands run in Pods of the cluster, with these settings;
+    /// `None` = the local executor.
+    pub pod: Option<PodSettings>,
 }
 
 /// The gateway's own way to the API server (never given to commands).
@@ -302,7 +307,7 @@ impl Config {
                 })
             }
         };
-        Ok(Self {
+        Self {
             digest: crate::hex::encode(
                 ring::digest::digest(&ring::digest::SHA256, text.as_bytes()).as_ref(),
             ),
@@ -318,6 +323,13 @@ impl Config {
                         )
                     })?,
                 },
+                advertise_url: raw
+                    .relay
+                    .advertise_url
+                    .as_deref()
+                    .map(crate::relay::AdvertiseUrl::parse)
+                    .transpose()
+                    .map_err(|message| invalid("relay.advertise_url", message))?,
                 response_timeout: match raw.relay.response_timeout {
                     Some(t) if t.is_zero() => {
                         return Err(invalid("relay.response_timeout", "must be longer than 0s"));
@@ -349,7 +361,54 @@ impl Config {
             authn,
             policy,
             warnings,
-        })
+        }
+        .with_pod_relay_checked()
+    }
+
+    /// Refuses a pod-executor cluster whose Pods could not reach the relay: the URL
+    /// they dial (`relay.advertise_url`, else the relay's own address) is on loopback,
+    /// unless the cluster says its Pods share this host's loopback (`pod.loopback_relay`,
+    /// the simulated cluster), which is then a warning.
+    fn with_pod_relay_checked(mut self) -> Result<Self, ConfigError> {
+        let loopback = match &self.relay.advertise_url {
+            Some(url) => url.is_loopback(),
+            None => {
+                self.relay.address.ip().is_loopback() || self.relay.address.ip().is_unspecified()
+            }
+        };
+        for (i, cluster) in self.clusters.iter().enumerate() {
+            let Some(pod) = &cluster.pod else {
+                continue;
+            };
+            if !loopback {
+                continue;
+            }
+            if pod.loopback_relay {
+                self.warnings.push(format!(
+                    "cluster \"{}\" runs commands in Pods that reach the relay on this host's loopback \
+                     (cluster[{i}].pod.loopback_relay = true): right only for a cluster whose Pods run on this host",
+                    cluster.name
+                ));
+                continue;
+            }
+            let dialed = match &self.relay.advertise_url {
+                Some(url) => format!("relay.advertise_url = \"{url}\""),
+                None => format!(
+                    "relay.address = \"{}\" and no relay.advertise_url",
+                    self.relay.address
+                ),
+            };
+            return Err(invalid(
+                "relay.advertise_url",
+                format!(
+                    "cluster \"{}\" runs commands in Pods (cluster[{i}].executor = \"pod\"), which cannot reach \
+                     a relay on loopback ({dialed}); listen where Pods can reach it (relay.address, e.g. \"0.0.0.0:8443\") \
+                     and set relay.advertise_url to the URL they dial, e.g. \"https://kinvoke-relay.kinvoke.svc:8443\"",
+                    cluster.name
+                ),
+            ));
+        }
+        Ok(self)
     }
 
     /// Every path this config names that a command must never read: the config file

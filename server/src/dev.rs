@@ -18,11 +18,28 @@ pub const SANDBOX: &str = "sandbox";
 /// File (in the state directory) with the gateway's credentials for the sandbox.
 pub const SANDBOX_KUBECONFIG: &str = "sandbox.kubeconfig";
 
-/// Starts the simulated cluster and writes the gateway's kubeconfig for it; keep the
-/// returned handle alive for as long as the gateway runs.
-pub async fn start_sandbox(files: &DevFiles) -> Result<kinvoke_simcluster::SimCluster, DevError> {
-    let sim = kinvoke_simcluster::SimCluster::start(kinvoke_simcluster::SimOptions::default())
+/// Name of the cluster `dev` registers for the pod executor: the same simulated cluster,
+/// whose simulated kubelet runs each command's Pod as a sandboxed local process.
+pub const SANDBOX_PODS: &str = "sandbox-pods";
+
+/// Starts the simulated cluster, with a simulated kubelet running Pods in the command
+/// sandbox (`sandbox` settings), creates the pod executor's namespace in it, and writes
+/// the gateway's kubeconfig for it; keep the returned handle alive for as long as the
+/// gateway runs.
+pub async fn start_sandbox(
+    files: &DevFiles,
+    sandbox: &crate::sandbox::SandboxSettings,
+) -> Result<kinvoke_simcluster::SimCluster, DevError> {
+    let runtime = crate::sim_kubelet::SandboxRuntime::new(std::sync::Arc::new(
+        crate::sandbox::launch::Sandbox::new(sandbox.clone()),
+    ));
+    let options = kinvoke_simcluster::SimOptions::default().with_kubelet(
+        kinvoke_simcluster::KubeletOptions::new(std::sync::Arc::new(runtime)),
+    );
+    let sim = kinvoke_simcluster::SimCluster::start(options)
         .await
+        .map_err(|e| DevError::Sandbox(e.to_string()))?;
+    sim.create_namespace(crate::exec::pod::DEFAULT_NAMESPACE)
         .map_err(|e| DevError::Sandbox(e.to_string()))?;
     // the admin token changes with every start: rewrite, readable by the gateway only
     let path = files.dir.join(SANDBOX_KUBECONFIG);
@@ -227,6 +244,18 @@ fn gateway_toml(listen: SocketAddr) -> String {
          mode = \"shell\"\n\
          kubeconfig = \"{SANDBOX_KUBECONFIG}\"\n\
          description = \"simulated cluster (kinvoke-simcluster test double, not a real Kubernetes)\"\n\n\
+         # the same simulated cluster, each command in a Pod of its own (as AKS command invoke);\n\
+         # its simulated kubelet runs the Pod as a sandboxed process on this host, so its Pods\n\
+         # reach the relay on loopback\n\
+         [[cluster]]\n\
+         name = \"{SANDBOX_PODS}\"\n\
+         executor = \"pod\"\n\
+         mode = \"shell\"\n\
+         kubeconfig = \"{SANDBOX_KUBECONFIG}\"\n\
+         description = \"simulated cluster, commands in Pods (kinvoke-simcluster test double)\"\n\n\
+         [cluster.pod]\n\
+         loopback_relay = true\n\
+         startup_timeout = \"1m\"\n\n\
          # the developer certificate's identity may do everything on every cluster\n\
          [[assignment]]\n\
          name = \"dev-admin\"\n\

@@ -30,6 +30,7 @@ pub mod relay;
 pub mod runner;
 pub mod sandbox;
 pub mod service;
+pub mod sim_kubelet;
 pub mod status;
 pub mod store;
 
@@ -47,7 +48,9 @@ use crate::authn::Authenticator;
 use crate::authn::jwt::Issuers;
 use crate::breakglass::BreakGlass;
 use crate::config::Config;
+use crate::exec::Executors;
 use crate::exec::local::LocalExecutor;
+use crate::exec::pod::PodExecutor;
 use crate::guard::{ClusterInfo, Guard, GuardSettings};
 use crate::ingress::BoundListener;
 use crate::relay::Relay;
@@ -249,8 +252,36 @@ impl Gateway {
                 tracing::warn!(%err, "could not remove the command directories a previous gateway process left behind")
             }
         }
-        let executor = Arc::new(executor);
         let clusters = kube_clients(&config).await?;
+        let mut pods = HashMap::new();
+        for cluster in &config.clusters {
+            let (Some(settings), Some(client)) =
+                (&cluster.pod, clusters.get(cluster.name.as_str()))
+            else {
+                continue;
+            };
+            let executor =
+                PodExecutor::new(client.clone(), settings.clone(), config.limits.kill_grace);
+            // what a killed predecessor left in the cluster, in the background: a cluster
+            // that is down does not hold up the gateway (its commands fail until it answers)
+            let (sweeper, store, name) = (executor.clone(), store.clone(), cluster.name.clone());
+            tokio::spawn(async move {
+                match sweeper.remove_leftovers(&store).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(cluster = %name, pods = n, "deleted the command Pods a previous gateway process left behind")
+                    }
+                    Err(err) => {
+                        tracing::warn!(cluster = %name, %err, "could not look for command Pods a previous gateway process left behind")
+                    }
+                }
+            });
+            pods.insert(cluster.name.clone(), executor);
+        }
+        let executor = Arc::new(Executors {
+            local: Arc::new(executor),
+            pods,
+        });
         let relay = if clusters.is_empty() {
             None
         } else {

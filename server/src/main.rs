@@ -252,7 +252,7 @@ async fn serve(cfg: Config, dev: Option<(dev::DevFiles, Option<PathBuf>)>) -> an
     })?;
     // the simulated cluster must answer before the gateway connects to it
     let _sandbox = match &dev {
-        Some(files) => Some(dev::start_sandbox(files).await?),
+        Some(files) => Some(dev::start_sandbox(files, &cfg.sandbox).await?),
         None => None,
     };
     // state before the ready line: a bad store or audit path fails before anyone connects

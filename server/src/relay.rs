@@ -51,6 +51,10 @@ type RelayBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 pub struct RelayConfig {
     /// Address (loopback by default: the local executor's commands run here).
     pub address: SocketAddr,
+    /// The URL Pods dial to reach the relay (`relay.advertise_url`), e.g. the gateway
+    /// Service's in-cluster name; its host is added to the relay's certificate. `None` =
+    /// the relay's own address.
+    pub advertise_url: Option<AdvertiseUrl>,
     /// Longest wait for an API server's response headers before the relay answers 504
     /// (a watch's body streams for as long as it lasts after that).
     pub response_timeout: Duration,
@@ -58,6 +62,77 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// How long a connection may stay open with no request in progress.
     pub idle_timeout: Duration,
+}
+
+/// `relay.advertise_url`: `https://HOST[:PORT]`, nothing else (no path, query or
+/// credentials), since it becomes the `server` of every command Pod's kubeconfig.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdvertiseUrl {
+    host: String,
+    port: Option<u16>,
+}
+
+impl AdvertiseUrl {
+    /// Parses `https://HOST[:PORT]`; the error says what is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let uri: http::Uri = text
+            .parse()
+            .map_err(|e| format!("\"{text}\" is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(format!("\"{text}\" must start with https://"));
+        }
+        let authority = uri
+            .authority()
+            .ok_or_else(|| format!("\"{text}\" has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("\"{text}\" must not carry credentials"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!(
+                "\"{text}\" must be https://HOST[:PORT] without a path or query"
+            ));
+        }
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        if host.is_empty() {
+            return Err(format!("\"{text}\" has no host"));
+        }
+        Ok(Self {
+            host,
+            port: authority.port_u16(),
+        })
+    }
+
+    /// The host name or IP address (IPv6 without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// True when the host is `localhost` or a loopback address.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+    }
+}
+
+impl std::fmt::Display for AdvertiseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match self.port {
+            Some(port) => write!(f, "https://{host}:{port}"),
+            None => write!(f, "https://{host}"),
+        }
+    }
 }
 
 impl RelayConfig {
@@ -141,6 +216,8 @@ pub enum RelayError {
 /// The relay listener and its live tokens.
 pub struct Relay {
     url: String,
+    /// the URL written in the kubeconfig of commands that run in Pods
+    pod_url: String,
     ca_pem: String,
     response_timeout: Duration,
     tokens: Mutex<HashMap<String, Binding>>,
@@ -172,11 +249,14 @@ impl Relay {
         let address = settings.address;
         let ca = CertificateAuthority::new("kinvoke relay CA")?;
         let host = address.ip().to_string();
-        let names: Vec<&str> = if address.ip().is_unspecified() {
+        let mut names: Vec<&str> = if address.ip().is_unspecified() {
             vec!["127.0.0.1", "localhost"]
         } else {
             vec![host.as_str(), "localhost"]
         };
+        if let Some(advertised) = &settings.advertise_url {
+            names.push(advertised.host());
+        }
         let cert = ca.server_cert(&names)?;
         use rustls_pki_types::pem::PemObject;
         let chain = vec![
@@ -206,8 +286,13 @@ impl Relay {
                 v4 => v4.to_string(),
             }
         };
+        let url = format!("https://{url_host}:{}", local.port());
         let relay = Arc::new(Self {
-            url: format!("https://{url_host}:{}", local.port()),
+            pod_url: settings
+                .advertise_url
+                .as_ref()
+                .map_or_else(|| url.clone(), ToString::to_string),
+            url,
             ca_pem: ca.cert_pem(),
             response_timeout: settings.response_timeout,
             tokens: Mutex::new(HashMap::new()),
@@ -248,8 +333,14 @@ impl Relay {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Issues a token for a command and the kubeconfig that carries it.
-    pub fn issue(&self, binding: Binding) -> Result<Issued, RelayError> {
+    /// The URL Pods dial (`relay.advertise_url`, else [`Relay::url`]).
+    pub fn pod_url(&self) -> &str {
+        &self.pod_url
+    }
+
+    /// Issues a token for a command and the kubeconfig that carries it, whose server is
+    /// the relay's own URL, or for a command run in a Pod (`in_pod`) the advertised one.
+    pub fn issue(&self, binding: Binding, in_pod: bool) -> Result<Issued, RelayError> {
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(RelayError::Random)?;
         let token = hex(&raw);
@@ -268,7 +359,7 @@ impl Relay {
              contexts:\n\
              - name: {cluster}\n  context:\n    cluster: {cluster}\n    user: kinvoke\n    namespace: default\n\
              current-context: {cluster}\n",
-            url = self.url,
+            url = if in_pod { &self.pod_url } else { &self.url },
         );
         Ok(Issued { key, kubeconfig })
     }
@@ -1330,6 +1421,7 @@ mod refusal_tests {
 
     fn settings() -> RelayConfig {
         RelayConfig {
+            advertise_url: None,
             address: "127.0.0.1:0".parse().unwrap(),
             response_timeout: Duration::from_secs(5),
             max_connections: 16,
@@ -1428,17 +1520,20 @@ mod refusal_tests {
         {
             let command_id = format!("cmd-{n}");
             let issued = relay
-                .issue(Binding {
-                    command_id: command_id.clone(),
-                    cluster: "c".into(),
-                    principal: "alice".into(),
-                    identity: KubeIdentity {
-                        user: user.to_owned(),
-                        groups: vec!["devs".into()],
-                        extra: vec![],
+                .issue(
+                    Binding {
+                        command_id: command_id.clone(),
+                        cluster: "c".into(),
+                        principal: "alice".into(),
+                        identity: KubeIdentity {
+                            user: user.to_owned(),
+                            groups: vec!["devs".into()],
+                            extra: vec![],
+                        },
+                        deadline: Instant::now() + Duration::from_secs(60),
                     },
-                    deadline: Instant::now() + Duration::from_secs(60),
-                })
+                    false,
+                )
                 .unwrap();
             let (token, ca) = credentials(&issued.kubeconfig);
             let response = https_client(&ca)
@@ -1488,17 +1583,20 @@ mod refusal_tests {
     /// A valid token of cluster `c` for `alice`.
     fn alices_token(relay: &Relay) -> (String, Vec<u8>) {
         let issued = relay
-            .issue(Binding {
-                command_id: "cmd-fault".into(),
-                cluster: "c".into(),
-                principal: "alice".into(),
-                identity: KubeIdentity {
-                    user: "alice".into(),
-                    groups: vec![],
-                    extra: vec![],
+            .issue(
+                Binding {
+                    command_id: "cmd-fault".into(),
+                    cluster: "c".into(),
+                    principal: "alice".into(),
+                    identity: KubeIdentity {
+                        user: "alice".into(),
+                        groups: vec![],
+                        extra: vec![],
+                    },
+                    deadline: Instant::now() + Duration::from_secs(60),
                 },
-                deadline: Instant::now() + Duration::from_secs(60),
-            })
+                false,
+            )
             .unwrap();
         credentials(&issued.kubeconfig)
     }

@@ -19,7 +19,7 @@ use crate::command::Limits;
 use crate::command::{CommandId, CommandSpec, CommandState, FileInfo, InvalidRequest};
 use crate::config::ClusterConfig;
 use crate::exec::output::OutputLog;
-use crate::exec::{Executor, Job, Outcome, SecretText, plan_argv};
+use crate::exec::{Executor, Job, Outcome, Progress, SecretText, plan_argv};
 use crate::relay::{Binding, IdentityError, Relay, RelayError, identity_for};
 use crate::store::{CommandRecord, ListQuery, Store, StoreError};
 
@@ -127,6 +127,8 @@ impl Drop for PendingToken {
 /// A command that is running now.
 struct Running {
     record: CommandRecord,
+    /// `Pending` or `Running`, as the executor reports.
+    progress: Progress,
     output: Arc<OutputLog>,
     cancel: CancellationToken,
     cancel_reason: Mutex<Option<String>>,
@@ -254,6 +256,19 @@ impl Runner {
             })?
             .clone();
         let argv = plan_argv(&cluster.name, &cluster.exec, &spec.command)?;
+        if cluster.pod.is_some() {
+            // the files travel in a Secret, which Kubernetes caps
+            let total: usize = spec.files.iter().map(|f| f.content.len()).sum();
+            if total > crate::exec::pod::MAX_SECRET_FILE_BYTES {
+                return Err(InvalidRequest::OverLimit {
+                    what: "attached files (all together)",
+                    limit: "the pod executor's Secret size (Kubernetes caps a Secret at 1 MiB)",
+                    max: format!("{} bytes", crate::exec::pod::MAX_SECRET_FILE_BYTES),
+                    got: format!("{total} bytes"),
+                }
+                .into());
+            }
+        }
         let principal_permit =
             self.principal_slots
                 .try_acquire(&principal.id)
@@ -313,18 +328,28 @@ impl Runner {
                     source: Box::new(source),
                 }
             })?;
+        let startup = cluster
+            .pod
+            .as_ref()
+            .map(|p| p.startup_timeout)
+            .unwrap_or_default();
         let issued = relay
-            .issue(Binding {
-                command_id: id.to_string(),
-                cluster: cluster.name.to_string(),
-                principal: principal.id.clone(),
-                identity,
-                // revoked when the command ends; this bounds a token that is never revoked
-                deadline: std::time::Instant::now()
-                    + spec.timeout
-                    + self.config.limits.kill_grace
-                    + Duration::from_secs(60),
-            })
+            .issue(
+                Binding {
+                    command_id: id.to_string(),
+                    cluster: cluster.name.to_string(),
+                    principal: principal.id.clone(),
+                    identity,
+                    // revoked when the command ends; this bounds a token that is never
+                    // revoked
+                    deadline: std::time::Instant::now()
+                        + startup
+                        + spec.timeout
+                        + self.config.limits.kill_grace
+                        + Duration::from_secs(60),
+                },
+                cluster.pod.is_some(),
+            )
             .map_err(|err| match err {
                 RelayError::Random(e) => RunError::Random(e),
                 other => RunError::Relay(other.to_string()),
@@ -352,7 +377,12 @@ impl Runner {
             command: spec.command.clone(),
             files: spec.files.iter().map(FileInfo::of).collect(),
             timeout: spec.timeout,
-            state: CommandState::Running,
+            // a Pod must be scheduled and started first
+            state: if admitted.cluster.pod.is_some() {
+                CommandState::Pending
+            } else {
+                CommandState::Running
+            },
             exit_code: None,
             started_at: SystemTime::now(),
             finished_at: None,
@@ -415,7 +445,9 @@ impl Runner {
         ));
         let cancel = CancellationToken::new();
         let (done_tx, done_rx) = watch::channel(false);
+        let progress = Progress::new(record.state);
         let running = Arc::new(Running {
+            progress: progress.clone(),
             record,
             output: output.clone(),
             cancel: cancel.clone(),
@@ -447,7 +479,20 @@ impl Runner {
             output,
             cancel,
             kubeconfig: kubeconfig.map(SecretText),
+            progress: progress.clone(),
         };
+        if progress.state() == CommandState::Pending {
+            // the store follows, so `list` and other readers see it start
+            let (store, id) = (self.store.clone(), running.record.id.clone());
+            let mut state = progress.subscribe();
+            self.tasks.spawn(async move {
+                if state.wait_for(|s| *s != CommandState::Pending).await.is_ok()
+                    && let Err(err) = store.mark_running(&id).await
+                {
+                    tracing::warn!(command_id = %id, %err, "could not record that the command runs");
+                }
+            });
+        }
         let this = self.clone();
         self.tasks.spawn(async move {
             this.audit.record(AuditEvent::CommandStarted {
@@ -570,6 +615,7 @@ impl Runner {
             }
             if !wait {
                 let mut record = running.record.clone();
+                record.state = running.progress.state();
                 let out = running.output.snapshot();
                 record.output_size = out.total;
                 record.output_truncated = out.truncated;
@@ -710,6 +756,7 @@ mod tests {
             description: String::new(),
             disable_run_command: false,
             authorized_ip_ranges: Default::default(),
+            pod: None,
         };
         let (store, _) = Store::open(&dir.join("kinvoke.db")).unwrap();
         let audit = Audit::open(&AuditConfig {

@@ -456,6 +456,11 @@ pub struct LaunchSpec {
     pub read_only: Vec<PathBuf>,
     /// Paths the command may read, write, create and delete below.
     pub writable: Vec<PathBuf>,
+    /// Directories shown at another path inside the sandbox (a simulated kubelet's
+    /// volume mounts): each is bound at its `target`, read-only or writable, and Landlock
+    /// grants it as such. The local executor uses none.
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
     /// Device files the command may read and write.
     pub devices: Vec<PathBuf>,
     /// Mounted over `/tmp` inside the sandbox.
@@ -466,6 +471,17 @@ pub struct LaunchSpec {
     pub run_as: Option<(u32, u32)>,
     /// Set everything up, report what worked, and run nothing.
     pub probe: bool,
+}
+
+/// One directory bound at another path inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// The directory on the host.
+    pub source: PathBuf,
+    /// Where the command sees it (absolute).
+    pub target: PathBuf,
+    /// Whether the command may write below it.
+    pub writable: bool,
 }
 
 /// What the launcher reports back, as one JSON line.
@@ -727,6 +743,7 @@ mod tests {
             cwd: "/w".into(),
             read_only: vec!["/usr".into()],
             writable: vec!["/w".into()],
+            mounts: Vec::new(),
             devices: vec!["/dev/null".into()],
             private_tmp: Some("/t".into()),
             new_root: "/r".into(),

@@ -204,7 +204,7 @@ impl Store {
             .map_err(|e| open_err(Box::new(e)))?;
         let recovered = conn
             .execute(
-                "UPDATE commands SET state = 'Failed', reason = ?1, finished_at = ?2 WHERE state = 'Running'",
+                "UPDATE commands SET state = 'Failed', reason = ?1, finished_at = ?2 WHERE state IN ('Running', 'Pending')",
                 params![RESTARTED_REASON, millis(SystemTime::now())],
             )
             .map_err(|e| open_err(Box::new(e)))?;
@@ -306,6 +306,20 @@ impl Store {
                     record.break_glass.as_ref().map(|g| g.justification.clone()),
                     record.output_truncated,
                 ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that a `Pending` command has started running (its Pod runs); a record
+    /// that already ended is left as it is.
+    pub async fn mark_running(&self, id: &CommandId) -> Result<(), StoreError> {
+        let id = id.as_str().to_owned();
+        self.with_conn(move |conn| {
+            conn.execute(
+                "UPDATE commands SET state = 'Running' WHERE id = ?1 AND state = 'Pending'",
+                params![id],
             )?;
             Ok(())
         })
@@ -451,7 +465,7 @@ impl Store {
         );
         self.with_conn(move |conn| {
             Ok(conn.execute(
-                "DELETE FROM commands WHERE state != 'Running' AND finished_at < ?1",
+                "DELETE FROM commands WHERE state NOT IN ('Running', 'Pending') AND finished_at < ?1",
                 [cutoff],
             )?)
         })

@@ -55,6 +55,9 @@ fn job(command: &str, files: Vec<Attachment>) -> Job {
         output: Arc::new(OutputLog::new(64 * 1024)),
         cancel: CancellationToken::new(),
         kubeconfig: None,
+        progress: kinvoke_gateway::exec::Progress::new(
+            kinvoke_gateway::command::CommandState::Running,
+        ),
     }
 }
 

@@ -876,18 +876,21 @@ fn pod_log(
 ) -> Result<HttpResponse, ApiError> {
     let name = rp.name.unwrap_or_default();
     let pod = lock(&shared.store).get(rp.kind, rp.namespace, name)?;
-    let containers: Vec<String> = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .map(|cs| {
-            cs.iter()
-                .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let names = |field: &str| -> Vec<String> {
+        pod.pointer(field)
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let containers = names("/spec/containers");
+    let init_containers = names("/spec/initContainers");
     let container = match query.get("container") {
         Some(c) if !c.is_empty() => {
-            if !containers.iter().any(|x| x == c) {
+            if !containers.iter().chain(&init_containers).any(|x| x == c) {
                 return Err(ApiError::BadRequest(format!(
                     "container {c} is not valid for pod {name}"
                 )));
@@ -904,6 +907,20 @@ fn pod_log(
             }
         },
     };
+    let ns = rp.namespace.unwrap_or_default();
+    let live = lock(&shared.store).live_log(ns, name, &container);
+    if let Some(live) = live {
+        // the simulated kubelet ran it: its real output, followed live on request
+        let mut response = if query.flag("follow") {
+            Response::new(SimBody::Stream(live.follow()))
+        } else {
+            bytes_response(StatusCode::OK, "text/plain", Bytes::from(live.snapshot()))
+        };
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        return Ok(response);
+    }
     if let Some(scripted) = lock(&shared.store).pod_logs(rp.kind, rp.namespace, name) {
         let mut text = scripted.to_string();
         if let Some(tail) = query.get("tailLines").and_then(|t| t.parse::<usize>().ok()) {
@@ -924,7 +941,6 @@ fn pod_log(
         .pointer("/metadata/creationTimestamp")
         .and_then(Value::as_str)
         .unwrap_or("1970-01-01T00:00:00Z");
-    let ns = rp.namespace.unwrap_or_default();
     let mut lines = vec![
         format!("{started} [simulated] container {container} of pod {ns}/{name} started"),
         format!(

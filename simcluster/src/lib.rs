@@ -50,6 +50,7 @@ use tokio::sync::watch;
 mod auth;
 mod error;
 mod handler;
+mod kubelet;
 mod patch;
 mod proto;
 mod resources;
@@ -60,6 +61,10 @@ mod store;
 mod table;
 
 pub use auth::{ADMIN_GROUP, ADMIN_USER, AUTHENTICATED_GROUP};
+pub use kubelet::{
+    Container, ContainerExit, ContainerRuntime, KubeletOptions, LogSink, MAX_LOG_BYTES, NODE_NAME,
+    Taint, VolumeMount,
+};
 pub use server::StartError;
 
 use server::{Shared, lock};
@@ -144,6 +149,9 @@ pub struct SimOptions {
     pub max_recorded_requests: usize,
     /// Decides how new Pods end; without it every Pod stays Running. Default: none.
     pub pod_runner: Option<PodRunner>,
+    /// Runs Pods whose containers have a `command` through a simulated kubelet (see
+    /// [`KubeletOptions`]); a Pod the [`PodRunner`] completes is not run. Default: off.
+    pub kubelet: Option<KubeletOptions>,
 }
 
 impl Default for SimOptions {
@@ -154,6 +162,7 @@ impl Default for SimOptions {
             user_tokens: Vec::new(),
             max_recorded_requests: 10_000,
             pod_runner: None,
+            kubelet: None,
         }
     }
 }
@@ -174,6 +183,12 @@ impl SimOptions {
         f: impl Fn(&serde_json::Value) -> Option<PodOutcome> + Send + Sync + 'static,
     ) -> Self {
         self.pod_runner = Some(PodRunner::new(f));
+        self
+    }
+
+    /// Turns the simulated kubelet on.
+    pub fn with_kubelet(mut self, kubelet: KubeletOptions) -> Self {
+        self.kubelet = Some(kubelet);
         self
     }
 
@@ -283,6 +298,19 @@ struct Prepared {
     admin_token: String,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+    kubelet: Option<(
+        KubeletOptions,
+        tokio::sync::mpsc::UnboundedReceiver<kubelet::PodRef>,
+    )>,
+}
+
+impl Prepared {
+    /// Starts the simulated kubelet, if it is on, on the current runtime.
+    fn start_kubelet(&mut self) {
+        if let Some((options, pods)) = self.kubelet.take() {
+            tokio::spawn(kubelet::run(self.shared.clone(), options, pods));
+        }
+    }
 }
 
 async fn prepare(opts: SimOptions) -> Result<Prepared, StartError> {
@@ -316,6 +344,11 @@ async fn prepare(opts: SimOptions) -> Result<Prepared, StartError> {
     }
     let mut store = store::Store::new();
     store.set_pod_runner(opts.pod_runner);
+    let kubelet = opts.kubelet.map(|options| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        store.set_kubelet(tx);
+        (options, rx)
+    });
     // the seeded objects are fixed and valid: a failure here is a bug in seed.rs
     if let Err(e) = seed::seed(&mut store, opts.seed_demo_objects) {
         tracing::error!(error = %e, "simcluster: seeding the initial objects failed");
@@ -339,6 +372,7 @@ async fn prepare(opts: SimOptions) -> Result<Prepared, StartError> {
         admin_token,
         shared,
         shutdown,
+        kubelet,
     })
 }
 
@@ -346,7 +380,8 @@ impl SimCluster {
     /// Binds 127.0.0.1:0 with a fresh rcgen CA and server certificate (SANs 127.0.0.1,
     /// localhost) and serves on the current tokio runtime.
     pub async fn start(opts: SimOptions) -> anyhow::Result<SimCluster> {
-        let p = prepare(opts).await?;
+        let mut p = prepare(opts).await?;
+        p.start_kubelet();
         let task = tokio::spawn(server::accept_loop(p.listener, p.tls, p.shared.clone()));
         Ok(SimCluster {
             addr: p.addr,
@@ -377,7 +412,8 @@ impl SimCluster {
                 };
                 runtime.block_on(async move {
                     match prepare(opts).await {
-                        Ok(p) => {
+                        Ok(mut p) => {
+                            p.start_kubelet();
                             let Prepared {
                                 listener,
                                 tls,
@@ -386,6 +422,7 @@ impl SimCluster {
                                 admin_token,
                                 shared,
                                 shutdown,
+                                kubelet: _,
                             } = p;
                             let serving = server::accept_loop(listener, tls, shared.clone());
                             let parts = (addr, ca_pem, admin_token, shared, shutdown);
@@ -445,6 +482,31 @@ impl SimCluster {
     /// latest), in the order they were answered; a watch is recorded when its stream starts.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.requests).iter().cloned().collect()
+    }
+
+    /// Creates namespace `name` (as an administrator would); one that exists is kept.
+    pub fn create_namespace(&self, name: &str) -> Result<(), String> {
+        let Some(kind) = resources::find("", "v1", "namespaces") else {
+            return Err("namespaces are not served".to_owned());
+        };
+        let object = serde_json::json!({"metadata": {"name": name}});
+        match lock(&self.shared.store).create(kind, None, object, false) {
+            Ok(_) | Err(error::ApiError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// The objects of core (`v1`) resource `plural` in `namespace` (e.g. `"pods"`,
+    /// `"kinvoke-command"`), as stored, in name order; empty for an unknown resource.
+    pub fn objects(&self, plural: &str, namespace: &str) -> Vec<serde_json::Value> {
+        let Some(kind) = resources::find("", "v1", plural) else {
+            return Vec::new();
+        };
+        let scope = store::Scope::new(kind, Some(namespace), selector::Selectors::default());
+        lock(&self.shared.store)
+            .list(&scope, None, None)
+            .map(|page| page.items)
+            .unwrap_or_default()
     }
 
     /// Forgets the recorded requests.

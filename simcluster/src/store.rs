@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value, json};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::PodRunner;
 use crate::error::ApiError;
+use crate::kubelet::{self, LiveLog, PodRef};
 use crate::patch::{self, PatchType};
 use crate::resources::{self, ResourceKind};
 use crate::selector::Selectors;
@@ -197,12 +198,27 @@ pub(crate) struct Store {
     pod_runner: Option<PodRunner>,
     /// logs of Pods the runner completed
     pod_logs: HashMap<Key, String>,
+    /// hands new runnable Pods to the simulated kubelet, when it is on
+    kubelet: Option<mpsc::UnboundedSender<PodRef>>,
+    /// per Pod the kubelet runs: set to true when the Pod is deleted
+    pod_stops: HashMap<Key, watch::Sender<bool>>,
+    /// per Pod the kubelet runs: each container's live log
+    live_logs: HashMap<Key, BTreeMap<String, Arc<LiveLog>>>,
 }
 
 impl Default for Store {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn pods_kind() -> &'static ResourceKind {
+    // a fixed entry of resources.rs
+    resources::find("", "v1", "pods").unwrap_or_else(|| unreachable!("pods are served"))
+}
+
+fn is_pods(r: &ResourceKind) -> bool {
+    r.group.is_empty() && r.plural == "pods"
 }
 
 fn meta(obj: &Value) -> Option<&Map<String, Value>> {
@@ -273,7 +289,73 @@ impl Store {
             applied: HashMap::new(),
             pod_runner: None,
             pod_logs: HashMap::new(),
+            kubelet: None,
+            pod_stops: HashMap::new(),
+            live_logs: HashMap::new(),
         }
+    }
+
+    /// Hands runnable Pods created from now on to the simulated kubelet behind `tx`.
+    pub fn set_kubelet(&mut self, tx: mpsc::UnboundedSender<PodRef>) {
+        self.kubelet = Some(tx);
+    }
+
+    /// Turns true when the kubelet's Pod `namespace/name` is deleted.
+    pub fn pod_stop(&self, namespace: &str, name: &str) -> Option<watch::Receiver<bool>> {
+        self.pod_stops
+            .get(&Self::key(pods_kind(), Some(namespace), name))
+            .map(watch::Sender::subscribe)
+    }
+
+    /// Changes a Pod (status, nodeName) as its kubelet would, if it is still the one with
+    /// `uid`; bumps its resourceVersion and tells watchers. False once it is gone.
+    pub fn modify_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        change: impl FnOnce(&mut Value),
+    ) -> bool {
+        let key = Self::key(pods_kind(), Some(namespace), name);
+        let Some(current) = self.objects.get(&key) else {
+            return false;
+        };
+        if meta_str(current, "uid") != Some(uid) {
+            return false;
+        }
+        let previous = current.clone();
+        let mut obj = previous.clone();
+        change(&mut obj);
+        let rv = self.next_rv();
+        meta_mut(&mut obj).insert("resourceVersion".into(), Value::String(rv.to_string()));
+        self.objects.insert(key.clone(), obj.clone());
+        self.emit(EventType::Modified, &key, obj, Some(previous));
+        true
+    }
+
+    /// Registers a container's live log.
+    pub fn set_live_log(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+        log: Arc<LiveLog>,
+    ) {
+        let key = Self::key(pods_kind(), Some(namespace), name);
+        if self.objects.contains_key(&key) {
+            self.live_logs
+                .entry(key)
+                .or_default()
+                .insert(container.to_owned(), log);
+        }
+    }
+
+    /// A container's live log, if the kubelet ran it.
+    pub fn live_log(&self, namespace: &str, name: &str, container: &str) -> Option<Arc<LiveLog>> {
+        self.live_logs
+            .get(&Self::key(pods_kind(), Some(namespace), name))?
+            .get(container)
+            .cloned()
     }
 
     /// Lets `runner` decide how Pods created from now on end.
@@ -482,13 +564,32 @@ impl Store {
             }
             _ => None,
         };
+        let scripted = outcome.is_some();
         if let Some(outcome) = outcome {
             complete_pod(&mut obj, outcome.exit_code, &now);
             self.pod_logs.insert(key.clone(), outcome.logs);
         }
+        let kubelet = match &self.kubelet {
+            Some(tx) if !dry_run && !scripted && is_pods(r) && kubelet::runs(&obj) => {
+                kubelet::make_pending(&mut obj, &now);
+                Some(tx.clone())
+            }
+            _ => None,
+        };
         if !dry_run {
             self.objects.insert(key.clone(), obj.clone());
             self.emit(EventType::Added, &key, obj.clone(), None);
+        }
+        if let Some(tx) = kubelet {
+            self.pod_stops.insert(key.clone(), watch::channel(false).0);
+            let handed = tx.send(PodRef {
+                namespace: key.namespace.clone(),
+                name: name.clone(),
+                uid: meta_str(&obj, "uid").unwrap_or_default().to_owned(),
+            });
+            if handed.is_err() {
+                tracing::warn!(pod = %name, "simcluster: the simulated kubelet has stopped; the Pod stays Pending");
+            }
         }
         Ok(obj)
     }
@@ -710,9 +811,34 @@ impl Store {
         let mut obj = self.objects.remove(key)?;
         self.applied.retain(|(k, _), _| k != key);
         self.pod_logs.remove(key);
+        self.live_logs.remove(key);
+        if let Some(stop) = self.pod_stops.remove(key) {
+            let _ = stop.send(true);
+        }
         let rv = self.next_rv();
         meta_mut(&mut obj).insert("resourceVersion".into(), Value::String(rv.to_string()));
         self.emit(EventType::Deleted, key, obj.clone(), None);
+        // the garbage collector: what this object owned goes with it (background
+        // propagation, done at once)
+        if let Some(uid) = meta_str(&obj, "uid").map(str::to_owned) {
+            let owned: Vec<Key> = self
+                .objects
+                .iter()
+                .filter(|(_, o)| {
+                    meta(o)
+                        .and_then(|m| m.get("ownerReferences"))
+                        .and_then(Value::as_array)
+                        .is_some_and(|refs| {
+                            refs.iter()
+                                .any(|r| r.get("uid").and_then(Value::as_str) == Some(uid.as_str()))
+                        })
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in owned {
+                self.remove(&k);
+            }
+        }
         Some(obj)
     }
 

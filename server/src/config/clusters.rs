@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use super::pod_settings::parse_pod;
 use super::raw::RawCluster;
 use super::sections::parse_identity;
 use super::{ApiServer, ClusterConfig, ConfigError, DEFAULT_COMMAND_PATH, ExecSettings, invalid};
@@ -35,15 +36,32 @@ pub(super) fn parse_clusters(
                 format!("cluster \"{name}\" is configured twice"),
             ));
         }
-        if c.executor != "local" {
-            return Err(invalid(
-                format!("{key}.executor"),
-                format!(
-                    "unknown executor \"{}\"; this gateway supports \"local\"",
-                    c.executor
-                ),
-            ));
-        }
+        let pod = match (c.executor.as_str(), c.pod) {
+            ("local", None) => None,
+            ("local", Some(_)) => {
+                return Err(invalid(
+                    format!("{key}.pod"),
+                    "applies to executor = \"pod\" only; set executor = \"pod\" or remove [cluster.pod]",
+                ));
+            }
+            ("pod", raw) => {
+                if c.kubeconfig.is_none() && !c.in_cluster {
+                    return Err(invalid(
+                        format!("{key}.executor"),
+                        "the pod executor runs commands in the cluster: set kubeconfig (or in_cluster = true) for the gateway's own access to it",
+                    ));
+                }
+                Some(parse_pod(&key, raw.unwrap_or_default())?)
+            }
+            (other, _) => {
+                return Err(invalid(
+                    format!("{key}.executor"),
+                    format!(
+                        "unknown executor \"{other}\"; this gateway supports \"local\" and \"pod\""
+                    ),
+                ));
+            }
+        };
         let allowed_programs: BTreeSet<String> = c
             .allowed_programs
             .unwrap_or_else(|| vec!["kubectl".to_owned(), "helm".to_owned()])
@@ -105,8 +123,9 @@ pub(super) fn parse_clusters(
             description: c.description,
             disable_run_command: c.disable_run_command,
             authorized_ip_ranges,
+            pod,
         });
-        if c.sandbox == SandboxMode::Off {
+        if c.sandbox == SandboxMode::Off && c.executor == "local" {
             warnings.push(format!(
                 "cluster \"{}\" runs commands WITHOUT the sandbox ({key}.sandbox = \"off\"): \
                  a command can read this gateway's config, kubeconfigs, TLS keys, store and audit log \

@@ -154,6 +154,56 @@ pub(super) struct RawCluster {
     pub(super) authorized_ip_ranges: Vec<String>,
     #[serde(default)]
     pub(super) sandbox: SandboxMode,
+    pub(super) pod: Option<RawPod>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPod {
+    pub(super) namespace: Option<String>,
+    pub(super) image: Option<String>,
+    pub(super) image_pull_policy: Option<String>,
+    #[serde(default)]
+    pub(super) image_pull_secrets: Vec<String>,
+    #[serde(default)]
+    pub(super) resources: RawPodResources,
+    #[serde(default)]
+    pub(super) node_selector: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub(super) tolerations: Vec<RawToleration>,
+    pub(super) priority_class_name: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub(super) startup_timeout: Option<Duration>,
+    pub(super) run_as_user: Option<i64>,
+    pub(super) scratch_size_limit: Option<String>,
+    #[serde(default)]
+    pub(super) loopback_relay: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPodResources {
+    #[serde(default)]
+    pub(super) requests: RawCpuMemory,
+    #[serde(default)]
+    pub(super) limits: RawCpuMemory,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCpuMemory {
+    pub(super) cpu: Option<String>,
+    pub(super) memory: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawToleration {
+    pub(super) key: Option<String>,
+    pub(super) operator: Option<String>,
+    pub(super) value: Option<String>,
+    pub(super) effect: Option<String>,
+    pub(super) toleration_seconds: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +221,7 @@ pub(super) struct RawIdentity {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRelay {
     pub(super) address: Option<String>,
+    pub(super) advertise_url: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub(super) response_timeout: Option<Duration>,
     pub(super) max_connections: Option<usize>,

@@ -327,6 +327,7 @@ impl LocalExecutor {
                         .into_iter()
                         .chain(sandbox.settings().writable_paths.iter().cloned())
                         .collect(),
+                    mounts: Vec::new(),
                     devices: DEVICES.iter().map(PathBuf::from).collect(),
                     private_tmp: Some(dirs.tmp()),
                     new_root: dirs.new_root(),
@@ -612,6 +613,7 @@ mod tests {
             exec,
             output: Arc::new(OutputLog::new(1024)),
             cancel: CancellationToken::new(),
+            progress: crate::exec::Progress::new(CommandState::Running),
             kubeconfig: None,
         }
     }

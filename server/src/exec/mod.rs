@@ -4,6 +4,7 @@
 pub mod argv;
 pub mod local;
 pub mod output;
+pub mod pod;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -110,6 +111,42 @@ pub struct Job {
     pub cancel: CancellationToken,
     /// The command's kubeconfig (relay URL, relay CA, its token); never the gateway's.
     pub kubeconfig: Option<SecretText>,
+    /// Where the executor says the command left `Pending` (the pod executor does once
+    /// its Pod runs; a local command is `Running` from the start).
+    pub progress: Progress,
+}
+
+/// A command's state while it has not ended: `Pending` until its executor reports it
+/// running, then `Running`. Cloned handles share it.
+#[derive(Debug, Clone)]
+pub struct Progress(Arc<tokio::sync::watch::Sender<CommandState>>);
+
+impl Progress {
+    /// Starts in `initial` (`Pending` or `Running`).
+    pub fn new(initial: CommandState) -> Self {
+        Self(Arc::new(tokio::sync::watch::channel(initial).0))
+    }
+
+    /// The command runs now; `Pending` becomes `Running` (once).
+    pub fn running(&self) {
+        self.0.send_if_modified(|state| {
+            let was_pending = *state == CommandState::Pending;
+            if was_pending {
+                *state = CommandState::Running;
+            }
+            was_pending
+        });
+    }
+
+    /// The state now.
+    pub fn state(&self) -> CommandState {
+        *self.0.borrow()
+    }
+
+    /// Follows the state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<CommandState> {
+        self.0.subscribe()
+    }
 }
 
 /// Text that holds a credential: `Debug` never prints it.
@@ -126,6 +163,32 @@ impl std::fmt::Debug for SecretText {
 pub trait Executor: Send + Sync + 'static {
     /// Runs the job to its end; never fails, a failure to run is an [`Outcome`].
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = Outcome> + Send + '_>>;
+}
+
+/// The executors of a gateway: the pod executor of each cluster that has one, the local
+/// executor for the others.
+pub struct Executors {
+    /// Runs the commands of clusters without a pod executor.
+    pub local: Arc<dyn Executor>,
+    /// Pod executors by cluster name.
+    pub pods: std::collections::HashMap<ClusterName, pod::PodExecutor>,
+}
+
+impl std::fmt::Debug for Executors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executors")
+            .field("pods", &self.pods)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Executor for Executors {
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = Outcome> + Send + '_>> {
+        match self.pods.get(&job.cluster) {
+            Some(pods) => pods.run(job),
+            None => self.local.run(job),
+        }
+    }
 }
 
 /// Turns a command line into argv under the cluster's mode and program allowlist.

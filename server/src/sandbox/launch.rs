@@ -155,6 +155,7 @@ impl Sandbox {
             cwd: work.clone(),
             read_only: self.settings.read_only_paths.clone(),
             writable: vec![work.clone()],
+            mounts: Vec::new(),
             devices: super::DEVICES.iter().map(PathBuf::from).collect(),
             private_tmp: Some(work),
             new_root,

@@ -476,15 +476,39 @@ fn build_root(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> 
     .map_err(|e| fail("mount a tmpfs on", root, &e))?;
     let inside = |path: &Path| root.join(path.strip_prefix("/").unwrap_or(path));
 
-    let read_only = spec.read_only.iter().map(|p| (p, Bind::ReadOnly));
-    let devices = spec.devices.iter().map(|p| (p, Bind::Device));
-    let writable = spec.writable.iter().map(|p| (p, Bind::Writable));
-    for (path, kind) in read_only.chain(devices).chain(writable) {
+    let read_only = spec.read_only.iter().map(|p| (p, p, Bind::ReadOnly));
+    let devices = spec.devices.iter().map(|p| (p, p, Bind::Device));
+    let writable = spec.writable.iter().map(|p| (p, p, Bind::Writable));
+    // a mount's target lies inside the new root: absolute, no `..`, no `.`
+    if let Some(bad) = spec.mounts.iter().find(|m| {
+        !m.target.is_absolute()
+            || m.target.components().any(|c| {
+                !matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            })
+    }) {
+        return Err(format!(
+            "sandbox: mount target {} is not a plain absolute path",
+            bad.target.display()
+        ));
+    }
+    // mounts last: a volume shown at a path the read-only binds also hold covers it
+    let mounts = spec.mounts.iter().map(|m| {
+        let kind = if m.writable {
+            Bind::Writable
+        } else {
+            Bind::ReadOnly
+        };
+        (&m.source, &m.target, kind)
+    });
+    for (path, shown_at, kind) in read_only.chain(devices).chain(writable).chain(mounts) {
         let Ok(meta) = std::fs::metadata(path) else {
             // a configured path that this host lacks grants nothing
             continue;
         };
-        let target = inside(path);
+        let target = inside(shown_at);
         if meta.is_dir() {
             std::fs::create_dir_all(&target).map_err(|e| fail("create", &target, &e))?;
         } else {
@@ -646,6 +670,13 @@ fn restrict(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> {
     }
     for p in &spec.writable {
         grant(p, all, AccessFs::from_file(LANDLOCK_ABI));
+    }
+    for m in &spec.mounts {
+        if m.writable {
+            grant(&m.target, all, AccessFs::from_file(LANDLOCK_ABI));
+        } else {
+            grant(&m.target, read_exec, read_file);
+        }
     }
     if features.private_tmp {
         grant(Path::new("/tmp"), all, AccessFs::from_file(LANDLOCK_ABI));

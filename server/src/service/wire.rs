@@ -40,6 +40,7 @@ pub fn command_request(req: pb::InvokeCommandRequest) -> Result<CommandRequest, 
 /// The wire form of a command's state.
 pub fn state(state: CommandState) -> pb::CommandState {
     match state {
+        CommandState::Pending => pb::CommandState::Pending,
         CommandState::Running => pb::CommandState::Running,
         CommandState::Succeeded => pb::CommandState::Succeeded,
         CommandState::Failed => pb::CommandState::Failed,

@@ -1,0 +1,1021 @@
+//! The pod executor: each command runs in a short-lived Pod of its own in the cluster,
+//! as `az aks command invoke` does, away from the gateway and whatever it holds.
+//!
+//! For a command `ID` it creates, in the cluster's command namespace:
+//! - Pod `kinvoke-ID` (`restartPolicy: Never`, no service account token, non-root,
+//!   read-only root file system, every capability dropped, seccomp `RuntimeDefault`,
+//!   `activeDeadlineSeconds` = the command's timeout, labelled with the command id only).
+//!   An init container copies the attached files (modes kept) into the writable work
+//!   directory and the kubeconfig into `$HOME/.kube/config`; the `command` container then
+//!   runs the command there.
+//! - Secret `kinvoke-ID`, owned by the Pod (deleting the Pod deletes it), holding the
+//!   attached files and the command's kubeconfig (the relay's advertised URL, its CA,
+//!   the command's token).
+//!
+//! The command's state follows the Pod: `Pending` until it runs, then `Running`; the
+//! container's log is streamed into the command's output while it runs; the exit code and
+//! reason come from the container status. Cancel deletes the Pod. The Pod and Secret are
+//! deleted once the outcome is known, and [`PodExecutor::remove_leftovers`] deletes those
+//! a killed gateway left behind.
+//!
+//! RBAC the gateway needs, in the command namespace only: `pods` (create, get, list,
+//! watch, delete), `pods/log` (get), `secrets` (create, list, delete).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::{AsyncReadExt as _, TryStreamExt as _};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, LocalObjectReference, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy};
+use kube::runtime::watcher;
+
+use super::{Executor, Job, Outcome};
+use crate::command::{Attachment, CommandId, CommandState};
+use crate::store::Store;
+
+/// Default `pod.namespace`.
+pub const DEFAULT_NAMESPACE: &str = "kinvoke-command";
+/// Default `pod.image`: the image AKS runs `az aks command invoke` in (bash, kubectl,
+/// helm, jq). Pin your own by digest in production.
+pub const DEFAULT_IMAGE: &str = "mcr.microsoft.com/aks/command/runtime:master";
+/// Default `pod.startup_timeout`.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+/// Default `pod.run_as_user`: the conventional "nonroot" user of distroless images.
+pub const DEFAULT_RUN_AS_USER: i64 = 65_532;
+/// Default `pod.scratch_size_limit`: each of the work, home and tmp `emptyDir`s.
+pub const DEFAULT_SCRATCH_SIZE: &str = "1Gi";
+
+/// Label every object of the pod executor carries (`app.kubernetes.io/managed-by`).
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Value of [`LABEL_MANAGED_BY`].
+pub const MANAGED_BY: &str = "kinvoke";
+/// Label holding the command id (the only per-command label: no personal data).
+pub const LABEL_COMMAND_ID: &str = "kinvoke.io/command-id";
+/// Annotation holding when the command must have ended (RFC 3339, UTC); a gateway that
+/// finds the Pod later deletes it even when the command is not in its store.
+pub const ANNOTATION_DEADLINE: &str = "kinvoke.io/deadline";
+
+/// Most bytes of attached files (all together) a command on a pod-executor cluster may
+/// carry: Kubernetes caps a Secret at 1 MiB (etcd's object limit), and room is kept for
+/// the kubeconfig.
+pub const MAX_SECRET_FILE_BYTES: usize = 1024 * 1024 - 64 * 1024;
+
+/// Name of the container that runs the command.
+pub const COMMAND_CONTAINER: &str = "command";
+/// Name of the init container that places the files.
+pub const FILES_CONTAINER: &str = "files";
+
+const WORK_DIR: &str = "/kinvoke/work";
+const HOME_DIR: &str = "/kinvoke/home";
+const TMP_DIR: &str = "/tmp";
+const SECRET_DIR: &str = "/kinvoke/secret";
+
+/// The init container's script: copies file `file-I` of the Secret to the path given as
+/// the I-th (mode, path) argument pair, then the kubeconfig to `$HOME/.kube/config`.
+const PLACE_FILES: &str = r#"set -eu
+i=0
+while [ "$#" -gt 0 ]; do
+  mode=$1; path=$2; shift 2
+  case "$path" in */*) mkdir -p -- "/kinvoke/work/${path%/*}" ;; esac
+  cp -- "/kinvoke/secret/file-$i" "/kinvoke/work/$path"
+  chmod -- "$mode" "/kinvoke/work/$path"
+  i=$((i + 1))
+done
+mkdir -p /kinvoke/home/.kube
+if [ -f /kinvoke/secret/kubeconfig ]; then
+  cp /kinvoke/secret/kubeconfig /kinvoke/home/.kube/config
+  chmod 600 /kinvoke/home/.kube/config
+fi
+"#;
+
+/// CPU and memory of the Pod's containers, as Kubernetes quantities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodResources {
+    /// `requests.cpu` (default `200m`, as AKS).
+    pub requests_cpu: String,
+    /// `requests.memory` (default `512Mi`).
+    pub requests_memory: String,
+    /// `limits.cpu` (default `500m`).
+    pub limits_cpu: String,
+    /// `limits.memory` (default `1Gi`).
+    pub limits_memory: String,
+}
+
+impl Default for PodResources {
+    fn default() -> Self {
+        Self {
+            requests_cpu: "200m".to_owned(),
+            requests_memory: "512Mi".to_owned(),
+            limits_cpu: "500m".to_owned(),
+            limits_memory: "1Gi".to_owned(),
+        }
+    }
+}
+
+/// A cluster's pod executor settings (`[cluster.pod]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodSettings {
+    /// Namespace the command Pods run in.
+    pub namespace: String,
+    /// Toolbox image with bash, kubectl, helm and jq.
+    pub image: String,
+    /// `imagePullPolicy`: `Always`, `IfNotPresent` or `Never`; `None` = Kubernetes' default.
+    pub image_pull_policy: Option<String>,
+    /// Names of Secrets in the namespace to pull the image with.
+    pub image_pull_secrets: Vec<String>,
+    /// Requests and limits.
+    pub resources: PodResources,
+    /// `nodeSelector`.
+    pub node_selector: BTreeMap<String, String>,
+    /// `tolerations` (AKS cannot set them; a tainted system pool needs them).
+    pub tolerations: Vec<Toleration>,
+    /// `priorityClassName`.
+    pub priority_class_name: Option<String>,
+    /// Longest wait for the Pod to run; past it the command fails with what the
+    /// scheduler or kubelet last reported.
+    pub startup_timeout: Duration,
+    /// User (and group) the containers run as; never 0.
+    pub run_as_user: i64,
+    /// `sizeLimit` of each `emptyDir` (work, home, tmp).
+    pub scratch_size_limit: String,
+    /// The Pods share the gateway's loopback (the simulated cluster's kubelet runs them
+    /// as local processes), so a relay on loopback is reachable from them.
+    pub loopback_relay: bool,
+}
+
+impl Default for PodSettings {
+    fn default() -> Self {
+        Self {
+            namespace: DEFAULT_NAMESPACE.to_owned(),
+            image: DEFAULT_IMAGE.to_owned(),
+            image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
+            resources: PodResources::default(),
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            priority_class_name: None,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            run_as_user: DEFAULT_RUN_AS_USER,
+            scratch_size_limit: DEFAULT_SCRATCH_SIZE.to_owned(),
+            loopback_relay: false,
+        }
+    }
+}
+
+/// Name of the Pod and of the Secret of a command.
+pub fn object_name(id: &CommandId) -> String {
+    format!("kinvoke-{id}")
+}
+
+fn labels(id: &CommandId) -> BTreeMap<String, String> {
+    [
+        (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+        (LABEL_COMMAND_ID.to_owned(), id.to_string()),
+    ]
+    .into()
+}
+
+/// Seconds, rounded up, at least 1 (`activeDeadlineSeconds` must be positive).
+fn whole_seconds(d: Duration) -> i64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    i64::try_from(secs.max(1)).unwrap_or(i64::MAX)
+}
+
+/// What a Pod needs besides its settings.
+#[derive(Debug, Clone)]
+pub struct PodCommand<'a> {
+    /// The command's id.
+    pub id: &'a CommandId,
+    /// Program and arguments, already checked against the cluster's policy.
+    pub argv: &'a [String],
+    /// `PATH` for the command.
+    pub path: &'a str,
+    /// The command's timeout (`activeDeadlineSeconds`).
+    pub timeout: Duration,
+    /// The attached files.
+    pub files: &'a [Attachment],
+    /// Whether a kubeconfig is placed.
+    pub kubeconfig: bool,
+    /// `terminationGracePeriodSeconds`.
+    pub kill_grace: Duration,
+    /// When the command must have ended, for the leftover sweep.
+    pub deadline: SystemTime,
+}
+
+/// The Pod that runs a command.
+pub fn pod_spec(settings: &PodSettings, command: &PodCommand<'_>) -> Pod {
+    let quantity = |q: &str| Quantity(q.to_owned());
+    let resources = ResourceRequirements {
+        requests: Some(
+            [
+                ("cpu".to_owned(), quantity(&settings.resources.requests_cpu)),
+                (
+                    "memory".to_owned(),
+                    quantity(&settings.resources.requests_memory),
+                ),
+            ]
+            .into(),
+        ),
+        limits: Some(
+            [
+                ("cpu".to_owned(), quantity(&settings.resources.limits_cpu)),
+                (
+                    "memory".to_owned(),
+                    quantity(&settings.resources.limits_memory),
+                ),
+            ]
+            .into(),
+        ),
+        ..ResourceRequirements::default()
+    };
+    let security = SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            add: None,
+        }),
+        seccomp_profile: Some(runtime_default()),
+        ..SecurityContext::default()
+    };
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    };
+    let env = |name: &str, value: &str| EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        value_from: None,
+    };
+    let mut command_env = vec![
+        env("PATH", command.path),
+        env("HOME", HOME_DIR),
+        env("TMPDIR", TMP_DIR),
+        env("KINVOKE_COMMAND_ID", command.id.as_str()),
+        env("LANG", "C.UTF-8"),
+        // no terminal: programs must not wait for one
+        env("TERM", "dumb"),
+        // kubectl runs no plugin in place of one of its own subcommands
+        env("KUBECTL_ENABLE_CMD_SHADOW", "false"),
+    ];
+    if command.kubeconfig {
+        command_env.push(env("KUBECONFIG", &format!("{HOME_DIR}/.kube/config")));
+    }
+    let mut place_args = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        PLACE_FILES.to_owned(),
+        "kinvoke-files".to_owned(),
+    ];
+    for file in command.files {
+        place_args.push(format!("{:o}", file.mode));
+        place_args.push(file.path.to_string_lossy().into_owned());
+    }
+    let container = |name: &str| Container {
+        name: name.to_owned(),
+        image: Some(settings.image.clone()),
+        image_pull_policy: settings.image_pull_policy.clone(),
+        resources: Some(resources.clone()),
+        security_context: Some(security.clone()),
+        ..Container::default()
+    };
+    let files = Container {
+        command: Some(place_args),
+        env: Some(vec![env("PATH", command.path)]),
+        volume_mounts: Some(vec![
+            mount("work", WORK_DIR, false),
+            mount("home", HOME_DIR, false),
+            mount("secret", SECRET_DIR, true),
+        ]),
+        ..container(FILES_CONTAINER)
+    };
+    let run = Container {
+        command: Some(command.argv.to_vec()),
+        working_dir: Some(WORK_DIR.to_owned()),
+        env: Some(command_env),
+        volume_mounts: Some(vec![
+            mount("work", WORK_DIR, false),
+            mount("home", HOME_DIR, false),
+            mount("tmp", TMP_DIR, false),
+        ]),
+        ..container(COMMAND_CONTAINER)
+    };
+    let scratch = |name: &str| Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(quantity(&settings.scratch_size_limit)),
+            ..EmptyDirVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let mut items: Vec<KeyToPath> = (0..command.files.len())
+        .map(|i| KeyToPath {
+            key: format!("file-{i}"),
+            path: format!("file-{i}"),
+            ..KeyToPath::default()
+        })
+        .collect();
+    if command.kubeconfig {
+        items.push(KeyToPath {
+            key: "kubeconfig".to_owned(),
+            path: "kubeconfig".to_owned(),
+            ..KeyToPath::default()
+        });
+    }
+    let name = object_name(command.id);
+    let deadline = jiff::Timestamp::try_from(command.deadline)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(labels(command.id)),
+            annotations: Some([(ANNOTATION_DEADLINE.to_owned(), deadline)].into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".to_owned()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            active_deadline_seconds: Some(whole_seconds(command.timeout)),
+            termination_grace_period_seconds: Some(whole_seconds(command.kill_grace)),
+            priority_class_name: settings.priority_class_name.clone(),
+            node_selector: (!settings.node_selector.is_empty())
+                .then(|| settings.node_selector.clone()),
+            tolerations: (!settings.tolerations.is_empty()).then(|| settings.tolerations.clone()),
+            image_pull_secrets: (!settings.image_pull_secrets.is_empty()).then(|| {
+                settings
+                    .image_pull_secrets
+                    .iter()
+                    .map(|s| LocalObjectReference { name: s.clone() })
+                    .collect()
+            }),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(settings.run_as_user),
+                run_as_group: Some(settings.run_as_user),
+                fs_group: Some(settings.run_as_user),
+                seccomp_profile: Some(runtime_default()),
+                ..PodSecurityContext::default()
+            }),
+            init_containers: Some(vec![files]),
+            containers: vec![run],
+            volumes: Some(vec![
+                scratch("work"),
+                scratch("home"),
+                scratch("tmp"),
+                Volume {
+                    name: "secret".to_owned(),
+                    secret: Some(SecretVolumeSource {
+                        secret_name: Some(name),
+                        // readable by the Pod's group (fsGroup) only
+                        default_mode: Some(0o440),
+                        items: Some(items),
+                        optional: Some(false),
+                        ..SecretVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                },
+            ]),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn runtime_default() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        localhost_profile: None,
+    }
+}
+
+/// The Secret with a command's files and kubeconfig, owned by its Pod (`pod_uid`).
+pub fn secret_spec(
+    settings: &PodSettings,
+    id: &CommandId,
+    files: &[Attachment],
+    kubeconfig: Option<&str>,
+    pod_uid: &str,
+) -> Secret {
+    let mut data: BTreeMap<String, ByteString> = files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (format!("file-{i}"), ByteString(f.content.clone())))
+        .collect();
+    if let Some(text) = kubeconfig {
+        data.insert(
+            "kubeconfig".to_owned(),
+            ByteString(text.as_bytes().to_vec()),
+        );
+    }
+    let name = object_name(id);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(labels(id)),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".to_owned(),
+                kind: "Pod".to_owned(),
+                name,
+                uid: pod_uid.to_owned(),
+                controller: Some(true),
+                block_owner_deletion: None,
+            }]),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        immutable: Some(true),
+        type_: Some("Opaque".to_owned()),
+        ..Secret::default()
+    }
+}
+
+/// Where a Pod is, as far as the command is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodProgress {
+    /// Not running yet; what the scheduler or kubelet last said, if anything, and
+    /// whether it cannot get better by waiting (an invalid image name).
+    Pending {
+        /// `REASON: message`, e.g. `Unschedulable: 0/3 nodes are available: ...`.
+        reason: Option<String>,
+        /// Waiting longer cannot help.
+        hopeless: bool,
+    },
+    /// The command container runs.
+    Running,
+    /// The Pod has ended.
+    Ended(Outcome),
+}
+
+/// Waiting reasons that no amount of waiting fixes.
+const HOPELESS: &[&str] = &[
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+];
+
+/// Reads a Pod's status: pending (and why), running, or ended (and how).
+pub fn progress_of(pod: &Pod, timeout: Duration, memory_limit: &str) -> PodProgress {
+    let Some(status) = pod.status.as_ref() else {
+        return PodProgress::Pending {
+            reason: None,
+            hopeless: false,
+        };
+    };
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    let command = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == COMMAND_CONTAINER);
+    let terminated = command
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+    let init_failed = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
+        .find(|t| t.exit_code != 0);
+    let pod_reason = status.reason.as_deref().unwrap_or_default();
+    if pod_reason == "DeadlineExceeded" {
+        return PodProgress::Ended(Outcome {
+            state: CommandState::TimedOut,
+            exit_code: terminated.map(|t| t.exit_code),
+            reason: format!(
+                "command timed out after {} (the Pod's activeDeadlineSeconds)",
+                humantime::format_duration(timeout)
+            ),
+        });
+    }
+    match phase {
+        "Succeeded" | "Failed" => {
+            if let Some(t) = terminated {
+                let reason = t.reason.as_deref().unwrap_or_default();
+                let message = t.message.as_deref().unwrap_or_default();
+                return PodProgress::Ended(match reason {
+                    "Completed" | "Error" | "" => Outcome {
+                        state: CommandState::Succeeded,
+                        exit_code: Some(t.exit_code),
+                        reason: String::new(),
+                    },
+                    "OOMKilled" => Outcome {
+                        state: CommandState::Failed,
+                        exit_code: Some(t.exit_code),
+                        reason: format!(
+                            "OOMKilled: the command's container passed its memory limit ({memory_limit}, pod.resources.limits.memory) and was killed"
+                        ),
+                    },
+                    other => Outcome {
+                        state: CommandState::Failed,
+                        exit_code: Some(t.exit_code),
+                        reason: join_reason(other, message),
+                    },
+                });
+            }
+            if let Some(t) = init_failed {
+                return PodProgress::Ended(Outcome {
+                    state: CommandState::Failed,
+                    exit_code: None,
+                    reason: format!(
+                        "the attached files could not be placed in the Pod (init container \"{FILES_CONTAINER}\" exited {}{}); does the image have /bin/sh, cp and chmod?",
+                        t.exit_code,
+                        t.reason
+                            .as_deref()
+                            .map(|r| format!(", {r}"))
+                            .unwrap_or_default()
+                    ),
+                });
+            }
+            PodProgress::Ended(Outcome {
+                state: CommandState::Failed,
+                exit_code: None,
+                reason: if pod_reason.is_empty() {
+                    format!("the command's Pod ended {phase} without running the command")
+                } else {
+                    join_reason(pod_reason, status.message.as_deref().unwrap_or_default())
+                },
+            })
+        }
+        _ if command
+            .and_then(|c| c.state.as_ref())
+            .is_some_and(|s| s.running.is_some()) =>
+        {
+            PodProgress::Running
+        }
+        _ if terminated.is_some() => PodProgress::Running,
+        _ => {
+            let unscheduled = status
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+                .map(|c| {
+                    join_reason(
+                        c.reason.as_deref().unwrap_or("Unschedulable"),
+                        c.message.as_deref().unwrap_or_default(),
+                    )
+                });
+            let waiting = status
+                .init_container_statuses
+                .iter()
+                .flatten()
+                .chain(status.container_statuses.iter().flatten())
+                .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+                .filter_map(|w| {
+                    let reason = w.reason.as_deref()?;
+                    (!matches!(reason, "ContainerCreating" | "PodInitializing")).then(|| {
+                        (
+                            join_reason(reason, w.message.as_deref().unwrap_or_default()),
+                            HOPELESS.contains(&reason),
+                        )
+                    })
+                })
+                .next();
+            match (unscheduled, waiting) {
+                (Some(reason), _) => PodProgress::Pending {
+                    reason: Some(reason),
+                    hopeless: false,
+                },
+                (None, Some((reason, hopeless))) => PodProgress::Pending {
+                    reason: Some(reason),
+                    hopeless,
+                },
+                (None, None) => PodProgress::Pending {
+                    reason: None,
+                    hopeless: false,
+                },
+            }
+        }
+    }
+}
+
+fn join_reason(reason: &str, message: &str) -> String {
+    if message.is_empty() {
+        reason.to_owned()
+    } else {
+        format!("{reason}: {message}")
+    }
+}
+
+/// Runs commands in Pods of one cluster.
+#[derive(Clone)]
+pub struct PodExecutor {
+    client: kube::Client,
+    settings: PodSettings,
+    kill_grace: Duration,
+}
+
+impl std::fmt::Debug for PodExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodExecutor")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How following a Pod ended before its outcome is known.
+enum Stop {
+    Cancel,
+    Timeout,
+}
+
+impl PodExecutor {
+    /// An executor creating Pods with `client` (the gateway's own credentials) under
+    /// `settings`; a canceled Pod gets `kill_grace` to stop.
+    pub fn new(client: kube::Client, settings: PodSettings, kill_grace: Duration) -> Self {
+        Self {
+            client,
+            settings,
+            kill_grace,
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.settings.namespace)
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.settings.namespace)
+    }
+
+    async fn run_job(&self, job: Job) -> Outcome {
+        let name = object_name(&job.id);
+        let ns = &self.settings.namespace;
+        let deadline =
+            SystemTime::now() + self.settings.startup_timeout + job.spec.timeout + self.kill_grace;
+        let pod = pod_spec(
+            &self.settings,
+            &PodCommand {
+                id: &job.id,
+                argv: &job.argv,
+                path: &job.exec.path,
+                timeout: job.spec.timeout,
+                files: &job.spec.files,
+                kubeconfig: job.kubeconfig.is_some(),
+                kill_grace: self.kill_grace,
+                deadline,
+            },
+        );
+        let created = match self.pods().create(&PostParams::default(), &pod).await {
+            Ok(created) => created,
+            Err(err) => {
+                return failed(format!(
+                    "could not create the command's Pod {name} in namespace \"{ns}\": {}",
+                    api_error(&err)
+                ));
+            }
+        };
+        let uid = created.metadata.uid.clone().unwrap_or_default();
+        let secret = secret_spec(
+            &self.settings,
+            &job.id,
+            &job.spec.files,
+            job.kubeconfig.as_ref().map(|k| k.0.as_str()),
+            &uid,
+        );
+        let outcome = match self.secrets().create(&PostParams::default(), &secret).await {
+            Ok(_) => self.follow(&job, &name).await,
+            Err(err) => failed(format!(
+                "could not create the command's Secret {name} in namespace \"{ns}\": {}",
+                api_error(&err)
+            )),
+        };
+        self.remove(&name).await;
+        outcome
+    }
+
+    /// Follows the Pod until it ends, is canceled or times out; streams its log into
+    /// the command's output.
+    async fn follow(&self, job: &Job, name: &str) -> Outcome {
+        let created = Instant::now();
+        let stream = watcher(
+            self.pods(),
+            watcher::Config::default().fields(&format!("metadata.name={name}")),
+        );
+        let mut stream = std::pin::pin!(stream);
+        let mut last_reason: Option<String> = None;
+        let mut running_since: Option<Instant> = None;
+        let mut logs: Option<tokio::task::JoinHandle<LogEnd>> = None;
+        let stop = loop {
+            let startup_left = (running_since.is_none()).then(|| {
+                self.settings
+                    .startup_timeout
+                    .saturating_sub(created.elapsed())
+            });
+            let run_left = running_since
+                .map(|since| (job.spec.timeout + self.kill_grace).saturating_sub(since.elapsed()));
+            let event = tokio::select! {
+                event = stream.try_next() => event,
+                () = sleep_opt(startup_left) => {
+                    return failed(format!(
+                        "the command's Pod did not start within {} (pod.startup_timeout){}",
+                        humantime::format_duration(self.settings.startup_timeout),
+                        last_reason.map(|r| format!("; last reported: {r}")).unwrap_or_else(|| "; nothing was reported".to_owned())
+                    ));
+                }
+                () = sleep_opt(run_left) => break Stop::Timeout,
+                () = job.cancel.cancelled() => break Stop::Cancel,
+            };
+            let pod = match event {
+                Ok(Some(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => pod,
+                Ok(Some(watcher::Event::Delete(_))) => {
+                    return failed(
+                        "the command's Pod was deleted by someone else before it ended".to_owned(),
+                    );
+                }
+                Ok(Some(watcher::Event::Init | watcher::Event::InitDone)) => continue,
+                Ok(None) => {
+                    return failed("the watch on the command's Pod ended".to_owned());
+                }
+                Err(err) => {
+                    // the watcher starts over by itself; say why the wait is longer
+                    tracing::warn!(command_id = %job.id, %err, "watching the command's Pod failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = job.cancel.cancelled() => break Stop::Cancel,
+                    }
+                }
+            };
+            match progress_of(
+                &pod,
+                job.spec.timeout,
+                &self.settings.resources.limits_memory,
+            ) {
+                PodProgress::Pending { reason, hopeless } => {
+                    if let Some(reason) = reason {
+                        if hopeless {
+                            return failed(format!("the command's Pod cannot start: {reason}"));
+                        }
+                        last_reason = Some(reason);
+                    }
+                }
+                PodProgress::Running => {
+                    job.progress.running();
+                    running_since.get_or_insert_with(Instant::now);
+                    if logs.is_none() {
+                        logs = Some(self.stream_logs(job, name));
+                    }
+                }
+                PodProgress::Ended(outcome) => {
+                    job.progress.running();
+                    self.finish_logs(job, name, logs).await;
+                    return outcome;
+                }
+            }
+        };
+        // cancel or timeout: the Pod goes; what it printed until then is kept
+        self.delete_pod(name).await;
+        if let Some(task) = logs {
+            let _ = tokio::time::timeout(self.kill_grace, task).await;
+        }
+        match stop {
+            Stop::Cancel => Outcome {
+                state: CommandState::Canceled,
+                exit_code: None,
+                reason: "command was canceled".to_owned(),
+            },
+            Stop::Timeout => Outcome {
+                state: CommandState::TimedOut,
+                exit_code: None,
+                reason: format!(
+                    "command timed out after {}",
+                    humantime::format_duration(job.spec.timeout)
+                ),
+            },
+        }
+    }
+
+    /// Streams the command container's log (`follow=true`) into the output.
+    fn stream_logs(&self, job: &Job, name: &str) -> tokio::task::JoinHandle<LogEnd> {
+        let pods = self.pods();
+        let name = name.to_owned();
+        let output = job.output.clone();
+        tokio::spawn(async move {
+            let params = LogParams {
+                container: Some(COMMAND_CONTAINER.to_owned()),
+                follow: true,
+                ..LogParams::default()
+            };
+            let mut received = 0u64;
+            let reader = match pods.log_stream(&name, &params).await {
+                Ok(reader) => reader,
+                Err(err) => {
+                    return LogEnd::Cut {
+                        received,
+                        why: api_error(&err),
+                    };
+                }
+            };
+            let mut reader = std::pin::pin!(reader);
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                match reader.read(&mut buf).await {
+                    Ok(0) => return LogEnd::Closed,
+                    Ok(n) => {
+                        output.append(&buf[..n]);
+                        received += n as u64;
+                    }
+                    Err(err) => {
+                        return LogEnd::Cut {
+                            received,
+                            why: err.to_string(),
+                        };
+                    }
+                }
+            }
+        })
+    }
+
+    /// Once the Pod has ended: waits for the log stream to deliver the rest, and when it
+    /// was cut short (or never started: a command that ended before it was seen
+    /// running), reads the whole log once and keeps what the stream missed.
+    async fn finish_logs(
+        &self,
+        job: &Job,
+        name: &str,
+        logs: Option<tokio::task::JoinHandle<LogEnd>>,
+    ) {
+        let received = match logs {
+            None => 0,
+            Some(task) => {
+                match tokio::time::timeout(self.kill_grace + Duration::from_secs(5), task).await {
+                    Ok(Ok(LogEnd::Closed)) => return,
+                    Ok(Ok(LogEnd::Cut { received, why })) => {
+                        tracing::debug!(command_id = %job.id, %why, "the Pod's log stream was cut; reading the rest");
+                        received
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::warn!(command_id = %job.id, "the Pod's log stream did not end with the Pod; its output may be incomplete");
+                        return;
+                    }
+                }
+            }
+        };
+        let params = LogParams {
+            container: Some(COMMAND_CONTAINER.to_owned()),
+            ..LogParams::default()
+        };
+        match self.pods().logs(name, &params).await {
+            Ok(text) => {
+                let skip = usize::try_from(received).unwrap_or(usize::MAX);
+                if let Some(rest) = text.as_bytes().get(skip..) {
+                    job.output.append(rest);
+                }
+            }
+            Err(err) => {
+                let note = format!(
+                    "\n[kinvoke: the rest of the command's output could not be read from its Pod: {}]\n",
+                    api_error(&err)
+                );
+                job.output.append(note.as_bytes());
+            }
+        }
+    }
+
+    async fn delete_pod(&self, name: &str) {
+        let params = DeleteParams {
+            grace_period_seconds: u32::try_from(self.kill_grace.as_secs()).ok(),
+            propagation_policy: Some(PropagationPolicy::Background),
+            ..DeleteParams::default()
+        };
+        if let Err(err) = self.pods().delete(name, &params).await
+            && !is_not_found(&err)
+        {
+            tracing::warn!(pod = name, err = %api_error(&err), "could not delete a command's Pod");
+        }
+    }
+
+    /// Deletes a command's Pod and Secret (the Secret would also go with the Pod).
+    async fn remove(&self, name: &str) {
+        self.delete_pod(name).await;
+        if let Err(err) = self.secrets().delete(name, &DeleteParams::default()).await
+            && !is_not_found(&err)
+        {
+            tracing::warn!(secret = name, err = %api_error(&err), "could not delete a command's Secret");
+        }
+    }
+
+    /// Deletes the Pods and Secrets a killed gateway left behind: every labelled one
+    /// whose command this gateway's store has as ended (a restart marks the ones it was
+    /// running as failed), and any whose deadline has passed whoever started it. Call at
+    /// start-up, after the store's recovery. Returns how many Pods were deleted.
+    pub async fn remove_leftovers(&self, store: &Store) -> Result<usize, String> {
+        let selector = format!("{LABEL_MANAGED_BY}={MANAGED_BY}");
+        let list = ListParams::default().labels(&selector);
+        let pods = self.pods().list(&list).await.map_err(|e| {
+            format!(
+                "listing Pods in namespace \"{}\": {}",
+                self.settings.namespace,
+                api_error(&e)
+            )
+        })?;
+        let secrets = self.secrets().list_metadata(&list).await.map_err(|e| {
+            format!(
+                "listing Secrets in namespace \"{}\": {}",
+                self.settings.namespace,
+                api_error(&e)
+            )
+        })?;
+        let now = jiff::Timestamp::now();
+        let mut removed = 0;
+        let objects = pods
+            .items
+            .iter()
+            .map(|p| (&p.metadata, true))
+            .chain(secrets.items.iter().map(|s| (&s.metadata, false)));
+        for (meta, is_pod) in objects {
+            let Some(name) = meta.name.as_deref() else {
+                continue;
+            };
+            let id = meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_COMMAND_ID))
+                .and_then(|id| CommandId::parse(id));
+            let ended = match &id {
+                Some(id) => store
+                    .get(id)
+                    .await
+                    .map_err(|e| format!("reading the store: {e}"))?
+                    .is_some_and(|r| r.state.is_final()),
+                None => false,
+            };
+            let past_deadline = meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_DEADLINE))
+                .and_then(|d| d.parse::<jiff::Timestamp>().ok())
+                .is_some_and(|d| d < now);
+            // a Secret without its Pod's deadline goes once its command has ended
+            if !(ended || past_deadline) {
+                continue;
+            }
+            if is_pod {
+                self.remove(name).await;
+                removed += 1;
+            } else if let Err(err) = self.secrets().delete(name, &DeleteParams::default()).await
+                && !is_not_found(&err)
+            {
+                tracing::warn!(secret = name, err = %api_error(&err), "could not delete a leftover Secret");
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl Executor for PodExecutor {
+    fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = Outcome> + Send + '_>> {
+        Box::pin(self.run_job(job))
+    }
+}
+
+/// How a log stream ended.
+enum LogEnd {
+    /// The API server ended it (the container ended).
+    Closed,
+    /// It broke, or never started.
+    Cut { received: u64, why: String },
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn failed(reason: String) -> Outcome {
+    Outcome {
+        state: CommandState::Failed,
+        exit_code: None,
+        reason,
+    }
+}
+
+fn is_not_found(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 404)
+}
+
+/// The API server's own message where there is one.
+fn api_error(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.reason),
+        other => other.to_string(),
+    }
+}

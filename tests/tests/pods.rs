@@ -1,0 +1,392 @@
+//! End-to-end tests of the pod executor: the real gateway and client, a cluster whose API
+//! server is a `kinvoke-simcluster` (a simulated Kubernetes API server, a test double)
+//! with its simulated kubelet on. Each command runs in a Pod of its own; the simulated
+//! kubelet runs the Pod's containers as local processes in the gateway's command sandbox
+//! (the image is ignored), so the pinned kubectl and helm do the work inside the Pod and
+//! reach the cluster through the relay as the caller.
+//!
+//! Without the pinned kubectl and helm (`scripts/fetch-kube-tools`) every test prints a
+//! SKIPPED line and passes, except under `CI=true`, where they fail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic with the captured output is the failure report, helpers included"
+)]
+
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kinvoke_gateway::sandbox::SandboxSettings;
+use kinvoke_gateway::sandbox::launch::Sandbox;
+use kinvoke_gateway::sim_kubelet::SandboxRuntime;
+use kinvoke_simcluster::{KubeletOptions, SimCluster, SimOptions};
+use kinvoke_tests::{Client, Gateway, GatewayOptions, Output, binary, kube_tools, kube_tools_path};
+use serde_json::Value;
+
+/// The cluster whose commands run in Pods.
+const PODS: &str = "pods";
+/// The pod executor's namespace (its default).
+const NAMESPACE: &str = "kinvoke-command";
+/// Exit status of `kinvoke` when the command could not run.
+const EXIT_FAILED: i32 = 125;
+
+/// A simulated cluster with a kubelet, and a gateway running commands on it in Pods.
+struct Pods {
+    // declared first, so dropped first: the gateway stops its commands while the API
+    // server still answers
+    gw: Gateway,
+    sim: SimCluster,
+}
+
+impl Pods {
+    fn start() -> Option<Self> {
+        Self::start_with(|k| k, "")
+    }
+
+    /// `kubelet` adjusts the simulated kubelet; `pod_toml` is added to `[cluster.pod]`.
+    fn start_with(
+        kubelet: impl FnOnce(KubeletOptions) -> KubeletOptions,
+        pod_toml: &str,
+    ) -> Option<Self> {
+        let tools = kube_tools().unwrap()?;
+        let sandbox = Sandbox::with_launcher(
+            SandboxSettings::default(),
+            binary("kinvoke-gateway").unwrap(),
+        );
+        let runtime = Arc::new(SandboxRuntime::new(Arc::new(sandbox)));
+        let sim = SimCluster::spawn(
+            SimOptions::default().with_kubelet(kubelet(KubeletOptions::new(runtime))),
+        )
+        .expect("the simulated cluster starts");
+        sim.create_namespace(NAMESPACE).unwrap();
+        let path = kube_tools_path(&tools);
+        let options = GatewayOptions::default()
+            .kube_cluster(PODS, &sim.admin_kubeconfig(), &path)
+            .extra_toml(&format!(
+                "executor = \"pod\"\n\n[cluster.pod]\nloopback_relay = true\n{pod_toml}\n"
+            ));
+        let gw = Gateway::start_with(options).expect("the gateway starts");
+        Some(Self { gw, sim })
+    }
+
+    fn client(&self) -> Client {
+        self.gw.client().unwrap()
+    }
+
+    fn invoke(&self, command: &str, extra: &[&str]) -> Output {
+        self.client()
+            .args(["invoke", "--cluster", PODS, "--command", command])
+            .args(extra)
+            .run()
+            .unwrap()
+    }
+
+    /// Starts `command` with `--no-wait`; its id.
+    fn start_command(&self, command: &str) -> String {
+        let out = self
+            .client()
+            .args([
+                "-o",
+                "tsv",
+                "invoke",
+                "--cluster",
+                PODS,
+                "--no-wait",
+                "--command",
+                command,
+            ])
+            .run()
+            .unwrap();
+        assert_eq!(out.code, Some(0), "{out}");
+        out.stdout.split_whitespace().next().unwrap().to_owned()
+    }
+
+    fn names(&self, plural: &str) -> Vec<String> {
+        self.sim
+            .objects(plural, NAMESPACE)
+            .iter()
+            .filter_map(|o| {
+                o.pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
+    /// Waits until the command namespace holds no Pod and no Secret. The simulated
+    /// cluster cannot wake the test, so this polls; the pause only paces the polls.
+    fn await_no_leftovers(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (pods, secrets) = (self.names("pods"), self.names("secrets"));
+            if pods.is_empty() && secrets.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: Pods {pods:?} and Secrets {secrets:?} are still there; gateway log:\n{}",
+                self.gw.stderr_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The lines after the result header, which must say `exitcode=CODE`.
+fn body(out: &Output, code: i32) -> Vec<&str> {
+    let mut lines = out.stdout.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(header.ends_with(&format!("with exitcode={code}")), "{out}");
+    lines.collect()
+}
+
+#[test]
+fn kubectl_in_a_pod_prints_the_clusters_table_and_its_exit_code_is_the_clients() {
+    let Some(pods) = Pods::start() else { return };
+    let out = pods.invoke("kubectl get pods -n demo; exit 3", &[]);
+    assert_eq!(out.code, Some(3), "{out}");
+    let lines = body(&out, 3);
+    assert!(lines[0].starts_with("NAME"), "{out}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("web-5d9c7b8f6d-4hx2p")),
+        "{out}"
+    );
+    // the command ran in a Pod, as the caller, and nothing of it is left
+    let created = pods
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path == format!("/api/v1/namespaces/{NAMESPACE}/pods"))
+        .count();
+    assert_eq!(created, 1, "one Pod per command");
+    let listed = pods
+        .sim
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/api/v1/namespaces/demo/pods" && r.method == "GET")
+        .expect("kubectl listed the pods");
+    assert_eq!(
+        listed.user.as_deref(),
+        Some(kinvoke_tests::USER),
+        "{listed:?}"
+    );
+    pods.await_no_leftovers("after the command ended");
+}
+
+#[test]
+fn output_printed_over_seconds_streams_live_to_logs_follow() {
+    let Some(pods) = Pods::start() else { return };
+    // the command waits for the test to answer its first line, so "second" can only
+    // come after "first" was seen live
+    let id = pods.start_command(
+        "echo first; until kubectl get configmap go -n default >/dev/null 2>&1; do sleep 0.2; done; echo second",
+    );
+    let mut follower = pods
+        .client()
+        .args(["logs", "--cluster", PODS, "--command-id", &id, "--follow"])
+        .spawn()
+        .unwrap();
+    follower.wait_for_line("first").unwrap();
+    assert!(!follower.stdout_so_far().contains("second"));
+    let go = pods.invoke("kubectl create configmap go -n default", &[]);
+    assert_eq!(go.code, Some(0), "{go}");
+    follower.wait_for_line("second").unwrap();
+    let out = follower.wait().unwrap();
+    assert_eq!(out.code, Some(0), "{out}");
+    let result = pods
+        .client()
+        .args(["result", "--cluster", PODS, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(body(&result, 0), ["first", "second"], "{result}");
+}
+
+#[test]
+fn an_attached_chart_installs_with_helm_in_a_pod() {
+    let Some(pods) = Pods::start() else { return };
+    let chart = pods.gw.scratch("chart");
+    fs::create_dir_all(chart.join("templates")).unwrap();
+    fs::write(
+        chart.join("Chart.yaml"),
+        "apiVersion: v2\nname: pod-demo\ndescription: installed from a command Pod\ntype: application\nversion: 0.1.0\n",
+    )
+    .unwrap();
+    fs::write(
+        chart.join("templates/cm.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}-settings\ndata:\n  release: {{ .Release.Name | quote }}\n",
+    )
+    .unwrap();
+    let script = pods.gw.scratch("check.sh");
+    fs::write(
+        &script,
+        "#!/bin/sh\nkubectl get configmap \"$1-settings\" -n demo -o jsonpath='{.data.release}'\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o750)).unwrap();
+    let out = pods.invoke(
+        "helm install pod-release ./chart -n demo >/dev/null && ./check.sh pod-release",
+        &[
+            "--file",
+            chart.to_str().unwrap(),
+            "--file",
+            script.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(body(&out, 0), ["pod-release"], "{out}");
+}
+
+#[test]
+fn an_unschedulable_pod_fails_with_the_schedulers_message_within_the_startup_timeout() {
+    let Some(pods) = Pods::start_with(
+        |k| k.with_taint("CriticalAddonsOnly", "true", "NoSchedule"),
+        "startup_timeout = \"2s\"",
+    ) else {
+        return;
+    };
+    let started = Instant::now();
+    let out = pods.invoke("echo never", &[]);
+    assert_eq!(out.code, Some(EXIT_FAILED), "{out}");
+    assert!(
+        out.stdout.contains("did not start within 2s")
+            && out.stdout.contains(
+                "Unschedulable: 0/1 nodes are available: 1 node(s) had untolerated taint {CriticalAddonsOnly: true}"
+            ),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("never"), "{out}");
+    // bounded by the start-up timeout, not the command's
+    assert!(started.elapsed() < Duration::from_secs(60), "{out}");
+    pods.await_no_leftovers("after a Pod that never started");
+}
+
+#[test]
+fn tolerations_let_a_pod_run_on_a_tainted_node() {
+    let Some(pods) = Pods::start_with(
+        |k| k.with_taint("CriticalAddonsOnly", "true", "NoSchedule"),
+        "tolerations = [{ key = \"CriticalAddonsOnly\", operator = \"Exists\" }]",
+    ) else {
+        return;
+    };
+    let out = pods.invoke("echo ran", &[]);
+    assert_eq!(body(&out, 0), ["ran"], "{out}");
+}
+
+#[test]
+fn an_image_that_cannot_be_pulled_is_named_in_the_error() {
+    let Some(pods) = Pods::start_with(
+        |k| k.with_unpullable_image("registry.example/toolbox:missing"),
+        "image = \"registry.example/toolbox:missing\"\nstartup_timeout = \"2s\"",
+    ) else {
+        return;
+    };
+    let out = pods.invoke("echo never", &[]);
+    assert_eq!(out.code, Some(EXIT_FAILED), "{out}");
+    assert!(
+        out.stdout.contains(
+            "ImagePullBackOff: Back-off pulling image \"registry.example/toolbox:missing\""
+        ),
+        "{out}"
+    );
+}
+
+#[test]
+fn cancel_deletes_the_pod() {
+    let Some(pods) = Pods::start() else { return };
+    let id = pods.start_command("echo started; exec sleep 300");
+    let mut follower = pods
+        .client()
+        .args(["logs", "--cluster", PODS, "--command-id", &id, "--follow"])
+        .spawn()
+        .unwrap();
+    follower.wait_for_line("started").unwrap();
+    assert_eq!(pods.names("pods"), [format!("kinvoke-{id}")]);
+    let canceled = pods
+        .client()
+        .args(["cancel", "--cluster", PODS, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(canceled.code, Some(0), "{canceled}");
+    assert!(
+        canceled.stdout.contains("command canceled with reason"),
+        "{canceled}"
+    );
+    pods.await_no_leftovers("after cancel");
+    let requests = pods.sim.requests();
+    assert!(
+        requests.iter().any(|r| r.method == "DELETE"
+            && r.path == format!("/api/v1/namespaces/{NAMESPACE}/pods/kinvoke-{id}")),
+        "the gateway deleted the Pod"
+    );
+    let _ = follower.wait();
+}
+
+#[test]
+fn a_gateway_killed_mid_command_leaves_no_pod_or_secret_after_restart() {
+    let Some(mut pods) = Pods::start() else {
+        return;
+    };
+    let id = pods.start_command("echo started; exec sleep 300");
+    let mut follower = pods
+        .client()
+        .args(["logs", "--cluster", PODS, "--command-id", &id, "--follow"])
+        .spawn()
+        .unwrap();
+    follower.wait_for_line("started").unwrap();
+    follower.kill().unwrap();
+    pods.gw.kill().unwrap();
+    // the Pod outlives the gateway that made it
+    assert_eq!(pods.names("pods"), [format!("kinvoke-{id}")]);
+    assert_eq!(pods.names("secrets"), [format!("kinvoke-{id}")]);
+    pods.gw.restart().unwrap();
+    pods.await_no_leftovers("after the restart");
+    let out = pods
+        .client()
+        .args(["result", "--cluster", PODS, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(out.code, Some(EXIT_FAILED), "{out}");
+    assert!(
+        out.stdout
+            .contains("command failed with reason: gateway restarted before the command finished"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_command_pod_is_pending_until_it_runs() {
+    let Some(pods) = Pods::start_with(
+        |k| k,
+        "node_selector = { pool = \"gpu\" }\nstartup_timeout = \"30s\"",
+    ) else {
+        return;
+    };
+    let id = pods.start_command("echo never");
+    let out = pods
+        .client()
+        .args([
+            "-o",
+            "json",
+            "result",
+            "--cluster",
+            PODS,
+            "--command-id",
+            &id,
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(out.json().unwrap()["provisioningState"], "Pending", "{out}");
+    let canceled = pods
+        .client()
+        .args(["cancel", "--cluster", PODS, "--command-id", &id])
+        .run()
+        .unwrap();
+    assert_eq!(canceled.code, Some(0), "{canceled}");
+    assert!(
+        canceled.stdout.contains("command canceled with reason"),
+        "{canceled}"
+    );
+    pods.await_no_leftovers("after canceling a pending command");
+}
