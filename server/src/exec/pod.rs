@@ -1019,3 +1019,601 @@ fn api_error(err: &kube::Error) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http::{Request, Response};
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+        ContainerStatus, PodCondition, PodStatus,
+    };
+    use kube::client::Body;
+    use serde_json::{Value, json};
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::command::{ClusterName, CommandSpec};
+    use crate::exec::output::OutputLog;
+    use crate::exec::{ExecSettings, Progress, SecretText};
+
+    fn id() -> CommandId {
+        CommandId::parse("0123456789abcdef0123456789abcdef").unwrap()
+    }
+
+    fn file(path: &str, mode: u32) -> Attachment {
+        Attachment {
+            path: path.into(),
+            content: b"data".to_vec(),
+            mode,
+        }
+    }
+
+    fn spec_of(settings: &PodSettings, files: &[Attachment]) -> Pod {
+        let argv = [
+            "bash".to_owned(),
+            "-c".to_owned(),
+            "kubectl get pods".to_owned(),
+        ];
+        pod_spec(
+            settings,
+            &PodCommand {
+                id: &id(),
+                argv: &argv,
+                path: "/usr/bin:/bin",
+                timeout: Duration::from_millis(90_500),
+                files,
+                kubeconfig: true,
+                kill_grace: Duration::from_secs(5),
+                deadline: SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+            },
+        )
+    }
+
+    #[test]
+    fn the_pod_is_locked_down_and_bounded_by_the_commands_timeout() {
+        let pod = serde_json::to_value(spec_of(&PodSettings::default(), &[])).unwrap();
+        let spec = &pod["spec"];
+        assert_eq!(spec["restartPolicy"], "Never");
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        assert_eq!(spec["enableServiceLinks"], false);
+        // rounded up: a command never gets less than its timeout
+        assert_eq!(spec["activeDeadlineSeconds"], 91);
+        assert_eq!(spec["terminationGracePeriodSeconds"], 5);
+        let pod_security = &spec["securityContext"];
+        assert_eq!(pod_security["runAsNonRoot"], true);
+        assert_eq!(pod_security["runAsUser"], DEFAULT_RUN_AS_USER);
+        assert_eq!(pod_security["fsGroup"], DEFAULT_RUN_AS_USER);
+        assert_eq!(pod_security["seccompProfile"]["type"], "RuntimeDefault");
+        let containers: Vec<&Value> = spec["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(spec["containers"].as_array().unwrap())
+            .collect();
+        assert_eq!(containers.len(), 2);
+        for c in containers {
+            let security = &c["securityContext"];
+            assert_eq!(security["allowPrivilegeEscalation"], false, "{c}");
+            assert_eq!(security["readOnlyRootFilesystem"], true, "{c}");
+            assert_eq!(security["runAsNonRoot"], true, "{c}");
+            assert_eq!(security["capabilities"]["drop"], json!(["ALL"]), "{c}");
+            assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault", "{c}");
+            assert_eq!(c["image"], DEFAULT_IMAGE);
+            assert_eq!(
+                c["resources"]["requests"],
+                json!({"cpu": "200m", "memory": "512Mi"})
+            );
+            assert_eq!(
+                c["resources"]["limits"],
+                json!({"cpu": "500m", "memory": "1Gi"})
+            );
+        }
+        let command = &spec["containers"][0];
+        assert_eq!(command["name"], COMMAND_CONTAINER);
+        assert_eq!(
+            command["command"],
+            json!(["bash", "-c", "kubectl get pods"])
+        );
+        assert_eq!(command["workingDir"], WORK_DIR);
+        // only the command's own data: no personal data in labels or annotations
+        assert_eq!(
+            pod["metadata"]["labels"],
+            json!({LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMMAND_ID: id().as_str()})
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"],
+            json!({ANNOTATION_DEADLINE: "2027-01-15T08:00:00Z"})
+        );
+        assert_eq!(pod["metadata"]["name"], format!("kinvoke-{}", id()));
+        assert_eq!(pod["metadata"]["namespace"], DEFAULT_NAMESPACE);
+    }
+
+    #[test]
+    fn work_home_and_tmp_are_writable_scratch_and_the_secret_is_read_only() {
+        let pod =
+            serde_json::to_value(spec_of(&PodSettings::default(), &[file("a", 0o644)])).unwrap();
+        let volumes = pod["spec"]["volumes"].as_array().unwrap();
+        for name in ["work", "home", "tmp"] {
+            let v = volumes.iter().find(|v| v["name"] == name).unwrap();
+            assert_eq!(v["emptyDir"]["sizeLimit"], "1Gi", "{v}");
+        }
+        let secret = volumes.iter().find(|v| v["name"] == "secret").unwrap();
+        assert_eq!(secret["secret"]["secretName"], format!("kinvoke-{}", id()));
+        assert_eq!(secret["secret"]["defaultMode"], 0o440);
+        assert_eq!(
+            secret["secret"]["items"],
+            json!([{"key": "file-0", "path": "file-0"}, {"key": "kubeconfig", "path": "kubeconfig"}])
+        );
+        let mounts = |c: &Value| -> Vec<(String, String, bool)> {
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["name"].as_str().unwrap().to_owned(),
+                        m["mountPath"].as_str().unwrap().to_owned(),
+                        m["readOnly"].as_bool().unwrap_or(false),
+                    )
+                })
+                .collect()
+        };
+        let init = &pod["spec"]["initContainers"][0];
+        assert!(mounts(init).contains(&("secret".into(), SECRET_DIR.into(), true)));
+        let command = &pod["spec"]["containers"][0];
+        assert!(
+            mounts(command).iter().all(|(name, _, _)| name != "secret"),
+            "the command reads its files from the work dir, not the Secret"
+        );
+        assert!(mounts(command).contains(&("tmp".into(), TMP_DIR.into(), false)));
+    }
+
+    #[test]
+    fn files_are_placed_with_their_modes_and_paths_as_arguments_never_as_shell_text() {
+        let files = [
+            file("values.yaml", 0o600),
+            file("bin/run.sh", 0o755),
+            file("$(reboot)", 0o644),
+        ];
+        let pod = serde_json::to_value(spec_of(&PodSettings::default(), &files)).unwrap();
+        let init = &pod["spec"]["initContainers"][0]["command"];
+        assert_eq!(init[0], "/bin/sh");
+        assert_eq!(init[2], PLACE_FILES);
+        assert_eq!(
+            init.as_array().unwrap()[3..],
+            json!([
+                "kinvoke-files",
+                "600",
+                "values.yaml",
+                "755",
+                "bin/run.sh",
+                "644",
+                "$(reboot)"
+            ])
+            .as_array()
+            .unwrap()[..]
+        );
+    }
+
+    #[test]
+    fn the_secret_holds_the_files_and_kubeconfig_and_belongs_to_the_pod() {
+        let secret = secret_spec(
+            &PodSettings::default(),
+            &id(),
+            &[file("a", 0o644)],
+            Some("kubeconfig text"),
+            "pod-uid-1",
+        );
+        let v = serde_json::to_value(&secret).unwrap();
+        assert_eq!(v["data"]["file-0"], "ZGF0YQ==");
+        assert_eq!(v["data"]["kubeconfig"], "a3ViZWNvbmZpZyB0ZXh0");
+        assert_eq!(v["immutable"], true);
+        let owner = &v["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "Pod");
+        assert_eq!(owner["uid"], "pod-uid-1");
+        assert_eq!(owner["name"], format!("kinvoke-{}", id()));
+        assert_eq!(v["metadata"]["labels"][LABEL_COMMAND_ID], id().as_str());
+    }
+
+    #[test]
+    fn settings_reach_the_pod() {
+        let settings = PodSettings {
+            namespace: "ops".into(),
+            image: "registry.example/toolbox:1".into(),
+            image_pull_policy: Some("Always".into()),
+            image_pull_secrets: vec!["regcred".into()],
+            node_selector: [("pool".to_owned(), "ops".to_owned())].into(),
+            tolerations: vec![Toleration {
+                key: Some("CriticalAddonsOnly".into()),
+                operator: Some("Exists".into()),
+                ..Toleration::default()
+            }],
+            priority_class_name: Some("ops-high".into()),
+            run_as_user: 1000,
+            ..PodSettings::default()
+        };
+        let pod = serde_json::to_value(spec_of(&settings, &[])).unwrap();
+        let spec = &pod["spec"];
+        assert_eq!(pod["metadata"]["namespace"], "ops");
+        assert_eq!(spec["nodeSelector"], json!({"pool": "ops"}));
+        assert_eq!(
+            spec["tolerations"],
+            json!([{"key": "CriticalAddonsOnly", "operator": "Exists"}])
+        );
+        assert_eq!(spec["priorityClassName"], "ops-high");
+        assert_eq!(spec["imagePullSecrets"], json!([{"name": "regcred"}]));
+        assert_eq!(spec["securityContext"]["runAsUser"], 1000);
+        assert_eq!(spec["containers"][0]["imagePullPolicy"], "Always");
+        assert_eq!(spec["containers"][0]["image"], "registry.example/toolbox:1");
+    }
+
+    fn status(phase: &str) -> PodStatus {
+        PodStatus {
+            phase: Some(phase.into()),
+            ..PodStatus::default()
+        }
+    }
+
+    fn with_status(status: PodStatus) -> Pod {
+        Pod {
+            status: Some(status),
+            ..Pod::default()
+        }
+    }
+
+    fn container(name: &str, state: ContainerState) -> ContainerStatus {
+        ContainerStatus {
+            name: name.into(),
+            state: Some(state),
+            ..ContainerStatus::default()
+        }
+    }
+
+    fn terminated(code: i32, reason: &str) -> ContainerState {
+        ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: code,
+                reason: Some(reason.into()),
+                ..ContainerStateTerminated::default()
+            }),
+            ..ContainerState::default()
+        }
+    }
+
+    fn waiting(reason: &str, message: &str) -> ContainerState {
+        ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: Some(message.into()),
+            }),
+            ..ContainerState::default()
+        }
+    }
+
+    fn progress(pod: &Pod) -> PodProgress {
+        progress_of(pod, Duration::from_secs(60), "1Gi")
+    }
+
+    #[test]
+    fn the_commands_state_follows_the_pod() {
+        assert_eq!(
+            progress(&Pod::default()),
+            PodProgress::Pending {
+                reason: None,
+                hopeless: false
+            }
+        );
+        let unschedulable = PodStatus {
+            conditions: Some(vec![PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/3 nodes are available: 3 Insufficient cpu.".into()),
+                ..PodCondition::default()
+            }]),
+            ..status("Pending")
+        };
+        assert_eq!(
+            progress(&with_status(unschedulable)),
+            PodProgress::Pending {
+                reason: Some("Unschedulable: 0/3 nodes are available: 3 Insufficient cpu.".into()),
+                hopeless: false
+            }
+        );
+        let pulling = PodStatus {
+            container_statuses: Some(vec![container(
+                COMMAND_CONTAINER,
+                waiting("ImagePullBackOff", "Back-off pulling image \"x\""),
+            )]),
+            ..status("Pending")
+        };
+        assert_eq!(
+            progress(&with_status(pulling)),
+            PodProgress::Pending {
+                reason: Some("ImagePullBackOff: Back-off pulling image \"x\"".into()),
+                hopeless: false
+            }
+        );
+        let invalid = PodStatus {
+            container_statuses: Some(vec![container(
+                COMMAND_CONTAINER,
+                waiting("InvalidImageName", "bad"),
+            )]),
+            ..status("Pending")
+        };
+        assert!(matches!(
+            progress(&with_status(invalid)),
+            PodProgress::Pending { hopeless: true, .. }
+        ));
+        let running = PodStatus {
+            container_statuses: Some(vec![container(
+                COMMAND_CONTAINER,
+                ContainerState {
+                    running: Some(ContainerStateRunning::default()),
+                    ..ContainerState::default()
+                },
+            )]),
+            ..status("Running")
+        };
+        assert_eq!(progress(&with_status(running)), PodProgress::Running);
+    }
+
+    #[test]
+    fn exit_codes_and_reasons_come_from_the_container_status() {
+        let ended = |phase: &str, state: ContainerState| {
+            progress(&with_status(PodStatus {
+                container_statuses: Some(vec![container(COMMAND_CONTAINER, state)]),
+                ..status(phase)
+            }))
+        };
+        assert_eq!(
+            ended("Failed", terminated(3, "Error")),
+            PodProgress::Ended(Outcome {
+                state: CommandState::Succeeded,
+                exit_code: Some(3),
+                reason: String::new()
+            })
+        );
+        assert_eq!(
+            ended("Succeeded", terminated(0, "Completed")),
+            PodProgress::Ended(Outcome {
+                state: CommandState::Succeeded,
+                exit_code: Some(0),
+                reason: String::new()
+            })
+        );
+        let PodProgress::Ended(oom) = ended("Failed", terminated(137, "OOMKilled")) else {
+            panic!("not ended")
+        };
+        assert_eq!(
+            (oom.state, oom.exit_code),
+            (CommandState::Failed, Some(137))
+        );
+        assert!(
+            oom.reason.starts_with("OOMKilled") && oom.reason.contains("1Gi"),
+            "{}",
+            oom.reason
+        );
+        let deadline = progress(&with_status(PodStatus {
+            reason: Some("DeadlineExceeded".into()),
+            message: Some("Pod was active on the node longer than the specified deadline".into()),
+            ..status("Failed")
+        }));
+        let PodProgress::Ended(deadline) = deadline else {
+            panic!("not ended")
+        };
+        assert_eq!(deadline.state, CommandState::TimedOut);
+        let evicted = progress(&with_status(PodStatus {
+            reason: Some("Evicted".into()),
+            message: Some("The node was low on resource: memory.".into()),
+            ..status("Failed")
+        }));
+        assert_eq!(
+            evicted,
+            PodProgress::Ended(failed(
+                "Evicted: The node was low on resource: memory.".into()
+            ))
+        );
+        let init = progress(&with_status(PodStatus {
+            init_container_statuses: Some(vec![container(FILES_CONTAINER, terminated(1, "Error"))]),
+            ..status("Failed")
+        }));
+        let PodProgress::Ended(init) = init else {
+            panic!("not ended")
+        };
+        assert!(
+            init.reason.contains("attached files could not be placed"),
+            "{}",
+            init.reason
+        );
+    }
+
+    /// A scripted API server behind kube-rs's tower-test mock: answers by method and
+    /// path, and records what it was asked.
+    struct FakeApi {
+        seen: Arc<Mutex<Vec<String>>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl FakeApi {
+        /// `pod_states` are the Pod's statuses in order: the first in the list, the rest
+        /// as watch events; `log` is the command's output.
+        fn start(pod_states: Vec<Value>, log: &'static str) -> (kube::Client, Self) {
+            let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let record = seen.clone();
+            let task = tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Some((request, send)) = handle.next_request().await {
+                    let (method, path) = (
+                        request.method().to_string(),
+                        request.uri().path().to_owned(),
+                    );
+                    let query = request.uri().query().unwrap_or_default().to_owned();
+                    record.lock().unwrap().push(format!("{method} {path}"));
+                    let pod = |status: &Value| {
+                        json!({
+                            "apiVersion": "v1", "kind": "Pod",
+                            "metadata": {"name": format!("kinvoke-{}", id()), "namespace": DEFAULT_NAMESPACE, "uid": "uid-1", "resourceVersion": "5"},
+                            "status": status,
+                        })
+                    };
+                    let body = match (method.as_str(), path.as_str()) {
+                        ("POST", p) if p.ends_with("/pods") => pod(&json!({})).to_string(),
+                        ("POST", p) if p.ends_with("/secrets") => json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}).to_string(),
+                        ("GET", p) if p.ends_with("/log") => log.to_owned(),
+                        ("GET", p) if p.ends_with("/pods") && !query.contains("watch=") => json!({
+                            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "5"},
+                            "items": [pod(&pod_states[0])],
+                        }).to_string(),
+                        ("GET", p) if p.ends_with("/pods") => {
+                            if held.is_empty() && pod_states.len() > 1 {
+                                pod_states[1..].iter().map(|s| format!("{}\n", json!({"type": "MODIFIED", "object": pod(s)}))).collect()
+                            } else {
+                                // a watch with nothing more to say stays open
+                                held.push(send);
+                                continue;
+                            }
+                        }
+                        ("DELETE", _) => json!({"apiVersion": "v1", "kind": "Status", "status": "Success"}).to_string(),
+                        _ => json!({"kind": "Status", "code": 404, "status": "Failure", "reason": "NotFound", "message": "no"}).to_string(),
+                    };
+                    send.send_response(
+                        Response::builder()
+                            .body(Body::from(body.into_bytes()))
+                            .unwrap(),
+                    );
+                }
+            });
+            (
+                kube::Client::new(service, DEFAULT_NAMESPACE),
+                Self { seen, task },
+            )
+        }
+
+        fn seen(&self) -> Vec<String> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl Drop for FakeApi {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    fn job(cancel: CancellationToken) -> (Job, Arc<OutputLog>, Progress) {
+        let output = Arc::new(OutputLog::new(1024));
+        let progress = Progress::new(CommandState::Pending);
+        let job = Job {
+            id: id(),
+            argv: vec!["bash".into(), "-c".into(), "echo hello".into()],
+            spec: CommandSpec {
+                cluster: "c".into(),
+                command: "echo hello".into(),
+                files: vec![file("a", 0o600)],
+                timeout: Duration::from_secs(60),
+            },
+            cluster: ClusterName::parse("c").unwrap(),
+            exec: ExecSettings::default(),
+            output: output.clone(),
+            cancel,
+            kubeconfig: Some(SecretText("kubeconfig".into())),
+            progress: progress.clone(),
+        };
+        (job, output, progress)
+    }
+
+    fn running_status() -> Value {
+        json!({"phase": "Running", "containerStatuses": [{"name": COMMAND_CONTAINER, "image": "i", "imageID": "", "ready": true, "restartCount": 0, "state": {"running": {}}}]})
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_runs_and_exits_3_is_followed_to_its_end_and_removed() {
+        let ended = json!({"phase": "Failed", "containerStatuses": [{"name": COMMAND_CONTAINER, "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]});
+        let (client, api) = FakeApi::start(
+            vec![json!({"phase": "Pending"}), running_status(), ended],
+            "hello\n",
+        );
+        let executor = PodExecutor::new(client, PodSettings::default(), Duration::from_secs(1));
+        let (job, output, progress) = job(CancellationToken::new());
+        let outcome = executor.run(job).await;
+        assert_eq!(
+            outcome,
+            Outcome {
+                state: CommandState::Succeeded,
+                exit_code: Some(3),
+                reason: String::new()
+            }
+        );
+        assert_eq!(progress.state(), CommandState::Running);
+        assert_eq!(output.close().data, b"hello\n");
+        let seen = api.seen();
+        let name = format!("kinvoke-{}", id());
+        let base = format!("/api/v1/namespaces/{DEFAULT_NAMESPACE}");
+        assert_eq!(seen[0], format!("POST {base}/pods"), "{seen:?}");
+        assert_eq!(seen[1], format!("POST {base}/secrets"), "{seen:?}");
+        assert!(
+            seen.contains(&format!("DELETE {base}/pods/{name}")),
+            "{seen:?}"
+        );
+        assert!(
+            seen.contains(&format!("DELETE {base}/secrets/{name}")),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_never_starts_fails_with_what_the_scheduler_said() {
+        let pending = json!({"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 node(s) had untolerated taint {CriticalAddonsOnly: true}."}]});
+        let (client, api) = FakeApi::start(vec![pending], "");
+        let settings = PodSettings {
+            startup_timeout: Duration::from_millis(200),
+            ..PodSettings::default()
+        };
+        let executor = PodExecutor::new(client, settings, Duration::from_secs(1));
+        let (job, _, progress) = job(CancellationToken::new());
+        let outcome = executor.run(job).await;
+        assert_eq!(outcome.state, CommandState::Failed);
+        assert!(
+            outcome.reason.contains("did not start within 200ms")
+                && outcome
+                    .reason
+                    .contains("Unschedulable: 0/3 nodes are available"),
+            "{}",
+            outcome.reason
+        );
+        assert_eq!(progress.state(), CommandState::Pending);
+        assert!(
+            api.seen()
+                .iter()
+                .any(|s| s.starts_with("DELETE") && s.contains("/pods/"))
+        );
+    }
+
+    #[tokio::test]
+    async fn cancel_deletes_the_pod_even_while_it_is_pending() {
+        let (client, api) = FakeApi::start(vec![json!({"phase": "Pending"})], "");
+        let executor = PodExecutor::new(client, PodSettings::default(), Duration::from_secs(1));
+        let cancel = CancellationToken::new();
+        let (job, _, _) = job(cancel.clone());
+        let running = tokio::spawn(async move { executor.run(job).await });
+        // canceled once the watch is open
+        while api
+            .seen()
+            .iter()
+            .filter(|s| s.starts_with("GET") && s.ends_with("/pods"))
+            .count()
+            < 2
+        {
+            tokio::task::yield_now().await;
+        }
+        cancel.cancel();
+        let outcome = running.await.unwrap();
+        assert_eq!(outcome.state, CommandState::Canceled);
+        let name = format!("kinvoke-{}", id());
+        assert!(api.seen().iter().any(|s| s == &format!("DELETE /api/v1/namespaces/{DEFAULT_NAMESPACE}/pods/{name}")));
+    }
+}
