@@ -370,12 +370,13 @@ impl Config {
     /// unless the cluster says its Pods share this host's loopback (`pod.loopback_relay`,
     /// the simulated cluster), which is then a warning.
     fn with_pod_relay_checked(mut self) -> Result<Self, ConfigError> {
-        let loopback = match &self.relay.advertise_url {
-            Some(url) => url.is_loopback(),
-            None => {
-                self.relay.address.ip().is_loopback() || self.relay.address.ip().is_unspecified()
-            }
-        };
+        // Pods reach neither a relay listening on loopback, whatever URL it advertises,
+        // nor one whose URL (advertised, or its own address) is on loopback
+        let loopback = self.relay.address.ip().is_loopback()
+            || match &self.relay.advertise_url {
+                Some(url) => url.is_loopback(),
+                None => self.relay.address.ip().is_unspecified(),
+            };
         for (i, cluster) in self.clusters.iter().enumerate() {
             let Some(pod) = &cluster.pod else {
                 continue;
@@ -392,7 +393,10 @@ impl Config {
                 continue;
             }
             let dialed = match &self.relay.advertise_url {
-                Some(url) => format!("relay.advertise_url = \"{url}\""),
+                Some(url) => format!(
+                    "relay.address = \"{}\", relay.advertise_url = \"{url}\"",
+                    self.relay.address
+                ),
                 None => format!(
                     "relay.address = \"{}\" and no relay.advertise_url",
                     self.relay.address
@@ -634,7 +638,7 @@ name = "prod-eu"
                 "cluster[1].name",
             ),
             (
-                MINIMAL.replace("name = \"prod-eu\"", "name = \"x\"\nexecutor = \"pod\""),
+                MINIMAL.replace("name = \"prod-eu\"", "name = \"x\"\nexecutor = \"remote\""),
                 "cluster[0].executor",
             ),
         ];
@@ -642,6 +646,160 @@ name = "prod-eu"
             let err = parse(&text).unwrap_err();
             assert!(err.to_string().contains(key), "{key}: {err}");
         }
+    }
+
+    /// A pod-executor cluster `c` with `relay` and `pod` tables added.
+    fn pod_cluster(relay: &str, pod: &str) -> String {
+        format!(
+            "{MINIMAL}\n[[cluster]]\nname = \"c\"\nexecutor = \"pod\"\nkubeconfig = \"k\"\n[cluster.pod]\n{pod}\n[relay]\n{relay}\n"
+        )
+    }
+
+    #[test]
+    fn a_pod_cluster_gets_the_documented_defaults() {
+        let config = parse(&pod_cluster(
+            "address = \"0.0.0.0:8443\"\nadvertise_url = \"https://kinvoke-relay.kinvoke.svc:8443\"",
+            "",
+        ))
+        .unwrap();
+        let pod = config.clusters[1].pod.as_ref().unwrap();
+        assert_eq!(pod, &PodSettings::default());
+        assert_eq!(pod.namespace, "kinvoke-command");
+        assert_eq!(pod.startup_timeout, Duration::from_secs(300));
+        assert_eq!(pod.resources.requests_cpu, "200m");
+        assert_eq!(pod.resources.requests_memory, "512Mi");
+        assert_eq!(pod.resources.limits_cpu, "500m");
+        assert_eq!(pod.resources.limits_memory, "1Gi");
+        assert_eq!(
+            config.relay.advertise_url.as_ref().map(ToString::to_string),
+            Some("https://kinvoke-relay.kinvoke.svc:8443".to_owned())
+        );
+        assert!(
+            config.clusters[0].pod.is_none(),
+            "local stays the default executor"
+        );
+    }
+
+    #[test]
+    fn a_pod_cluster_whose_pods_cannot_reach_the_relay_is_refused() {
+        let cases = [
+            // the default: loopback, nothing advertised
+            (
+                "",
+                "relay.address = \"127.0.0.1:0\" and no relay.advertise_url",
+            ),
+            // listening on loopback, whatever it advertises
+            (
+                "address = \"127.0.0.1:8443\"\nadvertise_url = \"https://relay.example:8443\"",
+                "relay.address = \"127.0.0.1:8443\"",
+            ),
+            // advertising loopback
+            (
+                "address = \"0.0.0.0:8443\"\nadvertise_url = \"https://localhost:8443\"",
+                "https://localhost:8443",
+            ),
+            ("address = \"0.0.0.0:8443\"", "no relay.advertise_url"),
+        ];
+        for (relay, named) in cases {
+            let err = parse(&pod_cluster(relay, "")).unwrap_err().to_string();
+            assert!(
+                err.contains("relay.advertise_url")
+                    && err.contains(named)
+                    && err.contains("cluster \"c\""),
+                "{relay}: {err}"
+            );
+        }
+        // a cluster whose Pods share this host's loopback (the simulated one) is a warning
+        let config = parse(&pod_cluster("", "loopback_relay = true")).unwrap();
+        assert!(
+            config.warnings.iter().any(|w| w.contains("loopback_relay")),
+            "{:?}",
+            config.warnings
+        );
+    }
+
+    #[test]
+    fn bad_pod_settings_name_their_key() {
+        let ok_relay = "address = \"0.0.0.0:8443\"\nadvertise_url = \"https://relay.example\"";
+        let cases = [
+            ("namespace = \"Ops\"", "cluster[1].pod.namespace"),
+            ("image = \"\"", "cluster[1].pod.image"),
+            (
+                "image_pull_policy = \"Sometimes\"",
+                "cluster[1].pod.image_pull_policy",
+            ),
+            (
+                "image_pull_secrets = [\"Bad_Name\"]",
+                "cluster[1].pod.image_pull_secrets",
+            ),
+            (
+                "resources = { limits = { memory = \"1GB\" } }",
+                "cluster[1].pod.resources.limits.memory",
+            ),
+            (
+                "resources = { requests = { cpu = \"fast\" } }",
+                "cluster[1].pod.resources.requests.cpu",
+            ),
+            (
+                "node_selector = { \"bad key\" = \"x\" }",
+                "cluster[1].pod.node_selector",
+            ),
+            (
+                "tolerations = [{ operator = \"Equal\", value = \"x\" }]",
+                "cluster[1].pod.tolerations[0].operator",
+            ),
+            (
+                "tolerations = [{ key = \"k\", operator = \"Exists\", value = \"x\" }]",
+                "cluster[1].pod.tolerations[0].value",
+            ),
+            (
+                "tolerations = [{ key = \"k\", effect = \"Sometimes\" }]",
+                "cluster[1].pod.tolerations[0].effect",
+            ),
+            (
+                "tolerations = [{ key = \"k\", toleration_seconds = 5 }]",
+                "cluster[1].pod.tolerations[0].toleration_seconds",
+            ),
+            (
+                "priority_class_name = \"Not Valid\"",
+                "cluster[1].pod.priority_class_name",
+            ),
+            ("startup_timeout = \"0s\"", "cluster[1].pod.startup_timeout"),
+            ("run_as_user = 0", "cluster[1].pod.run_as_user"),
+            (
+                "scratch_size_limit = \"lots\"",
+                "cluster[1].pod.scratch_size_limit",
+            ),
+            ("imagee = \"x\"", "unknown field `imagee`"),
+        ];
+        for (pod, key) in cases {
+            let err = parse(&pod_cluster(ok_relay, pod)).unwrap_err().to_string();
+            assert!(err.contains(key), "{pod}: {err}");
+        }
+        let bad_urls = [
+            ("http://relay.example", "https://"),
+            ("https://relay.example/path", "without a path"),
+            ("https://user:pw@relay.example", "credentials"),
+        ];
+        for (url, problem) in bad_urls {
+            let relay = format!("address = \"0.0.0.0:8443\"\nadvertise_url = \"{url}\"");
+            let err = parse(&pod_cluster(&relay, "")).unwrap_err().to_string();
+            assert!(
+                err.contains("relay.advertise_url") && err.contains(problem),
+                "{url}: {err}"
+            );
+        }
+        // the pod executor needs the gateway's own way to the cluster
+        let no_api = format!("{MINIMAL}\n[[cluster]]\nname = \"c\"\nexecutor = \"pod\"\n");
+        let err = parse(&no_api).unwrap_err().to_string();
+        assert!(
+            err.contains("cluster[1].executor") && err.contains("kubeconfig"),
+            "{err}"
+        );
+        // pod settings on a local cluster would be ignored: refused
+        let local = format!("{MINIMAL}\n[cluster.pod]\nnamespace = \"x\"\n");
+        let err = parse(&local).unwrap_err().to_string();
+        assert!(err.contains("cluster[0].pod"), "{err}");
     }
 
     #[test]

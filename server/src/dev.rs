@@ -30,11 +30,16 @@ pub async fn start_sandbox(
     files: &DevFiles,
     sandbox: &crate::sandbox::SandboxSettings,
 ) -> Result<kinvoke_simcluster::SimCluster, DevError> {
-    let runtime = crate::sim_kubelet::SandboxRuntime::new(std::sync::Arc::new(
-        crate::sandbox::launch::Sandbox::new(sandbox.clone()),
-    ));
+    let runtime = crate::sim_kubelet::SandboxRuntime::new(
+        std::sync::Arc::new(crate::sandbox::launch::Sandbox::new(sandbox.clone())),
+        crate::exec::DEFAULT_COMMAND_PATH,
+    );
+    // it runs the pod executor's Pods only; others are Running at once, as without it
     let options = kinvoke_simcluster::SimOptions::default().with_kubelet(
-        kinvoke_simcluster::KubeletOptions::new(std::sync::Arc::new(runtime)),
+        kinvoke_simcluster::KubeletOptions::new(std::sync::Arc::new(runtime)).only_labelled(
+            crate::exec::pod::LABEL_MANAGED_BY,
+            crate::exec::pod::MANAGED_BY,
+        ),
     );
     let sim = kinvoke_simcluster::SimCluster::start(options)
         .await

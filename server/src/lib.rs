@@ -255,11 +255,17 @@ impl Gateway {
         let clusters = kube_clients(&config).await?;
         let mut pods = HashMap::new();
         for cluster in &config.clusters {
-            let (Some(settings), Some(client)) =
-                (&cluster.pod, clusters.get(cluster.name.as_str()))
-            else {
+            let Some(settings) = &cluster.pod else {
                 continue;
             };
+            // the config requires an API server for a pod cluster; never fall back to
+            // running its commands here
+            let client = clusters.get(cluster.name.as_str()).ok_or_else(|| {
+                GatewayError::Cluster(format!(
+                    "cluster \"{}\" runs commands in Pods but has no API server configured",
+                    cluster.name
+                ))
+            })?;
             let executor =
                 PodExecutor::new(client.clone(), settings.clone(), config.limits.kill_grace);
             // what a killed predecessor left in the cluster, in the background: a cluster

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,9 +20,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 
-use crate::exec::DEFAULT_COMMAND_PATH;
 use crate::sandbox::launch::{Launched, Sandbox};
-use crate::sandbox::{DEVICES, LaunchSpec, Mount, NamedProgram, Report, command_dirs};
+use crate::sandbox::{DEVICES, LaunchSpec, Mount, Report, command_dirs};
 
 /// How long a stopped container gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -31,23 +30,30 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct SandboxRuntime {
     sandbox: Arc<Sandbox>,
+    command_path: String,
 }
 
 impl SandboxRuntime {
-    /// A runtime launching containers through `sandbox`.
-    pub fn new(sandbox: Arc<Sandbox>) -> Self {
-        Self { sandbox }
+    /// A runtime launching containers through `sandbox`, whose programs come from the
+    /// directories of `command_path` (the cluster's configured `PATH`, checked against
+    /// the gateway's secret paths like any command's). What a Pod asks for (its `PATH`,
+    /// an absolute program) grants nothing more: a Pod's author is not trusted.
+    pub fn new(sandbox: Arc<Sandbox>, command_path: impl Into<String>) -> Self {
+        Self {
+            sandbox,
+            command_path: command_path.into(),
+        }
     }
 }
 
 impl ContainerRuntime for SandboxRuntime {
     fn run(&self, container: Container) -> Pin<Box<dyn Future<Output = ContainerExit> + Send>> {
-        let sandbox = self.sandbox.clone();
-        Box::pin(async move { run(&sandbox, container).await })
+        let (sandbox, path) = (self.sandbox.clone(), self.command_path.clone());
+        Box::pin(async move { run(&sandbox, &path, container).await })
     }
 }
 
-async fn run(sandbox: &Sandbox, mut container: Container) -> ContainerExit {
+async fn run(sandbox: &Sandbox, command_path: &str, mut container: Container) -> ContainerExit {
     let Some(program) = container.argv.first().cloned() else {
         return ContainerExit::Failed("the container has no command".to_owned());
     };
@@ -62,15 +68,24 @@ async fn run(sandbox: &Sandbox, mut container: Container) -> ContainerExit {
     if let Err(err) = std::fs::create_dir(&new_root) {
         return ContainerExit::Failed(format!("cannot create a root directory: {err}"));
     }
-    let path = container
-        .env
-        .iter()
-        .find(|(k, _)| k == "PATH")
-        .map_or(DEFAULT_COMMAND_PATH.to_owned(), |(_, v)| v.clone());
-    let named = [NamedProgram {
-        path: Path::new(&program),
-        key: "command",
-    }];
+    if program.is_empty() {
+        return ContainerExit::Failed("the container's command is empty".to_owned());
+    }
+    // a user of its own when the sandbox has a range, owning the Pod's volumes
+    let lease = match sandbox.lease_uid() {
+        Ok(lease) => lease,
+        Err(reason) => return ContainerExit::Failed(reason),
+    };
+    if let Some(lease) = &lease {
+        for m in &container.mounts {
+            if let Err(err) = crate::exec::local::chown_tree(&m.source, lease.uid) {
+                return ContainerExit::Failed(format!(
+                    "cannot give a volume to user {}: {err}",
+                    lease.uid
+                ));
+            }
+        }
+    }
     let spec = LaunchSpec {
         argv: container.argv.clone(),
         env: container.env.clone(),
@@ -83,7 +98,7 @@ async fn run(sandbox: &Sandbox, mut container: Container) -> ContainerExit {
             .read_only_paths
             .iter()
             .cloned()
-            .chain(command_dirs(&path, &named))
+            .chain(command_dirs(command_path, &[]))
             .collect(),
         writable: Vec::new(),
         mounts: container
@@ -98,7 +113,7 @@ async fn run(sandbox: &Sandbox, mut container: Container) -> ContainerExit {
         devices: DEVICES.iter().map(PathBuf::from).collect(),
         private_tmp: None,
         new_root,
-        run_as: None,
+        run_as: lease.as_ref().map(|l| (l.uid, l.uid)),
         probe: false,
     };
     let (reader, writer) = match io::pipe() {

@@ -921,6 +921,12 @@ fn pod_log(
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         return Ok(response);
     }
+    if lock(&shared.store).is_kubelet_pod(ns, name) {
+        // as kube-apiserver answers for a container the kubelet has not started
+        return Err(ApiError::BadRequest(format!(
+            "container \"{container}\" in pod \"{name}\" is waiting to start: PodInitializing"
+        )));
+    }
     if let Some(scripted) = lock(&shared.store).pod_logs(rp.kind, rp.namespace, name) {
         let mut text = scripted.to_string();
         if let Some(tail) = query.get("tailLines").and_then(|t| t.parse::<usize>().ok()) {

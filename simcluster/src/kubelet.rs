@@ -75,6 +75,9 @@ pub struct KubeletOptions {
     pub unpullable_images: Vec<String>,
     /// Where each Pod's volumes are made; default: the system temp directory.
     pub work_root: Option<PathBuf>,
+    /// Only Pods carrying this label (`key`, `value`) are run; others are Running at once
+    /// as without a kubelet. Default: none (every Pod with commands is run).
+    pub only_labelled: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for KubeletOptions {
@@ -96,7 +99,14 @@ impl KubeletOptions {
             taints: Vec::new(),
             unpullable_images: Vec::new(),
             work_root: None,
+            only_labelled: None,
         }
+    }
+
+    /// Runs only Pods labelled `key=value`.
+    pub fn only_labelled(mut self, key: &str, value: &str) -> Self {
+        self.only_labelled = Some((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Adds a taint to the node.
@@ -272,7 +282,16 @@ fn now() -> String {
 
 /// True when the kubelet runs this Pod: every container (and init container) has a
 /// `command`, since no image entrypoint is known.
-pub(crate) fn runs(pod: &Value) -> bool {
+pub(crate) fn runs(pod: &Value, only_labelled: Option<&(String, String)>) -> bool {
+    if let Some((key, value)) = only_labelled
+        && pod
+            .pointer("/metadata/labels")
+            .and_then(|l| l.get(key))
+            .and_then(Value::as_str)
+            != Some(value.as_str())
+    {
+        return false;
+    }
     let all_have_command = |field: &str| {
         pod.pointer(&format!("/spec/{field}"))
             .and_then(Value::as_array)
@@ -384,11 +403,16 @@ impl Handle<'_> {
         *self.stop.borrow()
     }
 
-    /// Waits until the Pod is deleted.
+    /// Waits until the Pod is deleted or the simulated cluster shuts down.
     async fn until_deleted(&mut self) {
-        while !*self.stop.borrow_and_update() {
-            if self.stop.changed().await.is_err() {
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            if *self.stop.borrow_and_update() || *shutdown.borrow_and_update() {
                 return;
+            }
+            tokio::select! {
+                changed = self.stop.changed() => if changed.is_err() { return },
+                changed = shutdown.changed() => if changed.is_err() { return },
             }
         }
     }
@@ -863,16 +887,22 @@ async fn run_container(
         stop: stop_rx,
     };
     let mut running = options.runtime.run(container);
-    let mut deleted = handle.stop.clone();
+    let mut gone = Handle {
+        shared: handle.shared,
+        pod: handle.pod,
+        stop: handle.stop.clone(),
+    };
     let mut past_deadline = false;
     let exit = tokio::select! {
         exit = &mut running => exit,
-        () = async { while !*deleted.borrow_and_update() { if deleted.changed().await.is_err() { break } } } => {
+        () = gone.until_deleted() => {
             let _ = stop_tx.send(true);
             running.await
         }
         () = sleep_until(deadline) => {
+            // as the kubelet: the Pod is failed first, then its containers are killed
             past_deadline = true;
+            fail_deadline(handle);
             let _ = stop_tx.send(true);
             running.await
         }
@@ -1014,15 +1044,16 @@ mod tests {
 
     #[test]
     fn only_pods_whose_containers_all_have_a_command_are_run() {
-        assert!(runs(
-            &json!({"spec": {"containers": [{"name": "c", "command": ["true"]}]}})
-        ));
-        assert!(!runs(
-            &json!({"spec": {"containers": [{"name": "c", "image": "nginx"}]}})
-        ));
-        assert!(!runs(
-            &json!({"spec": {"containers": [{"name": "c", "command": ["true"]}], "initContainers": [{"name": "i"}]}})
-        ));
-        assert!(!runs(&json!({"spec": {}})));
+        let with_command = json!({"spec": {"containers": [{"name": "c", "command": ["true"]}]}});
+        assert!(runs(&with_command, None));
+        let image_only = json!({"spec": {"containers": [{"name": "c", "image": "nginx"}]}});
+        assert!(!runs(&image_only, None));
+        let init_without = json!({"spec": {"containers": [{"name": "c", "command": ["true"]}], "initContainers": [{"name": "i"}]}});
+        assert!(!runs(&init_without, None));
+        assert!(!runs(&json!({"spec": {}}), None));
+        let only = ("owner".to_owned(), "kinvoke".to_owned());
+        let labelled = json!({"metadata": {"labels": {"owner": "kinvoke"}}, "spec": {"containers": [{"name": "c", "command": ["true"]}]}});
+        assert!(runs(&labelled, Some(&only)));
+        assert!(!runs(&with_command, Some(&only)));
     }
 }

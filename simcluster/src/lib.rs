@@ -346,7 +346,7 @@ async fn prepare(opts: SimOptions) -> Result<Prepared, StartError> {
     store.set_pod_runner(opts.pod_runner);
     let kubelet = opts.kubelet.map(|options| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        store.set_kubelet(tx);
+        store.set_kubelet(tx, options.only_labelled.clone());
         (options, rx)
     });
     // the seeded objects are fixed and valid: a failure here is a bug in seed.rs

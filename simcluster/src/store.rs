@@ -186,6 +186,9 @@ pub(crate) struct ListPage {
     pub remaining: usize,
 }
 
+/// A label (key, value).
+type Label = (String, String);
+
 /// The object store.
 pub(crate) struct Store {
     objects: BTreeMap<Key, Value>,
@@ -198,8 +201,9 @@ pub(crate) struct Store {
     pod_runner: Option<PodRunner>,
     /// logs of Pods the runner completed
     pod_logs: HashMap<Key, String>,
-    /// hands new runnable Pods to the simulated kubelet, when it is on
-    kubelet: Option<mpsc::UnboundedSender<PodRef>>,
+    /// hands new runnable Pods to the simulated kubelet, when it is on, and the label a
+    /// Pod must carry for it
+    kubelet: Option<(mpsc::UnboundedSender<PodRef>, Option<Label>)>,
     /// per Pod the kubelet runs: set to true when the Pod is deleted
     pod_stops: HashMap<Key, watch::Sender<bool>>,
     /// per Pod the kubelet runs: each container's live log
@@ -296,8 +300,14 @@ impl Store {
     }
 
     /// Hands runnable Pods created from now on to the simulated kubelet behind `tx`.
-    pub fn set_kubelet(&mut self, tx: mpsc::UnboundedSender<PodRef>) {
-        self.kubelet = Some(tx);
+    pub fn set_kubelet(&mut self, tx: mpsc::UnboundedSender<PodRef>, only_labelled: Option<Label>) {
+        self.kubelet = Some((tx, only_labelled));
+    }
+
+    /// True when the simulated kubelet runs Pod `namespace/name`.
+    pub fn is_kubelet_pod(&self, namespace: &str, name: &str) -> bool {
+        self.pod_stops
+            .contains_key(&Self::key(pods_kind(), Some(namespace), name))
     }
 
     /// Turns true when the kubelet's Pod `namespace/name` is deleted.
@@ -570,7 +580,9 @@ impl Store {
             self.pod_logs.insert(key.clone(), outcome.logs);
         }
         let kubelet = match &self.kubelet {
-            Some(tx) if !dry_run && !scripted && is_pods(r) && kubelet::runs(&obj) => {
+            Some((tx, only))
+                if !dry_run && !scripted && is_pods(r) && kubelet::runs(&obj, only.as_ref()) =>
+            {
                 kubelet::make_pending(&mut obj, &now);
                 Some(tx.clone())
             }

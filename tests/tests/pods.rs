@@ -18,6 +18,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kinvoke_gateway::exec::pod::{LABEL_MANAGED_BY, MANAGED_BY};
 use kinvoke_gateway::sandbox::SandboxSettings;
 use kinvoke_gateway::sandbox::launch::Sandbox;
 use kinvoke_gateway::sim_kubelet::SandboxRuntime;
@@ -31,6 +32,8 @@ const PODS: &str = "pods";
 const NAMESPACE: &str = "kinvoke-command";
 /// Exit status of `kinvoke` when the command could not run.
 const EXIT_FAILED: i32 = 125;
+/// Exit status of `kinvoke` when the command timed out.
+const EXIT_TIMED_OUT: i32 = 124;
 
 /// A simulated cluster with a kubelet, and a gateway running commands on it in Pods.
 struct Pods {
@@ -55,13 +58,13 @@ impl Pods {
             SandboxSettings::default(),
             binary("kinvoke-gateway").unwrap(),
         );
-        let runtime = Arc::new(SandboxRuntime::new(Arc::new(sandbox)));
-        let sim = SimCluster::spawn(
-            SimOptions::default().with_kubelet(kubelet(KubeletOptions::new(runtime))),
-        )
-        .expect("the simulated cluster starts");
-        sim.create_namespace(NAMESPACE).unwrap();
         let path = kube_tools_path(&tools);
+        let runtime = Arc::new(SandboxRuntime::new(Arc::new(sandbox), path.clone()));
+        let kubelet =
+            kubelet(KubeletOptions::new(runtime).only_labelled(LABEL_MANAGED_BY, MANAGED_BY));
+        let sim = SimCluster::spawn(SimOptions::default().with_kubelet(kubelet))
+            .expect("the simulated cluster starts");
+        sim.create_namespace(NAMESPACE).unwrap();
         let options = GatewayOptions::default()
             .kube_cluster(PODS, &sim.admin_kubeconfig(), &path)
             .extra_toml(&format!(
@@ -389,4 +392,24 @@ fn a_command_pod_is_pending_until_it_runs() {
         "{canceled}"
     );
     pods.await_no_leftovers("after canceling a pending command");
+}
+
+#[test]
+fn a_command_past_its_timeout_is_stopped_by_the_pods_deadline() {
+    let Some(pods) = Pods::start() else { return };
+    let out = pods.invoke("echo started; exec sleep 300", &["--timeout", "2s"]);
+    assert_eq!(out.code, Some(EXIT_TIMED_OUT), "{out}");
+    assert!(out.stdout.contains("command timed out"), "{out}");
+    pods.await_no_leftovers("after a timeout");
+}
+
+#[test]
+fn pods_not_made_by_kinvoke_are_not_run_on_the_gateways_host() {
+    let Some(pods) = Pods::start() else { return };
+    // a caller's own Pod with a command stays a simulated one: nothing of it runs here
+    let out = pods.invoke(
+        "kubectl run probe -n default --restart=Never --image=busybox --command -- sh -c 'echo RAN' && kubectl get pod probe -n default -o jsonpath='{.status.phase}'",
+        &[],
+    );
+    assert_eq!(body(&out, 0), ["pod/probe created", "Running"], "{out}");
 }

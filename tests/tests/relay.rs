@@ -820,6 +820,17 @@ fn dev_mode_serves_a_simulated_cluster_through_the_relay() {
         "the sandbox sees the caller:\n{out}"
     );
     assert!(out.stdout.contains("web-"), "{out}");
+    // the same simulated cluster with the pod executor: the command runs in a Pod of
+    // its own, and its exit code is the client's
+    let in_pod = dev
+        .client()
+        .unwrap()
+        .args(["invoke", "--cluster", "sandbox-pods", "--command", "echo \"$KINVOKE_COMMAND_ID in $PWD\"; kubectl get pods -n kinvoke-command -o name; exit 3"])
+        .run()
+        .unwrap();
+    assert_eq!(in_pod.code, Some(3), "{in_pod}");
+    assert!(in_pod.stdout.contains(" in /kinvoke/work"), "{in_pod}");
+    assert!(in_pod.stdout.contains("pod/kinvoke-"), "{in_pod}");
     let clusters = dev
         .client()
         .unwrap()

@@ -130,7 +130,8 @@ pub(super) fn parse_pod(key: &str, raw: RawPod) -> Result<PodSettings, ConfigErr
             ));
         }
     }
-    for (label, value) in &raw.node_selector {
+    let node_selector = raw.node_selector.unwrap_or(defaults.node_selector);
+    for (label, value) in &node_selector {
         if !is_label_key(label) || !is_label_part(value, 63) {
             return Err(invalid(
                 format!("{key}.node_selector"),
@@ -187,7 +188,7 @@ pub(super) fn parse_pod(key: &str, raw: RawPod) -> Result<PodSettings, ConfigErr
         image_pull_policy: raw.image_pull_policy,
         image_pull_secrets: raw.image_pull_secrets,
         resources,
-        node_selector: raw.node_selector,
+        node_selector,
         tolerations,
         priority_class_name: raw.priority_class_name,
         startup_timeout,

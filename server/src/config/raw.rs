@@ -167,8 +167,7 @@ pub(super) struct RawPod {
     pub(super) image_pull_secrets: Vec<String>,
     #[serde(default)]
     pub(super) resources: RawPodResources,
-    #[serde(default)]
-    pub(super) node_selector: std::collections::BTreeMap<String, String>,
+    pub(super) node_selector: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     pub(super) tolerations: Vec<RawToleration>,
     pub(super) priority_class_name: Option<String>,

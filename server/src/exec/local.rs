@@ -555,7 +555,7 @@ async fn remove_tree(path: &Path) -> io::Result<()> {
 }
 
 /// Gives a tree to `uid` (group `uid` too), without following symbolic links.
-fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
+pub(crate) fn chown_tree(path: &Path, uid: u32) -> io::Result<()> {
     std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
     if std::fs::symlink_metadata(path)?.is_dir() {
         for entry in std::fs::read_dir(path)? {

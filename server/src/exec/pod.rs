@@ -34,8 +34,10 @@ use k8s_openapi::api::core::v1::{
     SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{
+    Api, DeleteParams, ListParams, LogParams, Patch, PatchParams, PostParams, PropagationPolicy,
+};
 use kube::runtime::watcher;
 
 use super::{Executor, Job, Outcome};
@@ -134,7 +136,7 @@ pub struct PodSettings {
     pub image_pull_secrets: Vec<String>,
     /// Requests and limits.
     pub resources: PodResources,
-    /// `nodeSelector`.
+    /// `nodeSelector` (default `kubernetes.io/os: linux`).
     pub node_selector: BTreeMap<String, String>,
     /// `tolerations` (AKS cannot set them; a tainted system pool needs them).
     pub tolerations: Vec<Toleration>,
@@ -160,7 +162,8 @@ impl Default for PodSettings {
             image_pull_policy: None,
             image_pull_secrets: Vec::new(),
             resources: PodResources::default(),
-            node_selector: BTreeMap::new(),
+            // a mixed cluster (AKS with Windows pools) must not place it on Windows
+            node_selector: [("kubernetes.io/os".to_owned(), "linux".to_owned())].into(),
             tolerations: Vec::new(),
             priority_class_name: None,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
@@ -403,13 +406,13 @@ fn runtime_default() -> SeccompProfile {
     }
 }
 
-/// The Secret with a command's files and kubeconfig, owned by its Pod (`pod_uid`).
+/// The Secret with a command's files and kubeconfig; the executor makes the command's
+/// Pod its owner once the Pod exists (see [`json_patch_owner`]).
 pub fn secret_spec(
     settings: &PodSettings,
     id: &CommandId,
     files: &[Attachment],
     kubeconfig: Option<&str>,
-    pod_uid: &str,
 ) -> Secret {
     let mut data: BTreeMap<String, ByteString> = files
         .iter()
@@ -422,20 +425,12 @@ pub fn secret_spec(
             ByteString(text.as_bytes().to_vec()),
         );
     }
-    let name = object_name(id);
     Secret {
         metadata: ObjectMeta {
-            name: Some(name.clone()),
+            name: Some(object_name(id)),
             namespace: Some(settings.namespace.clone()),
             labels: Some(labels(id)),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "v1".to_owned(),
-                kind: "Pod".to_owned(),
-                name,
-                uid: pod_uid.to_owned(),
-                controller: Some(true),
-                block_owner_deletion: None,
-            }]),
+            annotations: None,
             ..ObjectMeta::default()
         },
         data: Some(data),
@@ -483,9 +478,9 @@ pub fn progress_of(pod: &Pod, timeout: Duration, memory_limit: &str) -> PodProgr
         .iter()
         .flatten()
         .find(|c| c.name == COMMAND_CONTAINER);
-    let terminated = command
-        .and_then(|c| c.state.as_ref())
-        .and_then(|s| s.terminated.as_ref());
+    let state = command.and_then(|c| c.state.as_ref());
+    let terminated = state.and_then(|s| s.terminated.as_ref());
+    let started = terminated.is_some() || state.is_some_and(|s| s.running.is_some());
     let init_failed = status
         .init_container_statuses
         .iter()
@@ -493,116 +488,128 @@ pub fn progress_of(pod: &Pod, timeout: Duration, memory_limit: &str) -> PodProgr
         .filter_map(|c| c.state.as_ref()?.terminated.as_ref())
         .find(|t| t.exit_code != 0);
     let pod_reason = status.reason.as_deref().unwrap_or_default();
+    let pod_message = status.message.as_deref().unwrap_or_default();
+    let ended = matches!(phase, "Succeeded" | "Failed");
     if pod_reason == "DeadlineExceeded" {
-        return PodProgress::Ended(Outcome {
-            state: CommandState::TimedOut,
-            exit_code: terminated.map(|t| t.exit_code),
-            reason: format!(
-                "command timed out after {} (the Pod's activeDeadlineSeconds)",
+        return PodProgress::Ended(if started {
+            Outcome {
+                state: CommandState::TimedOut,
+                exit_code: terminated.map(|t| t.exit_code),
+                reason: format!(
+                    "command timed out after {} (the Pod's activeDeadlineSeconds)",
+                    humantime::format_duration(timeout)
+                ),
+            }
+        } else {
+            // the deadline counts from the Pod's start, image pull included: say what
+            // held the command up rather than blaming the command
+            let why = match pending_reason(status) {
+                Some((reason, _)) => format!("; last reported: {reason}"),
+                None => String::new(),
+            };
+            failed(format!(
+                "the command's Pod reached its deadline ({}) before the command started{why}",
                 humantime::format_duration(timeout)
-            ),
+            ))
         });
     }
-    match phase {
-        "Succeeded" | "Failed" => {
-            if let Some(t) = terminated {
-                let reason = t.reason.as_deref().unwrap_or_default();
-                let message = t.message.as_deref().unwrap_or_default();
-                return PodProgress::Ended(match reason {
-                    "Completed" | "Error" | "" => Outcome {
-                        state: CommandState::Succeeded,
-                        exit_code: Some(t.exit_code),
-                        reason: String::new(),
-                    },
-                    "OOMKilled" => Outcome {
-                        state: CommandState::Failed,
-                        exit_code: Some(t.exit_code),
-                        reason: format!(
-                            "OOMKilled: the command's container passed its memory limit ({memory_limit}, pod.resources.limits.memory) and was killed"
-                        ),
-                    },
-                    other => Outcome {
-                        state: CommandState::Failed,
-                        exit_code: Some(t.exit_code),
-                        reason: join_reason(other, message),
-                    },
-                });
-            }
-            if let Some(t) = init_failed {
-                return PodProgress::Ended(Outcome {
-                    state: CommandState::Failed,
-                    exit_code: None,
-                    reason: format!(
-                        "the attached files could not be placed in the Pod (init container \"{FILES_CONTAINER}\" exited {}{}); does the image have /bin/sh, cp and chmod?",
-                        t.exit_code,
-                        t.reason
-                            .as_deref()
-                            .map(|r| format!(", {r}"))
-                            .unwrap_or_default()
-                    ),
-                });
-            }
-            PodProgress::Ended(Outcome {
-                state: CommandState::Failed,
-                exit_code: None,
-                reason: if pod_reason.is_empty() {
-                    format!("the command's Pod ended {phase} without running the command")
-                } else {
-                    join_reason(pod_reason, status.message.as_deref().unwrap_or_default())
-                },
-            })
-        }
-        _ if command
-            .and_then(|c| c.state.as_ref())
-            .is_some_and(|s| s.running.is_some()) =>
-        {
-            PodProgress::Running
-        }
-        _ if terminated.is_some() => PodProgress::Running,
-        _ => {
-            let unscheduled = status
-                .conditions
-                .iter()
-                .flatten()
-                .find(|c| c.type_ == "PodScheduled" && c.status == "False")
-                .map(|c| {
-                    join_reason(
-                        c.reason.as_deref().unwrap_or("Unschedulable"),
-                        c.message.as_deref().unwrap_or_default(),
-                    )
-                });
-            let waiting = status
-                .init_container_statuses
-                .iter()
-                .flatten()
-                .chain(status.container_statuses.iter().flatten())
-                .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
-                .filter_map(|w| {
-                    let reason = w.reason.as_deref()?;
-                    (!matches!(reason, "ContainerCreating" | "PodInitializing")).then(|| {
-                        (
-                            join_reason(reason, w.message.as_deref().unwrap_or_default()),
-                            HOPELESS.contains(&reason),
-                        )
-                    })
-                })
-                .next();
-            match (unscheduled, waiting) {
-                (Some(reason), _) => PodProgress::Pending {
-                    reason: Some(reason),
-                    hopeless: false,
-                },
-                (None, Some((reason, hopeless))) => PodProgress::Pending {
-                    reason: Some(reason),
-                    hopeless,
-                },
-                (None, None) => PodProgress::Pending {
-                    reason: None,
-                    hopeless: false,
-                },
-            }
-        }
+    if ended && !pod_reason.is_empty() {
+        // the node took the Pod away (Evicted, NodeShutdown, preemption): whatever the
+        // container's exit code, the command did not run to its end
+        return PodProgress::Ended(Outcome {
+            state: CommandState::Failed,
+            exit_code: terminated.map(|t| t.exit_code),
+            reason: join_reason(pod_reason, pod_message),
+        });
     }
+    // the command container's end is the command's, even while an injected sidecar
+    // keeps the Pod running
+    if let Some(t) = terminated {
+        let reason = t.reason.as_deref().unwrap_or_default();
+        let message = t.message.as_deref().unwrap_or_default();
+        return PodProgress::Ended(match reason {
+            "Completed" | "Error" | "" => Outcome {
+                state: CommandState::Succeeded,
+                exit_code: Some(t.exit_code),
+                reason: String::new(),
+            },
+            "OOMKilled" => Outcome {
+                state: CommandState::Failed,
+                exit_code: Some(t.exit_code),
+                reason: format!(
+                    "OOMKilled: the command's container passed its memory limit ({memory_limit}, pod.resources.limits.memory) and was killed"
+                ),
+            },
+            other => Outcome {
+                state: CommandState::Failed,
+                exit_code: Some(t.exit_code),
+                reason: join_reason(other, message),
+            },
+        });
+    }
+    if let Some(t) = init_failed {
+        return PodProgress::Ended(failed(format!(
+            "the attached files could not be placed in the Pod (init container \"{FILES_CONTAINER}\" exited {}{}); does the image have /bin/sh, cp and chmod?",
+            t.exit_code,
+            t.reason
+                .as_deref()
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default()
+        )));
+    }
+    if ended {
+        return PodProgress::Ended(failed(format!(
+            "the command's Pod ended {phase} without running the command"
+        )));
+    }
+    if started {
+        return PodProgress::Running;
+    }
+    match pending_reason(status) {
+        Some((reason, hopeless)) => PodProgress::Pending {
+            reason: Some(reason),
+            hopeless,
+        },
+        None => PodProgress::Pending {
+            reason: None,
+            hopeless: false,
+        },
+    }
+}
+
+/// What the scheduler or kubelet last said about a Pod that has not started, and
+/// whether waiting cannot help.
+fn pending_reason(status: &k8s_openapi::api::core::v1::PodStatus) -> Option<(String, bool)> {
+    let unscheduled = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+        .map(|c| {
+            join_reason(
+                c.reason.as_deref().unwrap_or("Unschedulable"),
+                c.message.as_deref().unwrap_or_default(),
+            )
+        });
+    if let Some(reason) = unscheduled {
+        return Some((reason, false));
+    }
+    status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+        .filter_map(|w| {
+            let reason = w.reason.as_deref()?;
+            (!matches!(reason, "ContainerCreating" | "PodInitializing")).then(|| {
+                (
+                    join_reason(reason, w.message.as_deref().unwrap_or_default()),
+                    HOPELESS.contains(&reason),
+                )
+            })
+        })
+        .next()
 }
 
 fn join_reason(reason: &str, message: &str) -> String {
@@ -629,12 +636,6 @@ impl std::fmt::Debug for PodExecutor {
     }
 }
 
-/// How following a Pod ended before its outcome is known.
-enum Stop {
-    Cancel,
-    Timeout,
-}
-
 impl PodExecutor {
     /// An executor creating Pods with `client` (the gateway's own credentials) under
     /// `settings`; a canceled Pod gets `kill_grace` to stop.
@@ -655,10 +656,36 @@ impl PodExecutor {
     }
 
     async fn run_job(&self, job: Job) -> Outcome {
+        // the start-up clock runs from the first request: an API server that does not
+        // answer counts against it too
+        let started = Instant::now();
         let name = object_name(&job.id);
         let ns = &self.settings.namespace;
         let deadline =
             SystemTime::now() + self.settings.startup_timeout + job.spec.timeout + self.kill_grace;
+        // the Secret first: a Pod whose Secret is missing waits in the kubelet's mount
+        // retry back-off; it is labelled, so a gateway killed before the Pod exists
+        // leaves nothing the start-up sweep does not find
+        let secret = secret_spec(
+            &self.settings,
+            &job.id,
+            &job.spec.files,
+            job.kubeconfig.as_ref().map(|k| k.0.as_str()),
+        );
+        let created = self
+            .request(
+                &job,
+                started,
+                self.secrets().create(&PostParams::default(), &secret),
+            )
+            .await;
+        if let Err(stop) = created {
+            self.remove(&name).await;
+            return stop.outcome(
+                &job,
+                &format!("creating the command's Secret {name} in namespace \"{ns}\""),
+            );
+        }
         let pod = pod_spec(
             &self.settings,
             &PodCommand {
@@ -672,38 +699,58 @@ impl PodExecutor {
                 deadline,
             },
         );
-        let created = match self.pods().create(&PostParams::default(), &pod).await {
-            Ok(created) => created,
-            Err(err) => {
-                return failed(format!(
-                    "could not create the command's Pod {name} in namespace \"{ns}\": {}",
-                    api_error(&err)
-                ));
+        let outcome = match self
+            .request(
+                &job,
+                started,
+                self.pods().create(&PostParams::default(), &pod),
+            )
+            .await
+        {
+            Ok(created) => {
+                // the Pod owns the Secret from now on: deleting it deletes both
+                let uid = created.metadata.uid.unwrap_or_default();
+                let owner = json_patch_owner(&name, &uid);
+                if let Err(err) = self
+                    .secrets()
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(owner))
+                    .await
+                {
+                    tracing::warn!(command_id = %job.id, err = %api_error(&err), "could not make the command's Pod own its Secret; it is deleted on its own");
+                }
+                self.follow(&job, &name, started).await
             }
-        };
-        let uid = created.metadata.uid.clone().unwrap_or_default();
-        let secret = secret_spec(
-            &self.settings,
-            &job.id,
-            &job.spec.files,
-            job.kubeconfig.as_ref().map(|k| k.0.as_str()),
-            &uid,
-        );
-        let outcome = match self.secrets().create(&PostParams::default(), &secret).await {
-            Ok(_) => self.follow(&job, &name).await,
-            Err(err) => failed(format!(
-                "could not create the command's Secret {name} in namespace \"{ns}\": {}",
-                api_error(&err)
-            )),
+            Err(stop) => stop.outcome(
+                &job,
+                &format!("creating the command's Pod {name} in namespace \"{ns}\""),
+            ),
         };
         self.remove(&name).await;
         outcome
     }
 
+    /// Awaits one API request, bounded by the start-up timeout (counted from `started`)
+    /// and the command's cancel.
+    async fn request<T>(
+        &self,
+        job: &Job,
+        started: Instant,
+        call: impl Future<Output = Result<T, kube::Error>>,
+    ) -> Result<T, Halt> {
+        let left = self
+            .settings
+            .startup_timeout
+            .saturating_sub(started.elapsed());
+        tokio::select! {
+            result = call => result.map_err(|e| Halt::Api(api_error(&e))),
+            () = tokio::time::sleep(left) => Err(Halt::Timeout(self.settings.startup_timeout)),
+            () = job.cancel.cancelled() => Err(Halt::Cancel),
+        }
+    }
+
     /// Follows the Pod until it ends, is canceled or times out; streams its log into
     /// the command's output.
-    async fn follow(&self, job: &Job, name: &str) -> Outcome {
-        let created = Instant::now();
+    async fn follow(&self, job: &Job, name: &str, created: Instant) -> Outcome {
         let stream = watcher(
             self.pods(),
             watcher::Config::default().fields(&format!("metadata.name={name}")),
@@ -711,7 +758,9 @@ impl PodExecutor {
         let mut stream = std::pin::pin!(stream);
         let mut last_reason: Option<String> = None;
         let mut running_since: Option<Instant> = None;
-        let mut logs: Option<tokio::task::JoinHandle<LogEnd>> = None;
+        let mut logs = LogTask(None);
+        // whether a (re-)list since the last `Init` found the Pod
+        let mut listed = false;
         let stop = loop {
             let startup_left = (running_since.is_none()).then(|| {
                 self.settings
@@ -729,17 +778,29 @@ impl PodExecutor {
                         last_reason.map(|r| format!("; last reported: {r}")).unwrap_or_else(|| "; nothing was reported".to_owned())
                     ));
                 }
-                () = sleep_opt(run_left) => break Stop::Timeout,
-                () = job.cancel.cancelled() => break Stop::Cancel,
+                () = sleep_opt(run_left) => break Halt::Timeout(job.spec.timeout),
+                () = job.cancel.cancelled() => break Halt::Cancel,
             };
-            let pod = match event {
-                Ok(Some(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod))) => pod,
-                Ok(Some(watcher::Event::Delete(_))) => {
+            let (pod, deleted) = match event {
+                Ok(Some(watcher::Event::Apply(pod))) => (pod, false),
+                Ok(Some(watcher::Event::InitApply(pod))) => {
+                    listed = true;
+                    (pod, false)
+                }
+                Ok(Some(watcher::Event::Delete(pod))) => (pod, true),
+                Ok(Some(watcher::Event::Init)) => {
+                    listed = false;
+                    continue;
+                }
+                Ok(Some(watcher::Event::InitDone)) => {
+                    if listed {
+                        continue;
+                    }
+                    // a re-list without the Pod: it went while the watch was down
                     return failed(
                         "the command's Pod was deleted by someone else before it ended".to_owned(),
                     );
                 }
-                Ok(Some(watcher::Event::Init | watcher::Event::InitDone)) => continue,
                 Ok(None) => {
                     return failed("the watch on the command's Pod ended".to_owned());
                 }
@@ -748,7 +809,7 @@ impl PodExecutor {
                     tracing::warn!(command_id = %job.id, %err, "watching the command's Pod failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                        () = job.cancel.cancelled() => break Stop::Cancel,
+                        () = job.cancel.cancelled() => break Halt::Cancel,
                     }
                 }
             };
@@ -757,6 +818,17 @@ impl PodExecutor {
                 job.spec.timeout,
                 &self.settings.resources.limits_memory,
             ) {
+                PodProgress::Ended(outcome) => {
+                    job.progress.running();
+                    let ran = command_started(&pod);
+                    self.finish_logs(job, name, logs.take(), ran).await;
+                    return outcome;
+                }
+                _ if deleted => {
+                    return failed(
+                        "the command's Pod was deleted by someone else before it ended".to_owned(),
+                    );
+                }
                 PodProgress::Pending { reason, hopeless } => {
                     if let Some(reason) = reason {
                         if hopeless {
@@ -768,29 +840,24 @@ impl PodExecutor {
                 PodProgress::Running => {
                     job.progress.running();
                     running_since.get_or_insert_with(Instant::now);
-                    if logs.is_none() {
-                        logs = Some(self.stream_logs(job, name));
+                    if logs.0.is_none() {
+                        logs.0 = Some(self.stream_logs(job, name));
                     }
-                }
-                PodProgress::Ended(outcome) => {
-                    job.progress.running();
-                    self.finish_logs(job, name, logs).await;
-                    return outcome;
                 }
             }
         };
         // cancel or timeout: the Pod goes; what it printed until then is kept
         self.delete_pod(name).await;
-        if let Some(task) = logs {
+        if let Some(task) = logs.take() {
             let _ = tokio::time::timeout(self.kill_grace, task).await;
         }
         match stop {
-            Stop::Cancel => Outcome {
+            Halt::Cancel => Outcome {
                 state: CommandState::Canceled,
                 exit_code: None,
                 reason: "command was canceled".to_owned(),
             },
-            Stop::Timeout => Outcome {
+            Halt::Timeout(_) | Halt::Api(_) => Outcome {
                 state: CommandState::TimedOut,
                 exit_code: None,
                 reason: format!(
@@ -807,85 +874,71 @@ impl PodExecutor {
         let name = name.to_owned();
         let output = job.output.clone();
         tokio::spawn(async move {
-            let params = LogParams {
-                container: Some(COMMAND_CONTAINER.to_owned()),
-                follow: true,
-                ..LogParams::default()
-            };
             let mut received = 0u64;
-            let reader = match pods.log_stream(&name, &params).await {
-                Ok(reader) => reader,
-                Err(err) => {
-                    return LogEnd::Cut {
-                        received,
-                        why: api_error(&err),
-                    };
-                }
-            };
-            let mut reader = std::pin::pin!(reader);
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                match reader.read(&mut buf).await {
-                    Ok(0) => return LogEnd::Closed,
-                    Ok(n) => {
-                        output.append(&buf[..n]);
-                        received += n as u64;
-                    }
-                    Err(err) => {
-                        return LogEnd::Cut {
-                            received,
-                            why: err.to_string(),
-                        };
-                    }
-                }
+            let end = copy_log(&pods, &name, true, |bytes| {
+                output.append(bytes);
+                received += bytes.len() as u64;
+            })
+            .await;
+            match end {
+                Ok(()) => LogEnd::Closed,
+                Err(why) => LogEnd::Cut { received, why },
             }
         })
     }
 
     /// Once the Pod has ended: waits for the log stream to deliver the rest, and when it
     /// was cut short (or never started: a command that ended before it was seen
-    /// running), reads the whole log once and keeps what the stream missed.
+    /// running), reads the log once more and keeps what the stream missed. Nothing is
+    /// read for a command container that never started.
     async fn finish_logs(
         &self,
         job: &Job,
         name: &str,
         logs: Option<tokio::task::JoinHandle<LogEnd>>,
+        ran: bool,
     ) {
         let received = match logs {
             None => 0,
-            Some(task) => {
-                match tokio::time::timeout(self.kill_grace + Duration::from_secs(5), task).await {
+            Some(mut task) => {
+                match tokio::time::timeout(self.kill_grace + Duration::from_secs(5), &mut task)
+                    .await
+                {
                     Ok(Ok(LogEnd::Closed)) => return,
                     Ok(Ok(LogEnd::Cut { received, why })) => {
                         tracing::debug!(command_id = %job.id, %why, "the Pod's log stream was cut; reading the rest");
                         received
                     }
                     Ok(Err(_)) | Err(_) => {
+                        task.abort();
                         tracing::warn!(command_id = %job.id, "the Pod's log stream did not end with the Pod; its output may be incomplete");
                         return;
                     }
                 }
             }
         };
-        let params = LogParams {
-            container: Some(COMMAND_CONTAINER.to_owned()),
-            ..LogParams::default()
-        };
-        match self.pods().logs(name, &params).await {
-            Ok(text) => {
-                let skip = usize::try_from(received).unwrap_or(usize::MAX);
-                if let Some(rest) = text.as_bytes().get(skip..) {
-                    job.output.append(rest);
-                }
-            }
-            Err(err) => {
-                let note = format!(
-                    "\n[kinvoke: the rest of the command's output could not be read from its Pod: {}]\n",
-                    api_error(&err)
-                );
-                job.output.append(note.as_bytes());
-            }
+        if !ran {
+            return;
         }
+        let mut skip = received;
+        let read = tokio::time::timeout(
+            self.kill_grace + Duration::from_secs(30),
+            copy_log(&self.pods(), name, false, |bytes| {
+                let skipped = usize::try_from(skip).unwrap_or(usize::MAX).min(bytes.len());
+                skip -= skipped as u64;
+                job.output.append(&bytes[skipped..]);
+            }),
+        )
+        .await;
+        let problem = match read {
+            Ok(Ok(())) => return,
+            Ok(Err(why)) => why,
+            Err(_) => "the API server did not send it in time".to_owned(),
+        };
+        let note = format!(
+            "\n[kinvoke: the rest of the command's output could not be read from its Pod: {problem}]\n"
+        );
+        job.output.append(note.as_bytes());
     }
 
     async fn delete_pod(&self, name: &str) {
@@ -894,21 +947,15 @@ impl PodExecutor {
             propagation_policy: Some(PropagationPolicy::Background),
             ..DeleteParams::default()
         };
-        if let Err(err) = self.pods().delete(name, &params).await
-            && !is_not_found(&err)
-        {
-            tracing::warn!(pod = name, err = %api_error(&err), "could not delete a command's Pod");
-        }
+        let pods = self.pods();
+        retry_delete("Pod", name, || pods.delete(name, &params)).await;
     }
 
     /// Deletes a command's Pod and Secret (the Secret would also go with the Pod).
     async fn remove(&self, name: &str) {
         self.delete_pod(name).await;
-        if let Err(err) = self.secrets().delete(name, &DeleteParams::default()).await
-            && !is_not_found(&err)
-        {
-            tracing::warn!(secret = name, err = %api_error(&err), "could not delete a command's Secret");
-        }
+        let (secrets, params) = (self.secrets(), DeleteParams::default());
+        retry_delete("Secret", name, || secrets.delete(name, &params)).await;
     }
 
     /// Deletes the Pods and Secrets a killed gateway left behind: every labelled one
@@ -983,6 +1030,122 @@ impl Executor for PodExecutor {
     fn run(&self, job: Job) -> Pin<Box<dyn Future<Output = Outcome> + Send + '_>> {
         Box::pin(self.run_job(job))
     }
+}
+
+/// Why waiting on the cluster stopped before the Pod ended.
+enum Halt {
+    /// The command was canceled.
+    Cancel,
+    /// A timeout passed (the start-up one, or the command's).
+    Timeout(Duration),
+    /// The API server refused a request.
+    Api(String),
+}
+
+impl Halt {
+    /// The outcome of a command halted while `doing` something before its Pod existed.
+    fn outcome(self, job: &Job, doing: &str) -> Outcome {
+        match self {
+            Self::Cancel => Outcome {
+                state: CommandState::Canceled,
+                exit_code: None,
+                reason: "command was canceled".to_owned(),
+            },
+            Self::Timeout(t) => failed(format!(
+                "{doing}: the API server did not answer within {} (pod.startup_timeout)",
+                humantime::format_duration(t)
+            )),
+            Self::Api(why) => {
+                tracing::warn!(command_id = %job.id, %why, "{doing} failed");
+                failed(format!("{doing} failed: {why}"))
+            }
+        }
+    }
+}
+
+/// A log-streaming task, aborted when dropped: no task outlives the command and appends
+/// to an output already closed and digested.
+struct LogTask(Option<tokio::task::JoinHandle<LogEnd>>);
+
+impl LogTask {
+    fn take(&mut self) -> Option<tokio::task::JoinHandle<LogEnd>> {
+        self.0.take()
+    }
+}
+
+impl Drop for LogTask {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// True once the command container has run (it runs or has ended).
+fn command_started(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == COMMAND_CONTAINER))
+        .and_then(|c| c.state.as_ref())
+        .is_some_and(|s| s.running.is_some() || s.terminated.is_some())
+}
+
+/// Reads the command container's log as bytes (never as text: a command may print
+/// anything), handing each chunk to `sink`; with `follow`, until the container ends.
+async fn copy_log(
+    pods: &Api<Pod>,
+    name: &str,
+    follow: bool,
+    mut sink: impl FnMut(&[u8]),
+) -> Result<(), String> {
+    let params = LogParams {
+        container: Some(COMMAND_CONTAINER.to_owned()),
+        follow,
+        ..LogParams::default()
+    };
+    let reader = pods
+        .log_stream(name, &params)
+        .await
+        .map_err(|e| api_error(&e))?;
+    let mut reader = std::pin::pin!(reader);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) => return Ok(()),
+            Ok(n) => sink(&buf[..n]),
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+}
+
+/// Deletes an object, trying again a few times (1 s, 2 s, 4 s apart) when the API
+/// server fails; one already gone is fine.
+async fn retry_delete<T, F>(what: &str, name: &str, delete: impl Fn() -> F)
+where
+    F: Future<Output = Result<T, kube::Error>>,
+{
+    let mut pause = Duration::from_secs(1);
+    for attempt in 1..=4 {
+        match delete().await {
+            Ok(_) => return,
+            Err(err) if is_not_found(&err) => return,
+            Err(err) if attempt == 4 => {
+                tracing::warn!(object = name, err = %api_error(&err), "could not delete a command's {what}; the start-up sweep of the next gateway start deletes it");
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+    }
+}
+
+/// A merge patch making Pod `name` (`uid`) the Secret's owner.
+pub fn json_patch_owner(name: &str, uid: &str) -> serde_json::Value {
+    serde_json::json!({"metadata": {"ownerReferences": [{
+        "apiVersion": "v1", "kind": "Pod", "name": name, "uid": uid, "controller": true,
+    }]}})
 }
 
 /// How a log stream ended.
@@ -1204,13 +1367,13 @@ mod tests {
             &id(),
             &[file("a", 0o644)],
             Some("kubeconfig text"),
-            "pod-uid-1",
         );
         let v = serde_json::to_value(&secret).unwrap();
         assert_eq!(v["data"]["file-0"], "ZGF0YQ==");
         assert_eq!(v["data"]["kubeconfig"], "a3ViZWNvbmZpZyB0ZXh0");
         assert_eq!(v["immutable"], true);
-        let owner = &v["metadata"]["ownerReferences"][0];
+        let patch = json_patch_owner(&format!("kinvoke-{}", id()), "pod-uid-1");
+        let owner = &patch["metadata"]["ownerReferences"][0];
         assert_eq!(owner["kind"], "Pod");
         assert_eq!(owner["uid"], "pod-uid-1");
         assert_eq!(owner["name"], format!("kinvoke-{}", id()));
@@ -1396,15 +1559,63 @@ mod tests {
             "{}",
             oom.reason
         );
-        let deadline = progress(&with_status(PodStatus {
-            reason: Some("DeadlineExceeded".into()),
-            message: Some("Pod was active on the node longer than the specified deadline".into()),
-            ..status("Failed")
-        }));
-        let PodProgress::Ended(deadline) = deadline else {
+        let deadline = |containers| {
+            progress(&with_status(PodStatus {
+                reason: Some("DeadlineExceeded".into()),
+                message: Some(
+                    "Pod was active on the node longer than the specified deadline".into(),
+                ),
+                container_statuses: containers,
+                ..status("Failed")
+            }))
+        };
+        let PodProgress::Ended(ran) = deadline(Some(vec![container(
+            COMMAND_CONTAINER,
+            terminated(137, "Error"),
+        )])) else {
             panic!("not ended")
         };
-        assert_eq!(deadline.state, CommandState::TimedOut);
+        assert_eq!(
+            (ran.state, ran.exit_code),
+            (CommandState::TimedOut, Some(137))
+        );
+        // a deadline that passed while the image was still being pulled is not the
+        // command's timeout: say what held it up
+        let PodProgress::Ended(never) = deadline(Some(vec![container(
+            COMMAND_CONTAINER,
+            waiting("ImagePullBackOff", "Back-off pulling image \"x\""),
+        )])) else {
+            panic!("not ended")
+        };
+        assert_eq!(never.state, CommandState::Failed);
+        assert!(
+            never.reason.contains("before the command started")
+                && never.reason.contains("ImagePullBackOff"),
+            "{}",
+            never.reason
+        );
+        let sidecar = progress(&with_status(PodStatus {
+            container_statuses: Some(vec![
+                container(COMMAND_CONTAINER, terminated(0, "Completed")),
+                container(
+                    "istio-proxy",
+                    ContainerState {
+                        running: Some(ContainerStateRunning::default()),
+                        ..ContainerState::default()
+                    },
+                ),
+            ]),
+            ..status("Running")
+        }));
+        assert_eq!(
+            sidecar,
+            PodProgress::Ended(Outcome {
+                state: CommandState::Succeeded,
+                exit_code: Some(0),
+                reason: String::new()
+            }),
+            "an injected sidecar that keeps running does not keep the command running"
+        );
         let evicted = progress(&with_status(PodStatus {
             reason: Some("Evicted".into()),
             message: Some("The node was low on resource: memory.".into()),
@@ -1463,6 +1674,7 @@ mod tests {
                     let body = match (method.as_str(), path.as_str()) {
                         ("POST", p) if p.ends_with("/pods") => pod(&json!({})).to_string(),
                         ("POST", p) if p.ends_with("/secrets") => json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}).to_string(),
+                        ("PATCH", p) if p.contains("/secrets/") => json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}).to_string(),
                         ("GET", p) if p.ends_with("/log") => log.to_owned(),
                         ("GET", p) if p.ends_with("/pods") && !query.contains("watch=") => json!({
                             "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "5"},
@@ -1553,8 +1765,9 @@ mod tests {
         let seen = api.seen();
         let name = format!("kinvoke-{}", id());
         let base = format!("/api/v1/namespaces/{DEFAULT_NAMESPACE}");
-        assert_eq!(seen[0], format!("POST {base}/pods"), "{seen:?}");
-        assert_eq!(seen[1], format!("POST {base}/secrets"), "{seen:?}");
+        assert_eq!(seen[0], format!("POST {base}/secrets"), "{seen:?}");
+        assert_eq!(seen[1], format!("POST {base}/pods"), "{seen:?}");
+        assert_eq!(seen[2], format!("PATCH {base}/secrets/{name}"), "{seen:?}");
         assert!(
             seen.contains(&format!("DELETE {base}/pods/{name}")),
             "{seen:?}"

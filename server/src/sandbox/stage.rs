@@ -479,20 +479,39 @@ fn build_root(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> 
     let read_only = spec.read_only.iter().map(|p| (p, p, Bind::ReadOnly));
     let devices = spec.devices.iter().map(|p| (p, p, Bind::Device));
     let writable = spec.writable.iter().map(|p| (p, p, Bind::Writable));
-    // a mount's target lies inside the new root: absolute, no `..`, no `.`
-    if let Some(bad) = spec.mounts.iter().find(|m| {
-        !m.target.is_absolute()
-            || m.target.components().any(|c| {
-                !matches!(
+    // a mount's target lies on the new root's own tmpfs: absolute, no `..` or `.`, not
+    // `/`, and neither inside another bind nor inside another mount, whose contents (a
+    // host directory, a volume an init container filled) could hold a symbolic link that
+    // creating the target would follow on the host
+    let bound: Vec<&Path> = spec
+        .read_only
+        .iter()
+        .chain(&spec.devices)
+        .chain(&spec.writable)
+        .map(PathBuf::as_path)
+        .collect();
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let plain = m.target.is_absolute()
+            && m.target.components().count() > 1
+            && m.target.components().all(|c| {
+                matches!(
                     c,
                     std::path::Component::RootDir | std::path::Component::Normal(_)
                 )
-            })
-    }) {
-        return Err(format!(
-            "sandbox: mount target {} is not a plain absolute path",
-            bad.target.display()
-        ));
+            });
+        let nested = bound.iter().any(|b| m.target.starts_with(b))
+            || spec
+                .mounts
+                .iter()
+                .enumerate()
+                .any(|(j, other)| j != i && m.target.starts_with(&other.target));
+        if !plain || nested {
+            return Err(format!(
+                "sandbox: mount target {} must be a plain absolute path below / that lies in \
+                 no other mount",
+                m.target.display()
+            ));
+        }
     }
     // mounts last: a volume shown at a path the read-only binds also hold covers it
     let mounts = spec.mounts.iter().map(|m| {
