@@ -21,8 +21,10 @@
 //!   SelfSubjectAccessReview and SelfSubjectRulesReview. Discovery (legacy and aggregated
 //!   v2), OpenAPI v3 (no schemas: only what `kubectl apply` needs to let the server validate
 //!   fields), `/version`. Anything else is 404 NotFound.
-//! - No scheduler, kubelet or controllers: a Pod is `Running` with every container ready as
-//!   soon as it is created; a Deployment reports its replicas ready but creates no
+//! - No scheduler, kubelet or controllers by default: a Pod is `Running` with every
+//!   container ready as soon as it is created (with [`SimOptions::kubelet`], a simulated
+//!   kubelet schedules and runs Pods instead: see [`KubeletOptions`] and the `kubelet`
+//!   module); a Deployment reports its replicas ready but creates no
 //!   ReplicaSets or Pods; deletes take effect at once (no graceful termination, no
 //!   finalizers); deleting a namespace deletes its objects at once. Pod logs are two
 //!   deterministic lines. A test can script Pods with a [`PodRunner`]: it decides, when a
