@@ -300,8 +300,10 @@ async fn serve(cfg: Config, dev: Option<(dev::DevFiles, Option<PathBuf>)>) -> an
             "\nDevelopment gateway ready (state in {dir}). In another terminal, try:\n\n  \
              kinvoke {config}invoke --cluster local --command \"echo hello | tr a-z A-Z\"\n  \
              kinvoke {config}invoke --cluster sandbox --command \"kubectl get pods -A; kubectl auth whoami\"\n  \
+             kinvoke {config}invoke --cluster sandbox-pods --command \"kubectl get pods -n kinvoke-command\"\n  \
              kinvoke {config}list\n\n\
-             (sandbox is a simulated Kubernetes API server, not a real cluster.) Press Ctrl-C to stop.",
+             (sandbox is a simulated Kubernetes API server, not a real cluster; sandbox-pods runs each\n\
+             command in a Pod of its own on it, as az aks command invoke does.) Press Ctrl-C to stop.",
             dir = files.dir.display(),
         )?;
         if merged.is_none() {
