@@ -633,7 +633,15 @@ impl Writer {
                     }
                 }
             }
+            let started = Instant::now();
             let result = self.write_checked(&batch);
+            let metrics = crate::metrics::metrics();
+            metrics
+                .audit_write_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if result.is_err() {
+                metrics.audit_write_failures.inc();
+            }
             if let Err(err) = &result {
                 if self.healthy.swap(false, Ordering::Relaxed) {
                     tracing::error!(path = %self.config.path.display(), %err, "audit log write failed; refusing new commands until it recovers");

@@ -112,6 +112,25 @@ pub enum AuthnError {
     ControlCharacters(&'static str),
 }
 
+impl AuthnError {
+    /// The (method, reason) labels of the failure metric: fixed names, never the
+    /// message (which may echo what the caller sent).
+    pub fn metric_labels(&self) -> (&'static str, &'static str) {
+        match self {
+            Self::NoCredentials { .. } => ("none", "no_credentials"),
+            Self::ClientCertificateRequired => ("token", "client_certificate_required"),
+            Self::MalformedAuthorization => ("token", "malformed_authorization"),
+            Self::TokenTooLong(_) => ("token", "token_too_long"),
+            Self::TokensNotAccepted => ("token", "tokens_not_accepted"),
+            Self::UnknownStaticToken => ("token", "unknown_static_token"),
+            Self::Token(_) => ("token", "token_refused"),
+            Self::NoIdentity => ("mtls", "no_identity"),
+            Self::Unparsable => ("mtls", "unparsable_certificate"),
+            Self::ControlCharacters(_) => ("mtls", "control_characters"),
+        }
+    }
+}
+
 /// Maps a certificate identity to a principal and groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MtlsRule {

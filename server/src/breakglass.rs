@@ -338,7 +338,8 @@ impl BreakGlass {
             .collect()
     }
 
-    /// Records grants that expired (or lapsed unapproved) since the last call.
+    /// Records grants that expired (or lapsed unapproved) since the last call, and sets
+    /// the active-grants gauge (called each second).
     pub async fn expire_due(&self) {
         let now = (self.clock)();
         let due: Vec<Grant> = self
@@ -360,6 +361,14 @@ impl BreakGlass {
                 tracing::warn!(%err, "could not record a grant's expiry");
             }
         }
+        let active = self
+            .read()
+            .iter()
+            .filter(|g| g.state_at(now) == GrantState::Active)
+            .count();
+        crate::metrics::metrics()
+            .breakglass_active_grants
+            .set(i64::try_from(active).unwrap_or(i64::MAX));
     }
 
     fn notify(&self, event: &'static str, grant: &Grant) {

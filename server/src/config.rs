@@ -96,6 +96,8 @@ pub struct Config {
     pub webhook: Option<Webhook>,
     /// The relay's listener.
     pub relay: RelayConfig,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `None` = none.
+    pub admin: Option<crate::admin::AdminConfig>,
     /// What sandboxed commands may read, and the users they run as.
     pub sandbox: SandboxSettings,
     /// The file this config was read from (`None` when parsed from text).
@@ -351,6 +353,17 @@ impl Config {
                 },
             },
             sandbox: sandbox_settings::parse_sandbox(raw.sandbox, &resolve, limits.max_concurrent_commands)?,
+            admin: match raw.admin {
+                None => None,
+                Some(admin) => Some(crate::admin::AdminConfig {
+                    address: admin.address.parse().map_err(|_| {
+                        invalid(
+                            "admin.address",
+                            format!("\"{}\" is not a socket address; write it as IP:PORT, e.g. \"127.0.0.1:9090\"", admin.address),
+                        )
+                    })?,
+                }),
+            },
             source: None,
             state_dir,
             store,

@@ -129,7 +129,12 @@ pub fn prepare(dir: &Path, listen: SocketAddr) -> Result<DevFiles, DevError> {
         write(&dir.join("client.key"), &client.key_pem, 0o600)?;
     }
     let gateway_config = dir.join("gateway.toml");
-    write(&gateway_config, &gateway_toml(listen), 0o644)?;
+    // the admin listener on a free loopback port, written in the config so it can be
+    // found there (a port taken between this probe and the gateway's bind fails loudly)
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io_err(&gateway_config))?;
+    write(&gateway_config, &gateway_toml(listen, admin), 0o644)?;
     let client_config = dir.join("client.toml");
     Ok(DevFiles {
         dir,
@@ -228,13 +233,16 @@ pub fn write_client_config(files: &DevFiles, bound: SocketAddr) -> Result<(), De
     write(&files.client_config, &text, 0o644)
 }
 
-fn gateway_toml(listen: SocketAddr) -> String {
+fn gateway_toml(listen: SocketAddr, admin: SocketAddr) -> String {
     format!(
         "# written by `kinvoke-gateway dev` at every start; copy it to make your own\n\
          state_dir = \".\"\n\
          shutdown_grace = \"10s\"\n\n\
          [store]\n\
          retention = \"24h\"\n\n\
+         # /metrics, /healthz and /readyz\n\
+         [admin]\n\
+         address = \"{admin}\"\n\n\
          [[listener]]\n\
          name = \"dev\"\n\
          address = \"{listen}\"\n\

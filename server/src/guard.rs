@@ -195,6 +195,8 @@ impl Guard {
                 Ok(principal)
             }
             Err(err) => {
+                let (method, reason) = err.metric_labels();
+                crate::metrics::metrics().authn_failed(method, reason);
                 // a stranger can fail as fast as they like: lines capped per address
                 let key = format!("source {}", conn.source.ip());
                 self.audit
@@ -382,6 +384,9 @@ impl Guard {
         allowed: bool,
         detail: String,
     ) {
+        if !allowed {
+            crate::metrics::metrics().authz_denied(action);
+        }
         self.audit.record(AuditEvent::Authorization {
             principal: who.id.clone(),
             auth_method: who.auth_method.as_str().to_owned(),

@@ -377,6 +377,7 @@ async fn accept_loop(
                 let admitted = gate
                     .admit(&mut tcp, peer)
                     .await
+                    .inspect_err(|_| crate::metrics::metrics().network_refused(&name))
                     .and_then(|source| slots.admit_source(&mut slot, source.ip()).map(|()| source));
                 let source = match admitted {
                     Ok(source) => source,
@@ -417,6 +418,7 @@ async fn accept_loop(
                         .await;
                 }
                 Ok(Some((source, Err(err)))) => {
+                    crate::metrics::metrics().authn_failed("tls", "handshake_refused");
                     audit.record_throttled(&refusals, &peer.ip(), |unrecorded_before| {
                         AuditEvent::AuthenticationFailed {
                             listener: name.to_string(),

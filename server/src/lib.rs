@@ -11,6 +11,7 @@
 //! gateway with its own certificates. ARCHITECTURE.md has the whole module map.
 
 pub mod access;
+pub mod admin;
 pub mod admission;
 pub mod audit;
 pub mod authn;
@@ -24,6 +25,7 @@ pub mod exec;
 pub mod guard;
 pub mod hex;
 pub mod ingress;
+pub mod metrics;
 pub mod outbound_https;
 pub mod pki;
 pub mod relay;
@@ -95,6 +97,14 @@ pub enum GatewayError {
     /// Server reflection could not be built.
     #[error("server reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The admin listener could not listen.
+    #[error("the admin listener cannot listen on {address}: {source}")]
+    Admin {
+        /// `[admin] address`.
+        address: std::net::SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
     /// Another gateway process uses the same state directory.
     #[error(
         "another kinvoke-gateway process uses the state directory {0} (it holds {0}/gateway.lock); \
@@ -110,6 +120,9 @@ pub enum GatewayError {
         source: std::io::Error,
     },
 }
+
+/// What `/readyz` says once shutdown has begun.
+const SHUTTING_DOWN: &str = "the gateway is shutting down";
 
 /// Takes the state directory for this process: an exclusive lock on
 /// `STATE_DIR/gateway.lock`, held until the process ends, so a second gateway on the
@@ -174,9 +187,33 @@ pub struct Gateway {
     runner: Arc<Runner>,
     breakglass: Arc<BreakGlass>,
     relay: Option<Arc<Relay>>,
+    /// The admin listener, once [`Gateway::bind_admin`] bound it.
+    admin: Option<tokio::net::TcpListener>,
 }
 
 impl Gateway {
+    /// Binds the admin listener (`[admin] address`), if the config has one, and returns
+    /// its address; serving starts with [`Gateway::serve`].
+    pub async fn bind_admin(&mut self) -> Result<Option<std::net::SocketAddr>, GatewayError> {
+        let Some(settings) = self.config.admin else {
+            return Ok(None);
+        };
+        let listener = admin::bind(&settings)
+            .await
+            .map_err(|source| GatewayError::Admin {
+                address: settings.address,
+                source,
+            })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| GatewayError::Admin {
+                address: settings.address,
+                source,
+            })?;
+        self.admin = Some(listener);
+        Ok(Some(address))
+    }
+
     /// Opens the store and audit log, loads grants and token issuers.
     pub async fn open(config: Config) -> Result<Self, GatewayError> {
         Self::open_with_launcher(config, None).await
@@ -325,6 +362,7 @@ impl Gateway {
             runner,
             breakglass,
             relay,
+            admin: None,
         })
     }
 
@@ -348,7 +386,16 @@ impl Gateway {
             runner,
             breakglass,
             relay,
+            admin,
         } = self;
+        // readiness for the admin listener: the same inputs as the health service, and
+        // false from the moment shutdown begins
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel::<admin::Readiness>(None);
+        let ready_tx = Arc::new(ready_tx);
+        let admin_stop = CancellationToken::new();
+        if let Some(listener) = admin {
+            tokio::spawn(admin::serve(listener, ready_rx, admin_stop.clone()));
+        }
         let expiry = tokio::spawn(async move {
             // grants stop by time at once; this only records that they did
             let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -399,6 +446,7 @@ impl Gateway {
         // either, no commands
         let health_task = {
             let reporter = health_reporter.clone();
+            let ready_tx = ready_tx.clone();
             let mut audit_ok = audit.health();
             let mut store_ok = runner.store_health();
             tokio::spawn(async move {
@@ -407,7 +455,22 @@ impl Gateway {
                         changed = audit_ok.changed() => if changed.is_err() { return },
                         changed = store_ok.changed() => if changed.is_err() { return },
                     }
-                    let ok = *audit_ok.borrow_and_update() && *store_ok.borrow_and_update();
+                    let (audit_up, store_up) =
+                        (*audit_ok.borrow_and_update(), *store_ok.borrow_and_update());
+                    let ok = audit_up && store_up;
+                    ready_tx.send_if_modified(|ready| {
+                        if ready.as_deref() == Some(SHUTTING_DOWN) {
+                            return false;
+                        }
+                        let now = match (audit_up, store_up) {
+                            (true, true) => None,
+                            (false, _) => Some("the audit log cannot be written".to_owned()),
+                            (true, false) => Some("the result store cannot be written".to_owned()),
+                        };
+                        let changed = *ready != now;
+                        *ready = now;
+                        changed
+                    });
                     let status = if ok {
                         tonic_health::ServingStatus::Serving
                     } else {
@@ -484,6 +547,7 @@ impl Gateway {
             }
         }
         tracing::info!("shutting down: no new connections or commands");
+        let _ = ready_tx.send(Some(SHUTTING_DOWN.to_owned()));
         stop_accepting.cancel();
         health_reporter
             .set_not_serving::<CommandServiceServer<CommandApi>>()
@@ -513,6 +577,7 @@ impl Gateway {
                 server.abort();
             }
         }
+        admin_stop.cancel();
         tracing::info!("gateway stopped");
         Ok(())
     }

@@ -256,9 +256,17 @@ async fn serve(cfg: Config, dev: Option<(dev::DevFiles, Option<PathBuf>)>) -> an
         None => None,
     };
     // state before the ready line: a bad store or audit path fails before anyone connects
-    let gateway = kinvoke_gateway::Gateway::open(cfg).await?;
+    let mut gateway = kinvoke_gateway::Gateway::open(cfg).await?;
+    let admin = gateway.bind_admin().await?;
     let mut stdout = std::io::stdout().lock();
     let mut merged = None;
+    if let Some(addr) = admin {
+        // before the listeners' lines: whoever waits for those may scrape at once
+        writeln!(
+            stdout,
+            "kinvoke-gateway: admin listener serving on http://{addr} (/metrics, /healthz, /readyz)"
+        )?;
+    }
     for l in &listeners {
         let addr = l.local_addr().context("cannot read the bound address")?;
         // the client config first: whoever reads the ready line may use it at once
@@ -301,10 +309,12 @@ async fn serve(cfg: Config, dev: Option<(dev::DevFiles, Option<PathBuf>)>) -> an
              kinvoke {config}invoke --cluster local --command \"echo hello | tr a-z A-Z\"\n  \
              kinvoke {config}invoke --cluster sandbox --command \"kubectl get pods -A; kubectl auth whoami\"\n  \
              kinvoke {config}invoke --cluster sandbox-pods --command \"kubectl get pods -n kinvoke-command\"\n  \
-             kinvoke {config}list\n\n\
+             kinvoke {config}list\n  \
+             curl -s http://{admin}/metrics   # the admin listener: metrics, /healthz, /readyz\n\n\
              (sandbox is a simulated Kubernetes API server, not a real cluster; sandbox-pods runs each\n\
              command in a Pod of its own on it, as az aks command invoke does.) Press Ctrl-C to stop.",
             dir = files.dir.display(),
+            admin = admin.map(|a| a.to_string()).unwrap_or_default(),
         )?;
         if merged.is_none() {
             writeln!(

@@ -472,6 +472,7 @@ impl Relay {
         let response = match failure {
             Ok(response) => response,
             Err((code, reason, message)) => {
+                crate::metrics::metrics().relayed(verb, code.as_u16(), started.elapsed());
                 self.audit.record(AuditEvent::RelayRequest {
                     command_id: binding.command_id.clone(),
                     principal: binding.principal.clone(),
@@ -485,6 +486,7 @@ impl Relay {
                 return status(code, reason, &message);
             }
         };
+        crate::metrics::metrics().relayed(verb, response.status().as_u16(), started.elapsed());
         self.audit.record(AuditEvent::RelayRequest {
             command_id: binding.command_id.clone(),
             principal: binding.principal.clone(),

@@ -494,6 +494,7 @@ impl Runner {
             });
         }
         let this = self.clone();
+        crate::metrics::metrics().command_started(cluster.name.as_str());
         self.tasks.spawn(async move {
             this.audit.record(AuditEvent::CommandStarted {
                 command_id: running.record.id.to_string(),
@@ -549,6 +550,12 @@ impl Runner {
             .finished_at
             .and_then(|f| f.duration_since(record.started_at).ok())
             .unwrap_or_default();
+        crate::metrics::metrics().command_finished(
+            &record.cluster,
+            record.state.as_str(),
+            elapsed,
+            output.total,
+        );
         tracing::info!(
             command_id = %record.id,
             cluster = %record.cluster,

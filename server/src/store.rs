@@ -230,7 +230,7 @@ impl Store {
     /// Writes to the database (one row of its own) to find out whether it can be
     /// written again; the outcome sets [`Store::is_healthy`].
     pub async fn probe(&self) -> Result<(), StoreError> {
-        self.with_conn(|conn| {
+        self.with_conn("probe", |conn| {
             conn.execute(
                 "INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?1)",
                 params![millis(SystemTime::now())],
@@ -259,11 +259,12 @@ impl Store {
         });
     }
 
-    async fn with_conn<T, F>(&self, f: F) -> Result<T, StoreError>
+    async fn with_conn<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        let started = std::time::Instant::now();
         let conn = self.conn.clone();
         let result = tokio::task::spawn_blocking(move || {
             // a panic inside a query cannot leave SQLite half-written (it rolls back), so
@@ -274,13 +275,14 @@ impl Store {
             f(&conn)
         })
         .await?;
+        crate::metrics::metrics().store_op(op, started.elapsed());
         self.note(&result.as_ref().map(|_| ()));
         result
     }
 
     /// Saves a new or updated record.
     pub async fn put(&self, record: CommandRecord) -> Result<(), StoreError> {
-        self.with_conn(move |conn| {
+        self.with_conn("put", move |conn| {
             let files = files_to_json(&record.files);
             conn.execute(
                 "INSERT OR REPLACE INTO commands
@@ -316,7 +318,7 @@ impl Store {
     /// that already ended is left as it is.
     pub async fn mark_running(&self, id: &CommandId) -> Result<(), StoreError> {
         let id = id.as_str().to_owned();
-        self.with_conn(move |conn| {
+        self.with_conn("mark_running", move |conn| {
             conn.execute(
                 "UPDATE commands SET state = 'Running' WHERE id = ?1 AND state = 'Pending'",
                 params![id],
@@ -329,7 +331,7 @@ impl Store {
     /// The record with this id.
     pub async fn get(&self, id: &CommandId) -> Result<Option<CommandRecord>, StoreError> {
         let id = id.as_str().to_owned();
-        self.with_conn(move |conn| {
+        self.with_conn("get", move |conn| {
             conn.query_row(
                 &format!("SELECT {COLUMNS} FROM commands WHERE id = ?1"),
                 [id],
@@ -346,7 +348,7 @@ impl Store {
         if query.visible.is_empty() {
             return Ok(Vec::new());
         }
-        self.with_conn(move |conn| {
+        self.with_conn("list", move |conn| {
             let (after_ms, after_id) = query.after.unwrap_or((i64::MAX, String::new()));
             // one (cluster, principal?) clause per visible cluster, all bound as parameters
             let mut args: Vec<rusqlite::types::Value> = vec![
@@ -385,7 +387,7 @@ impl Store {
 
     /// Saves a new or updated grant.
     pub async fn put_grant(&self, grant: Grant) -> Result<(), StoreError> {
-        self.with_conn(move |conn| {
+        self.with_conn("put_grant", move |conn| {
             conn.execute(
                 "INSERT OR REPLACE INTO grants
                  (id, assignment, cluster, role, principal, justification, duration_ms, state,
@@ -415,7 +417,7 @@ impl Store {
 
     /// Every stored grant, newest first.
     pub async fn grants(&self) -> Result<Vec<Grant>, StoreError> {
-        self.with_conn(|conn| {
+        self.with_conn("grants", |conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, assignment, cluster, role, principal, justification, duration_ms, state,
                         requested_at, starts_at, expires_at, approved_by, revoked_by, approval_from
@@ -463,7 +465,7 @@ impl Store {
                 .checked_sub(retention)
                 .unwrap_or(UNIX_EPOCH),
         );
-        self.with_conn(move |conn| {
+        self.with_conn("purge", move |conn| {
             Ok(conn.execute(
                 "DELETE FROM commands WHERE state NOT IN ('Running', 'Pending') AND finished_at < ?1",
                 [cutoff],

@@ -190,6 +190,8 @@ pub struct Gateway {
     config: PathBuf,
     client_config: PathBuf,
     addr: SocketAddr,
+    /// The admin listener's address, when the config has `[admin]`.
+    admin: Option<SocketAddr>,
     proc: Option<Proc>,
     starts: u32,
     json_logs: bool,
@@ -242,6 +244,7 @@ impl Gateway {
             user,
             config,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin: None,
             proc: None,
             starts: 0,
             json_logs: options.json_logs,
@@ -278,7 +281,8 @@ impl Gateway {
         let mut proc = Proc::spawn("kinvoke-gateway", &mut cmd)?;
         let lines = read_lines(proc.take_stdout().context("stdout not piped")?);
         let deadline = Instant::now() + READY_TIMEOUT;
-        let ready = next_line_until(&lines, deadline, &mut String::new(), |line| {
+        let mut before = String::new();
+        let ready = next_line_until(&lines, deadline, &mut before, |line| {
             serving_addr(line).is_some()
         });
         let line = ready.map_err(|wait| {
@@ -290,6 +294,15 @@ impl Gateway {
             )
         })?;
         self.addr = serving_addr(&line).context("the readiness line went missing")??;
+        self.admin = before
+            .lines()
+            .find_map(|l| l.split_once(ADMIN_SERVING_ON))
+            .map(|(_, rest)| {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                addr.parse::<SocketAddr>()
+                    .with_context(|| format!("bad admin line: {rest:?}"))
+            })
+            .transpose()?;
         self.proc = Some(proc);
         self.write_client_config()
     }
@@ -312,6 +325,17 @@ impl Gateway {
     /// The address the gateway listens on (changes on restart).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin listener's address (`[admin] address` in the config), if it has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// `GET http://ADMIN{path}` on the admin listener: (status, body).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        let addr = self.admin.context("this gateway has no [admin] listener")?;
+        http_get(addr, path)
     }
 
     /// `https://127.0.0.1:PORT`. A listener bound to an unspecified address (`0.0.0.0`,
@@ -853,4 +877,30 @@ impl Drop for DevGateway {
             || self.stderr_log(),
         );
     }
+}
+
+/// `GET path` over plain HTTP/1.1 to `addr` (the admin listener): the status code and the
+/// body. Blocking, bounded by [`PROCESS_TIMEOUT`].
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+    stream.set_read_timeout(Some(PROCESS_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading the answer to GET {path}"))?;
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no header end in {answer:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    Ok((status, body.to_owned()))
 }

@@ -90,6 +90,8 @@ const LOG_POLL_PACING: Duration = Duration::from_millis(50);
 
 /// Readiness line prefix the gateway prints on stdout for each listener.
 const SERVING_ON: &str = "serving on https://";
+/// What the gateway prints before its admin listener's address.
+const ADMIN_SERVING_ON: &str = "admin listener serving on http://";
 
 mod audit;
 mod gateway;

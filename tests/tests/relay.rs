@@ -831,6 +831,24 @@ fn dev_mode_serves_a_simulated_cluster_through_the_relay() {
     assert_eq!(in_pod.code, Some(3), "{in_pod}");
     assert!(in_pod.stdout.contains(" in /kinvoke/work"), "{in_pod}");
     assert!(in_pod.stdout.contains("pod/kinvoke-"), "{in_pod}");
+    // the admin listener's address is in the config dev wrote, and it answers there
+    let toml = fs::read_to_string(dev.state_dir().join("gateway.toml")).unwrap();
+    let admin: std::net::SocketAddr = toml
+        .split("[admin]\naddress = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no [admin] address in:\n{toml}"))
+        .parse()
+        .unwrap();
+    assert!(admin.ip().is_loopback(), "{admin}");
+    let (status, metrics) = kinvoke_tests::http_get(admin, "/metrics").unwrap();
+    assert_eq!(status, 200, "{metrics}");
+    assert!(
+        metrics.contains(
+            "kinvoke_commands_finished_total{cluster=\"sandbox-pods\",state=\"Succeeded\"} 1"
+        ),
+        "{metrics}"
+    );
     let clusters = dev
         .client()
         .unwrap()

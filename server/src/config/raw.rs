@@ -39,6 +39,13 @@ pub(super) struct RawConfig {
     pub(super) relay: RawRelay,
     #[serde(default)]
     pub(super) sandbox: RawSandbox,
+    pub(super) admin: Option<RawAdmin>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) address: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
