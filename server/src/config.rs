@@ -136,6 +136,14 @@ pub struct ClusterConfig {
     pub pod: Option<PodSettings>,
 }
 
+impl ClusterConfig {
+    /// True when its commands run on this host in the command sandbox: the local
+    /// executor with `sandbox` on (a pod-executor cluster's commands run in the cluster).
+    pub fn runs_sandboxed_here(&self) -> bool {
+        self.pod.is_none() && self.exec.sandbox == SandboxMode::On
+    }
+}
+
 /// The gateway's own way to the API server (never given to commands).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApiServer {
@@ -149,6 +157,10 @@ pub enum ApiServer {
     /// The service account of the Pod the gateway runs in.
     InCluster,
 }
+
+/// Environment variable that overrides `relay.advertise_url` (e.g. with the Pod's own
+/// address, one per replica).
+pub const ADVERTISE_URL_ENV: &str = "KINVOKE_RELAY_ADVERTISE_URL";
 
 /// Where cloud CLIs and kubectl keep credentials, below a home directory.
 const CREDENTIAL_DIRS: &[&str] = &[".aws", ".azure", ".config/gcloud", ".kube", ".docker"];
@@ -184,6 +196,18 @@ impl Config {
         })?;
         config.source = Some(path.to_owned());
         config.check_sandbox_exposure()?;
+        // per replica: each gateway Pod advertises its own address, so a command's Pod
+        // reaches the replica that issued its token (Helm sets it from status.podIP)
+        if let Some(url) = std::env::var(ADVERTISE_URL_ENV)
+            .ok()
+            .filter(|u| !u.is_empty())
+        {
+            config.relay.advertise_url = Some(
+                crate::relay::AdvertiseUrl::parse(&url)
+                    .map_err(|message| invalid(ADVERTISE_URL_ENV, message))?,
+            );
+            config = config.with_pod_relay_checked()?;
+        }
         Ok(config)
     }
 
@@ -523,11 +547,7 @@ impl Config {
     /// secret path or lie inside one, or contain the directory where every command's
     /// own directory is made, naming both.
     pub fn check_sandbox_exposure(&self) -> Result<(), ConfigError> {
-        if self
-            .clusters
-            .iter()
-            .all(|c| c.exec.sandbox == SandboxMode::Off)
-        {
+        if self.clusters.iter().all(|c| !c.runs_sandboxed_here()) {
             return Ok(());
         }
         crate::sandbox::check_configured_paths_exist(&self.sandbox)
@@ -541,7 +561,7 @@ impl Config {
             containers.push(LabeledPath::new(home, "the gateway's home directory"));
         }
         for (i, c) in self.clusters.iter().enumerate() {
-            if c.exec.sandbox == SandboxMode::Off {
+            if !c.runs_sandboxed_here() {
                 continue;
             }
             let key = format!("cluster[{i}]");

@@ -57,7 +57,6 @@ use crate::guard::{ClusterInfo, Guard, GuardSettings};
 use crate::ingress::BoundListener;
 use crate::relay::Relay;
 use crate::runner::{Runner, RunnerSettings};
-use crate::sandbox::SandboxMode;
 use crate::sandbox::launch::Sandbox;
 use crate::service::in_flight::InFlightLimit;
 use crate::service::transport_refusals::TransportRefusals;
@@ -590,11 +589,7 @@ pub async fn probe_sandbox(
     config: &Config,
     launcher: Option<std::path::PathBuf>,
 ) -> Result<Option<(Sandbox, sandbox::Features)>, GatewayError> {
-    if config
-        .clusters
-        .iter()
-        .all(|c| c.exec.sandbox == SandboxMode::Off)
-    {
+    if config.clusters.iter().all(|c| !c.runs_sandboxed_here()) {
         return Ok(None);
     }
     let sandbox = match launcher {
@@ -616,7 +611,7 @@ async fn open_sandbox(
     let sandboxed: Vec<&str> = config
         .clusters
         .iter()
-        .filter(|c| c.exec.sandbox == SandboxMode::On)
+        .filter(|c| c.runs_sandboxed_here())
         .map(|c| c.name.as_str())
         .collect();
     tracing::info!(clusters = %sandboxed.join(", "), "commands run sandboxed: {features}");
