@@ -196,19 +196,7 @@ impl Config {
         })?;
         config.source = Some(path.to_owned());
         config.check_sandbox_exposure()?;
-        // per replica: each gateway Pod advertises its own address, so a command's Pod
-        // reaches the replica that issued its token (Helm sets it from status.podIP)
-        if let Some(url) = std::env::var(ADVERTISE_URL_ENV)
-            .ok()
-            .filter(|u| !u.is_empty())
-        {
-            config.relay.advertise_url = Some(
-                crate::relay::AdvertiseUrl::parse(&url)
-                    .map_err(|message| invalid(ADVERTISE_URL_ENV, message))?,
-            );
-            config = config.with_pod_relay_checked()?;
-        }
-        Ok(config)
+        config.with_environment(|name| std::env::var(name).ok())
     }
 
     /// Parses config text; relative paths are resolved against `base`.
@@ -400,6 +388,24 @@ impl Config {
             warnings,
         }
         .with_pod_relay_checked()
+    }
+
+    /// Applies the settings the environment overrides (`lookup` reads a variable): per
+    /// replica, [`ADVERTISE_URL_ENV`] replaces `relay.advertise_url`, so a command's Pod
+    /// reaches the replica that issued its token (the Helm chart sets it from the Pod's
+    /// address). Checked like the config's own value.
+    pub fn with_environment(
+        mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let Some(url) = lookup(ADVERTISE_URL_ENV).filter(|u| !u.is_empty()) else {
+            return Ok(self);
+        };
+        self.relay.advertise_url = Some(
+            crate::relay::AdvertiseUrl::parse(&url)
+                .map_err(|message| invalid(ADVERTISE_URL_ENV, message))?,
+        );
+        self.with_pod_relay_checked()
     }
 
     /// Refuses a pod-executor cluster whose Pods could not reach the relay: the URL
@@ -748,6 +754,41 @@ name = "prod-eu"
             config.warnings.iter().any(|w| w.contains("loopback_relay")),
             "{:?}",
             config.warnings
+        );
+    }
+
+    #[test]
+    fn the_environment_can_give_each_replica_its_own_advertised_relay_url() {
+        let text = pod_cluster(
+            "address = \"0.0.0.0:7443\"\nadvertise_url = \"https://relay.kinvoke.svc:7443\"",
+            "",
+        );
+        let config = parse(&text)
+            .unwrap()
+            .with_environment(|name| {
+                (name == ADVERTISE_URL_ENV).then(|| "https://10.244.1.7:7443".to_owned())
+            })
+            .unwrap();
+        assert_eq!(
+            config.relay.advertise_url.unwrap().to_string(),
+            "https://10.244.1.7:7443"
+        );
+        // checked as the config's own value is
+        let err = parse(&text)
+            .unwrap()
+            .with_environment(|_| Some("https://127.0.0.1:7443".to_owned()))
+            .unwrap_err();
+        assert!(err.to_string().contains("loopback"), "{err}");
+        let err = parse(&text)
+            .unwrap()
+            .with_environment(|_| Some("http://x".to_owned()))
+            .unwrap_err();
+        assert!(err.to_string().contains(ADVERTISE_URL_ENV), "{err}");
+        // unset or empty: the config's value
+        let kept = parse(&text).unwrap().with_environment(|_| None).unwrap();
+        assert_eq!(
+            kept.relay.advertise_url.unwrap().to_string(),
+            "https://relay.kinvoke.svc:7443"
         );
     }
 
