@@ -876,6 +876,178 @@ name = "prod-eu"
         assert!(err.contains("cluster[0].pod"), "{err}");
     }
 
+    /// The TOML that puts an unknown key `zz_unknown` into `table` (as named in
+    /// CONFIGURATION.md's headings), so the parser's error lists the keys it accepts.
+    fn probe_for(table: &str) -> String {
+        let probe = "zz_unknown = 1\n";
+        match table {
+            "top level" => probe.to_owned(),
+            "[listener.tls]" => format!("[[listener]]\n[listener.tls]\n{probe}"),
+            "[cluster.identity]" | "[cluster.pod]" => {
+                format!("[[cluster]]\n{}\n{probe}", table)
+            }
+            "[cluster.pod.resources]"
+            | "[cluster.pod.resources.requests]"
+            | "[cluster.pod.resources.limits]" => {
+                format!("[[cluster]]\n[cluster.pod]\n{table}\n{probe}")
+            }
+            "[[cluster.pod.tolerations]]" => {
+                format!("[[cluster]]\n[cluster.pod]\n{table}\n{probe}")
+            }
+            "[assignment.require_approval_from]" => format!("[[assignment]]\n{table}\n{probe}"),
+            other => format!("{other}\n{probe}"),
+        }
+    }
+
+    /// The keys the parser accepts in `table`, from its unknown-field error.
+    fn accepted_keys(table: &str) -> BTreeSet<String> {
+        let text = format!("state_dir = \"s\"\n{}", probe_for(table));
+        let text = if table == "top level" {
+            probe_for(table)
+        } else {
+            text
+        };
+        let err = Config::parse(&text, Path::new("/etc/kinvoke"))
+            .expect_err("an unknown key is refused")
+            .to_string();
+        let expected = err
+            .split("expected one of ")
+            .nth(1)
+            .or_else(|| err.split("expected ").nth(1))
+            .unwrap_or_else(|| panic!("{table}: no key list in {err:?}"));
+        // serde: "expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, `c`"
+        expected
+            .replace(" or ", ",")
+            .split(',')
+            .filter_map(|k| k.trim().trim_matches('`').split('`').next())
+            .map(|k| k.trim().trim_matches('`').to_owned())
+            .filter(|k| !k.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn the_configuration_reference_lists_exactly_the_keys_the_parser_accepts() {
+        let reference = include_str!("../../CONFIGURATION.md");
+        let mut sections: Vec<(String, BTreeSet<String>)> = Vec::new();
+        for line in reference.lines() {
+            if let Some(heading) = line.strip_prefix("## `") {
+                sections.push((heading.trim_end_matches('`').to_owned(), BTreeSet::new()));
+            } else if let (Some((_, keys)), Some(row)) =
+                (sections.last_mut(), line.strip_prefix("| `"))
+            {
+                keys.insert(row.split('`').next().unwrap_or_default().to_owned());
+            }
+        }
+        let tables: Vec<&str> = sections.iter().map(|(t, _)| t.as_str()).collect();
+        for needed in [
+            "top level",
+            "[store]",
+            "[limits]",
+            "[audit]",
+            "[relay]",
+            "[admin]",
+            "[break_glass]",
+            "[sandbox]",
+            "[[listener]]",
+            "[listener.tls]",
+            "[[cluster]]",
+            "[cluster.identity]",
+            "[cluster.pod]",
+            "[cluster.pod.resources]",
+            "[cluster.pod.resources.requests]",
+            "[cluster.pod.resources.limits]",
+            "[[cluster.pod.tolerations]]",
+            "[authn]",
+            "[[authn.mtls_rule]]",
+            "[[authn.static_token]]",
+            "[[authn.oidc]]",
+            "[[role]]",
+            "[[assignment]]",
+            "[assignment.require_approval_from]",
+        ] {
+            assert!(
+                tables.contains(&needed),
+                "CONFIGURATION.md has no section {needed}"
+            );
+        }
+        for (table, documented) in &sections {
+            let mut accepted = accepted_keys(table);
+            if table == "top level" {
+                // the sub-tables have sections of their own
+                accepted.retain(|k| {
+                    documented.contains(k)
+                        || !matches!(
+                            k.as_str(),
+                            "store"
+                                | "limits"
+                                | "listener"
+                                | "cluster"
+                                | "authn"
+                                | "role"
+                                | "assignment"
+                                | "audit"
+                                | "break_glass"
+                                | "relay"
+                                | "sandbox"
+                                | "admin"
+                        )
+                });
+            }
+            assert_eq!(
+                documented, &accepted,
+                "CONFIGURATION.md section {table} must list exactly the keys the parser accepts"
+            );
+        }
+    }
+
+    /// The rows of CONFIGURATION.md's section `table` whose default is a TOML value
+    /// (in backticks), as `key = value` lines.
+    fn documented_defaults(table: &str) -> String {
+        let reference = include_str!("../../CONFIGURATION.md");
+        let section = reference
+            .split(&format!("## `{table}`"))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no section {table}"));
+        let section = section.split("\n## ").next().unwrap_or_default();
+        section
+            .lines()
+            .filter_map(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                let key = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                let default = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some(format!("{key} = {default}\n"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_documented_defaults_are_the_defaults() {
+        let defaults = parse(MINIMAL).unwrap();
+        // [limits] and [relay] written out with their documented defaults parse to the
+        // very values a config without them gets
+        let limits = documented_defaults("[limits]");
+        let relay = documented_defaults("[relay]");
+        assert!(limits.lines().count() >= 18, "{limits}");
+        let explicit = parse(&format!("{MINIMAL}\n[limits]\n{limits}\n[relay]\n{relay}"))
+            .unwrap_or_else(|e| panic!("{e}\n{limits}{relay}"));
+        assert_eq!(explicit.limits, defaults.limits, "{limits}");
+        assert_eq!(explicit.relay, defaults.relay, "{relay}");
+        assert_eq!(explicit.limits, Limits::default());
+        // and the pod executor's
+        let pod = documented_defaults("[cluster.pod]");
+        let requests = documented_defaults("[cluster.pod.resources.requests]");
+        let limits = documented_defaults("[cluster.pod.resources.limits]");
+        let text = format!(
+            "{MINIMAL}\n[relay]\naddress = \"0.0.0.0:7443\"\nadvertise_url = \"https://relay.example\"\n\n[[cluster]]\nname = \"c\"\nexecutor = \"pod\"\nkubeconfig = \"k\"\n[cluster.pod]\n{pod}\n[cluster.pod.resources.requests]\n{requests}\n[cluster.pod.resources.limits]\n{limits}"
+        );
+        let explicit = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(
+            explicit.clusters[1].pod,
+            Some(PodSettings::default()),
+            "{text}"
+        );
+    }
+
     #[test]
     fn missing_listener_or_cluster_is_explained() {
         let err = parse("state_dir = \"s\"\n").unwrap_err();

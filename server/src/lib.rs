@@ -492,6 +492,8 @@ impl Gateway {
             audit::REFUSAL_LINES_BURST,
         ));
         let server = tonic::transport::Server::builder()
+            // one span per RPC: every log line of a call names its method
+            .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()))
             // room for a bearer token far over MAX_BEARER_TOKEN_BYTES, so an oversized
             // one reaches authentication and is refused there, audited, not by HTTP/2
             .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)

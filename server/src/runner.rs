@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::access::authz::GrantUse;
 use crate::admission::{PrincipalPermit, PrincipalSlots};
@@ -495,7 +496,9 @@ impl Runner {
         }
         let this = self.clone();
         crate::metrics::metrics().command_started(cluster.name.as_str());
-        self.tasks.spawn(async move {
+        // one span per command: every log line of its life names it
+        let span = tracing::info_span!("command", command_id = %running.record.id, cluster = %cluster.name);
+        let task = async move {
             this.audit.record(AuditEvent::CommandStarted {
                 command_id: running.record.id.to_string(),
                 cluster: running.record.cluster.clone(),
@@ -511,7 +514,8 @@ impl Runner {
             // can start the next one at once
             drop(permit);
             let _ = done_tx.send(true);
-        });
+        };
+        self.tasks.spawn(task.instrument(span));
     }
 
     async fn finish(&self, running: &Running, outcome: Outcome) {

@@ -95,6 +95,21 @@ fn a_scrape_shows_the_counters_move_after_a_command_a_denial_and_a_relay_request
         "OpenMetrics ends with # EOF:\n{after}"
     );
     assert_eq!(gw.admin_get("/healthz").unwrap(), (200, "ok\n".to_owned()));
+    // every log line of a call names its RPC, every line of a command's life its id
+    let log = gw.stderr_log();
+    let finished = log
+        .lines()
+        .find(|l| l.contains("command finished"))
+        .unwrap_or_else(|| panic!("no command finished line:\n{log}"));
+    assert!(
+        finished.contains("command{command_id=") && finished.contains("cluster=kube"),
+        "{finished}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("rpc{method=/kinvoke.v1.CommandService/InvokeCommand}")),
+        "{log}"
+    );
     let (status, _) = gw.admin_get("/nowhere").unwrap();
     assert_eq!(status, 404);
 }
