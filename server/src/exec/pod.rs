@@ -323,10 +323,17 @@ pub fn pod_spec(settings: &PodSettings, command: &PodCommand<'_>) -> Pod {
         }),
         ..Volume::default()
     };
-    let mut items: Vec<KeyToPath> = (0..command.files.len())
-        .map(|i| KeyToPath {
+    // each file keeps its mode in the Secret volume too, plus read for owner and group:
+    // Kubernetes makes the files root's with the Pod's fsGroup, and the command's user
+    // reads them through that group (the init container then sets the exact mode)
+    let mut items: Vec<KeyToPath> = command
+        .files
+        .iter()
+        .enumerate()
+        .map(|(i, file)| KeyToPath {
             key: format!("file-{i}"),
             path: format!("file-{i}"),
+            mode: i32::try_from((file.mode & 0o777) | 0o440).ok(),
             ..KeyToPath::default()
         })
         .collect();
@@ -334,6 +341,7 @@ pub fn pod_spec(settings: &PodSettings, command: &PodCommand<'_>) -> Pod {
         items.push(KeyToPath {
             key: "kubeconfig".to_owned(),
             path: "kubeconfig".to_owned(),
+            mode: Some(0o440),
             ..KeyToPath::default()
         });
     }
@@ -1307,7 +1315,7 @@ mod tests {
         assert_eq!(secret["secret"]["defaultMode"], 0o440);
         assert_eq!(
             secret["secret"]["items"],
-            json!([{"key": "file-0", "path": "file-0"}, {"key": "kubeconfig", "path": "kubeconfig"}])
+            json!([{"key": "file-0", "mode": 0o644, "path": "file-0"}, {"key": "kubeconfig", "mode": 0o440, "path": "kubeconfig"}])
         );
         let mounts = |c: &Value| -> Vec<(String, String, bool)> {
             c["volumeMounts"]
@@ -1358,6 +1366,21 @@ mod tests {
             .as_array()
             .unwrap()[..]
         );
+        // the Secret volume keeps each mode too, readable through the Pod's group
+        let items = pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "secret")
+            .unwrap()["secret"]["items"]
+            .clone();
+        let modes: Vec<u64> = items
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["mode"].as_u64().unwrap())
+            .collect();
+        assert_eq!(modes, [0o640, 0o755, 0o644, 0o440]);
     }
 
     #[test]

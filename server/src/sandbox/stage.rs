@@ -446,6 +446,48 @@ fn confine_and_exec(spec: &LaunchSpec) -> Result<Report, String> {
     Err(format!("could not start \"{program}\": {err}"))
 }
 
+/// Makes the mount point for `shown_at` below `root`, one component at a time, refusing
+/// any component that is a symbolic link or not a directory: the path lies inside a
+/// volume whose contents a command may have written.
+fn create_below(root: &Path, shown_at: &Path, dir: bool) -> Result<PathBuf, String> {
+    let parts: Vec<_> = shown_at
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    let mut at = root.to_path_buf();
+    for (i, part) in parts.iter().enumerate() {
+        at.push(part);
+        let last = i + 1 == parts.len();
+        match std::fs::symlink_metadata(&at) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                return Err(format!(
+                    "sandbox: cannot show {} there: {} is a symbolic link",
+                    shown_at.display(),
+                    at.display()
+                ));
+            }
+            Ok(meta) if !last && !meta.is_dir() => {
+                return Err(format!(
+                    "sandbox: cannot show {} there: {} is not a directory",
+                    shown_at.display(),
+                    at.display()
+                ));
+            }
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let made = if last && !dir {
+                    std::fs::File::create_new(&at).map(drop)
+                } else {
+                    std::fs::create_dir(&at)
+                };
+                made.map_err(|e| format!("sandbox: cannot create {}: {e}", at.display()))?;
+            }
+            Err(err) => return Err(format!("sandbox: cannot inspect {}: {err}", at.display())),
+        }
+    }
+    Ok(at)
+}
+
 /// Builds the command's file system and moves into it: a small read-only tmpfs as `/`,
 /// holding only bind mounts of the read-only paths (read-only), the devices, the
 /// command's own directories (read-write), a `/proc` of this PID namespace only, and
@@ -513,7 +555,6 @@ fn build_root(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> 
             ));
         }
     }
-    // mounts last: a volume shown at a path the read-only binds also hold covers it
     let mounts = spec.mounts.iter().map(|m| {
         let kind = if m.writable {
             Bind::Writable
@@ -522,22 +563,41 @@ fn build_root(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> 
         };
         (&m.source, &m.target, kind)
     });
-    for (path, shown_at, kind) in read_only.chain(devices).chain(writable).chain(mounts) {
+    // outer paths first (a stable sort keeps the given order otherwise): a volume shown
+    // at /tmp must not hide a program directory below /tmp, bound after it
+    let mut binds: Vec<(&PathBuf, &PathBuf, Bind)> = read_only
+        .chain(devices)
+        .chain(writable)
+        .chain(mounts)
+        .collect();
+    binds.sort_by_key(|(_, shown_at, _)| shown_at.components().count());
+    for (path, shown_at, kind) in binds {
         let Ok(meta) = std::fs::metadata(path) else {
             // a configured path that this host lacks grants nothing
             continue;
         };
-        let target = inside(shown_at);
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target).map_err(|e| fail("create", &target, &e))?;
+        let in_volume = spec
+            .mounts
+            .iter()
+            .any(|m| shown_at.starts_with(&m.target) && shown_at != &m.target);
+        let target = if in_volume {
+            // below a volume, whose contents an earlier container may have written: no
+            // symbolic link is followed while making the mount point
+            create_below(root, shown_at, meta.is_dir())?
         } else {
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| fail("create", parent, &e))?;
+            let target = inside(shown_at);
+            if meta.is_dir() {
+                std::fs::create_dir_all(&target).map_err(|e| fail("create", &target, &e))?;
+            } else {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| fail("create", parent, &e))?;
+                }
+                if !target.exists() {
+                    std::fs::File::create(&target).map_err(|e| fail("create", &target, &e))?;
+                }
             }
-            if !target.exists() {
-                std::fs::File::create(&target).map_err(|e| fail("create", &target, &e))?;
-            }
-        }
+            target
+        };
         mount(
             Some(path.as_path()),
             &target,
@@ -875,4 +935,34 @@ fn drop_capabilities() -> Result<(), String> {
             .map_err(|e| format!("sandbox: cannot drop capabilities ({set:?}): {e}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "test code")]
+
+    use super::*;
+
+    #[test]
+    fn a_mount_point_inside_a_volume_never_follows_a_planted_link() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        // a volume at /tmp whose writer planted tmp/cc -> a directory outside the root
+        std::fs::create_dir(root.path().join("tmp")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("tmp/cc")).unwrap();
+        let err = create_below(root.path(), Path::new("/tmp/cc/.tools/bin"), true).unwrap_err();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(
+            std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+            "nothing was made through the link"
+        );
+        // a plain path is made one directory at a time, a file at its end
+        let made = create_below(root.path(), Path::new("/tmp/tools/bin"), true).unwrap();
+        assert!(made.is_dir() && made.starts_with(root.path()));
+        let file = create_below(root.path(), Path::new("/tmp/etc/hosts"), false).unwrap();
+        assert!(file.is_file());
+        // a file where a directory must be
+        let err = create_below(root.path(), Path::new("/tmp/etc/hosts/x"), true).unwrap_err();
+        assert!(err.contains("not a directory"), "{err}");
+    }
 }
