@@ -55,6 +55,16 @@ echo
 status=0
 $client invoke --cluster sandbox --command "$kube" || status=$?
 echo "==> the client exited with $status"
+
+pods='echo "in $PWD of Pod kinvoke-$KINVOKE_COMMAND_ID"; kubectl get pods -n kinvoke-command'
+echo
+echo "==> the same cluster with the pod executor, as az aks command invoke: the command runs in a"
+echo "    short-lived Pod of its own (the simulated kubelet runs it in the sandbox):"
+echo "    kinvoke --config $state/client.toml invoke --cluster sandbox-pods --command '$pods'"
+echo
+status=0
+$client invoke --cluster sandbox-pods --command "$pods" || status=$?
+echo "==> the client exited with $status"
 echo
 echo "==> the gateway keeps serving; try the commands above from another terminal. Ctrl-C stops it."
 wait "$gateway"
