@@ -1055,6 +1055,20 @@ name = "prod-eu"
     }
 
     #[test]
+    fn an_output_head_share_over_100_percent_is_refused() {
+        let err = parse(&with_limits("output_head_percent = 101")).unwrap_err();
+        assert!(
+            err.to_string().contains("limits.output_head_percent")
+                && err.to_string().contains("101"),
+            "{err}"
+        );
+        let ok = parse(&with_limits("output_head_percent = 100")).unwrap();
+        assert_eq!(ok.limits.output_head_bytes(), ok.limits.max_output_bytes);
+        let none = parse(&with_limits("output_head_percent = 0")).unwrap();
+        assert_eq!(none.limits.output_head_bytes(), 0);
+    }
+
+    #[test]
     fn max_timeout_below_default_is_rejected() {
         let err = parse(&with_limits("max_timeout = \"1m\"")).unwrap_err();
         assert!(err.to_string().contains("limits.max_timeout"), "{err}");

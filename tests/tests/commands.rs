@@ -303,6 +303,39 @@ fn a_command_that_outlives_its_timeout_is_stopped() {
 }
 
 #[test]
+fn output_head_percent_sets_how_much_of_the_cut_output_is_head() {
+    // 6 + 5000 + 18 = 5024 bytes written, 1 KiB kept
+    let command =
+        "printf 'start\\n'; head -c 5000 /dev/zero | tr '\\0' a; printf '\\nfinal error line\\n'";
+    // the marker is a line of its own: after the head's own newline, if there is a head
+    let marker = "[kinvoke: 4000 bytes of output left out here (limits.max_output_bytes)]\n";
+    for (percent, head_len) in [(0usize, 0usize), (25, 256), (100, 1024)] {
+        let gw = Gateway::start_with(
+            GatewayOptions::default()
+                .limit("max_output_bytes", "1KiB")
+                .limit("output_head_percent", &percent.to_string()),
+        )
+        .expect("the gateway starts");
+        let out = invoke(&gw, command, &["-o", "json"]);
+        let json = out.json().unwrap();
+        assert_eq!(json["outputTruncated"], true, "{out}");
+        let logs = json["logs"].as_str().unwrap();
+        let (head, tail) = logs
+            .split_once(marker)
+            .unwrap_or_else(|| panic!("{percent}%: no marker: {out}"));
+        let head = head.strip_suffix('\n').unwrap_or(head);
+        assert_eq!(head.len(), head_len, "{percent}%: {out}");
+        assert_eq!(tail.len(), 1024 - head_len, "{percent}%: {out}");
+        if percent > 0 {
+            assert!(head.starts_with("start\n"), "{percent}%: {out}");
+        }
+        if percent < 100 {
+            assert!(tail.ends_with("final error line\n"), "{percent}%: {out}");
+        }
+    }
+}
+
+#[test]
 fn output_beyond_the_limit_keeps_its_head_and_tail_and_every_reader_is_told() {
     let gw = Gateway::start_with(GatewayOptions::default().limit("max_output_bytes", "1KiB"))
         .expect("the gateway starts");
