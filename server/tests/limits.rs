@@ -273,3 +273,49 @@ async fn connections_over_the_per_source_limit_are_closed_and_other_sources_conn
         "no place given back after the connections closed"
     );
 }
+
+#[tokio::test]
+async fn connections_over_the_gateway_wide_limit_are_closed_whatever_their_source() {
+    let gw = TestGateway::start("max_connections = 2\nmax_connections_per_source = 64", "").await;
+    let first = gw.channel_as(ADMIN).await;
+    let from_elsewhere: IpAddr = "127.0.0.2".parse().unwrap();
+    let second = gw.channel_from(Some(from_elsewhere), ADMIN).await.unwrap();
+    // a third, from yet another address, finds every place taken
+    let third = gw
+        .channel_from(Some("127.0.0.3".parse().unwrap()), ADMIN)
+        .await;
+    assert!(
+        third.is_err(),
+        "a third connection was accepted over max_connections = 2"
+    );
+    gw.audit_until("the refusal", |events| {
+        events.iter().any(|e| {
+            e["event"] == "connection_refused"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("limits.max_connections = 2"))
+        })
+    })
+    .await;
+    // the open ones still serve
+    for channel in [first.clone(), second.clone()] {
+        pb::access_service_client::AccessServiceClient::new(channel)
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .unwrap();
+    }
+    drop(first);
+    drop(second);
+    let mut reconnected = None;
+    for _ in 0..500 {
+        if let Ok(channel) = gw.channel_from(None, ADMIN).await {
+            reconnected = Some(channel);
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        reconnected.is_some(),
+        "no place given back after the connections closed"
+    );
+}
