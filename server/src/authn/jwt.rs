@@ -73,6 +73,11 @@ pub struct TokenIdentity {
 /// Why a token was not accepted. Messages help the caller and never include the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// The user or groups claim holds control or text-direction characters.
+    #[error(
+        "token claim \"{0}\" holds control or text-direction characters; no principal or group may"
+    )]
+    Unprintable(String),
     /// Not three base64url parts with a JSON header and payload.
     #[error("bearer token is not a well-formed JWT")]
     Malformed,
@@ -400,6 +405,17 @@ impl Issuer {
                 Some((k.clone(), values))
             })
             .collect();
+        // a name that would reach logs, audit lines and Kubernetes headers with control
+        // or text-direction characters is refused, never trimmed
+        if user.chars().any(crate::command::is_unprintable) {
+            return Err(TokenError::Unprintable(self.config.user_claim.clone()));
+        }
+        if groups
+            .iter()
+            .any(|g| g.chars().any(crate::command::is_unprintable))
+        {
+            return Err(TokenError::Unprintable(self.config.groups_claim.clone()));
+        }
         Ok(TokenIdentity {
             issuer: self.config.name.clone(),
             id: format!("{}{user}", self.config.principal_prefix),
@@ -545,6 +561,28 @@ mod tests {
             assert_eq!(id.id, "corp:alice");
             assert_eq!(id.groups, ["sre", "dev"]);
             assert_eq!(id.claims["repository"], ["org/app"]);
+        }
+    }
+
+    #[tokio::test]
+    async fn names_and_groups_with_control_or_direction_characters_are_refused() {
+        let k = keys();
+        let issuers = issuer(&k);
+        let cases = [
+            ("sub", json!("alice\u{1b}[2J")),
+            ("sub", json!("eve\u{202e}nimda")),
+            ("groups", json!(["sre", "admins\u{200b}"])),
+            ("groups", json!("ops\nforged")),
+        ];
+        for (claim, value) in cases {
+            let mut c = claims();
+            c[claim] = value.clone();
+            let err = issuers
+                .verify(&sign(Algorithm::RS256, "rsa-1", &k.rsa, &c))
+                .await
+                .unwrap_err();
+            assert_eq!(err, TokenError::Unprintable(claim.to_owned()), "{value}");
+            assert!(err.to_string().contains(claim), "{err}");
         }
     }
 
