@@ -36,6 +36,14 @@ pub type Readiness = Option<String>;
 /// Longest a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest one connection may stay open, whatever it does (one that never reads its
+/// answer included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(15);
+
+/// Connections served at once; more wait in the kernel's backlog. Scrapers and probes
+/// need a handful.
+const MAX_CONNECTIONS: usize = 32;
+
 /// Binds the admin listener.
 pub async fn bind(config: &AdminConfig) -> std::io::Result<TcpListener> {
     TcpListener::bind(config.address).await
@@ -47,17 +55,33 @@ pub async fn serve(
     ready: watch::Receiver<Readiness>,
     stop: CancellationToken,
 ) {
+    let places = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // a place first: past the cap, connections wait in the backlog, unread
+        let place = tokio::select! {
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => return,
+            },
+            () = stop.cancelled() => return,
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => return,
         };
-        let Ok((stream, _)) = accepted else {
-            continue;
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // out of file descriptors, say: wait rather than spin
+                tracing::warn!(%err, "admin listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let ready = ready.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _place = place;
             let service = hyper::service::service_fn(move |req| {
                 let ready = ready.clone();
                 async move { Ok::<_, Infallible>(answer(&req, &ready)) }
@@ -65,10 +89,11 @@ pub async fn serve(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT);
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
-                _ = conn => {}
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {}
                 () = stop.cancelled() => {}
             }
         });

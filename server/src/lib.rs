@@ -120,6 +120,15 @@ pub enum GatewayError {
     },
 }
 
+/// What `/readyz` says for the audit log's and the store's health.
+fn readiness(audit_up: bool, store_up: bool) -> admin::Readiness {
+    match (audit_up, store_up) {
+        (true, true) => None,
+        (false, _) => Some("the audit log cannot be written".to_owned()),
+        (true, false) => Some("the result store cannot be written".to_owned()),
+    }
+}
+
 /// What `/readyz` says once shutdown has begun.
 const SHUTTING_DOWN: &str = "the gateway is shutting down";
 
@@ -389,7 +398,9 @@ impl Gateway {
         } = self;
         // readiness for the admin listener: the same inputs as the health service, and
         // false from the moment shutdown begins
-        let (ready_tx, ready_rx) = tokio::sync::watch::channel::<admin::Readiness>(None);
+        // seeded with the state now: a gateway that opens on a failing store is not ready
+        let initial = readiness(*audit.health().borrow(), *runner.store_health().borrow());
+        let (ready_tx, ready_rx) = tokio::sync::watch::channel::<admin::Readiness>(initial);
         let ready_tx = Arc::new(ready_tx);
         let admin_stop = CancellationToken::new();
         if let Some(listener) = admin {
@@ -461,11 +472,7 @@ impl Gateway {
                         if ready.as_deref() == Some(SHUTTING_DOWN) {
                             return false;
                         }
-                        let now = match (audit_up, store_up) {
-                            (true, true) => None,
-                            (false, _) => Some("the audit log cannot be written".to_owned()),
-                            (true, false) => Some("the result store cannot be written".to_owned()),
-                        };
+                        let now = readiness(audit_up, store_up);
                         let changed = *ready != now;
                         *ready = now;
                         changed

@@ -177,6 +177,15 @@ fn the_config_the_chart_renders_is_one_the_gateway_accepts() {
         Some("CriticalAddonsOnly")
     );
     assert_eq!(config.listeners.len(), 1);
+    // values of every kind reach the assignment: a bool, a duration, a pattern
+    let oncall = config
+        .policy
+        .assignment("oncall-prod")
+        .expect("the break-glass assignment is rendered");
+    assert!(
+        oncall.eligibility.is_some(),
+        "eligible = true was rendered as a bool"
+    );
 }
 
 #[test]
@@ -242,19 +251,43 @@ fn the_rbac_is_exactly_what_the_gateway_uses() {
         namespace, "kinvoke-command",
         "the pod executor's rights are in its namespace only"
     );
-    // without the pod executor, no rights beyond impersonation
-    let local = template(
-        &helm,
-        &tools,
-        None,
-        &[
-            "--show-only",
-            "templates/rbac.yaml",
-            "--set",
-            "podExecutor.enabled=false",
-        ],
-    );
-    assert!(!local.contains("kind: Role\n"), "{local}");
+}
+
+#[test]
+fn values_that_cannot_work_are_refused_when_rendering_naming_why() {
+    let Some(tools) = kube_tools().unwrap() else {
+        return;
+    };
+    let cases = [
+        (
+            vec!["--set", "podExecutor.enabled=false"],
+            "podExecutor.enabled=false would run commands in the gateway's own container",
+        ),
+        (
+            vec!["--set", "replicaCount=2"],
+            "store.persistence.enabled with replicaCount > 1",
+        ),
+        (
+            vec!["--set", "listeners.public.enabled=true"],
+            "listeners.public.authorizedIpRanges is empty",
+        ),
+        (
+            vec!["--set", "tls.existingSecret="],
+            "tls.existingSecret is required",
+        ),
+    ];
+    for (args, reason) in cases {
+        let mut all = vec!["template", "kinvoke", ".", "--namespace", "kinvoke"];
+        all.extend(args.iter().copied());
+        let out = Command::new(tools.join("helm"))
+            .args(&all)
+            .current_dir(chart())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} rendered");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
 }
 
 /// Runs checkov; panics naming any failed check. Skips are allowed only with a reason
@@ -325,7 +358,8 @@ fn the_systemd_unit_is_hardened() {
     for directive in [
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
-        "DynamicUser=yes",
+        "User=kinvoke",
+        "KillMode=mixed",
         "StateDirectory=kinvoke",
         "ProtectHome=yes",
         "PrivateTmp=yes",
@@ -336,4 +370,11 @@ fn the_systemd_unit_is_hardened() {
     }
     // the sandbox needs these namespaces and nothing more
     assert!(has("RestrictNamespaces=user pid mnt ipc"), "{unit}");
+    // the user it names exists once systemd-sysusers has read the file shipped with it
+    let sysusers =
+        std::fs::read_to_string(repo().join("deploy/systemd/kinvoke.sysusers.conf")).unwrap();
+    assert!(
+        sysusers.lines().any(|l| l.starts_with("u kinvoke ")),
+        "{sysusers}"
+    );
 }
