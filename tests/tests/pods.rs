@@ -106,6 +106,35 @@ impl Pods {
         out.stdout.split_whitespace().next().unwrap().to_owned()
     }
 
+    /// Starts a command that prints `started` and then sleeps, and waits (following its
+    /// output) until it runs: its id and the follower.
+    fn start_sleeper(&self) -> (String, kinvoke_tests::Background) {
+        let id = self.start_command("echo started; exec sleep 300");
+        let mut follower = self
+            .client()
+            .args(["logs", "--cluster", PODS, "--command-id", &id, "--follow"])
+            .spawn()
+            .unwrap();
+        follower.wait_for_line("started").unwrap();
+        (id, follower)
+    }
+
+    /// Cancels a command, checks the client says so, and waits for its Pod and Secret to
+    /// go.
+    fn cancel(&self, id: &str) {
+        let canceled = self
+            .client()
+            .args(["cancel", "--cluster", PODS, "--command-id", id])
+            .run()
+            .unwrap();
+        assert_eq!(canceled.code, Some(0), "{canceled}");
+        assert!(
+            canceled.stdout.contains("command canceled with reason"),
+            "{canceled}"
+        );
+        self.await_no_leftovers("after cancel");
+    }
+
     fn names(&self, plural: &str) -> Vec<String> {
         self.sim
             .objects(plural, NAMESPACE)
@@ -298,25 +327,9 @@ fn an_image_that_cannot_be_pulled_is_named_in_the_error() {
 #[test]
 fn cancel_deletes_the_pod() {
     let Some(pods) = Pods::start() else { return };
-    let id = pods.start_command("echo started; exec sleep 300");
-    let mut follower = pods
-        .client()
-        .args(["logs", "--cluster", PODS, "--command-id", &id, "--follow"])
-        .spawn()
-        .unwrap();
-    follower.wait_for_line("started").unwrap();
+    let (id, follower) = pods.start_sleeper();
     assert_eq!(pods.names("pods"), [format!("kinvoke-{id}")]);
-    let canceled = pods
-        .client()
-        .args(["cancel", "--cluster", PODS, "--command-id", &id])
-        .run()
-        .unwrap();
-    assert_eq!(canceled.code, Some(0), "{canceled}");
-    assert!(
-        canceled.stdout.contains("command canceled with reason"),
-        "{canceled}"
-    );
-    pods.await_no_leftovers("after cancel");
+    pods.cancel(&id);
     let requests = pods.sim.requests();
     assert!(
         requests.iter().any(|r| r.method == "DELETE"
@@ -331,13 +344,7 @@ fn a_gateway_killed_mid_command_leaves_no_pod_or_secret_after_restart() {
     let Some(mut pods) = Pods::start() else {
         return;
     };
-    let id = pods.start_command("echo started; exec sleep 300");
-    let mut follower = pods
-        .client()
-        .args(["logs", "--cluster", PODS, "--command-id", &id, "--follow"])
-        .spawn()
-        .unwrap();
-    follower.wait_for_line("started").unwrap();
+    let (id, mut follower) = pods.start_sleeper();
     follower.kill().unwrap();
     pods.gw.kill().unwrap();
     // the Pod outlives the gateway that made it
@@ -381,17 +388,7 @@ fn a_command_pod_is_pending_until_it_runs() {
         .run()
         .unwrap();
     assert_eq!(out.json().unwrap()["provisioningState"], "Pending", "{out}");
-    let canceled = pods
-        .client()
-        .args(["cancel", "--cluster", PODS, "--command-id", &id])
-        .run()
-        .unwrap();
-    assert_eq!(canceled.code, Some(0), "{canceled}");
-    assert!(
-        canceled.stdout.contains("command canceled with reason"),
-        "{canceled}"
-    );
-    pods.await_no_leftovers("after canceling a pending command");
+    pods.cancel(&id);
 }
 
 #[test]
