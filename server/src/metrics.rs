@@ -90,6 +90,20 @@ fn quick_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 4.0, 10))
 }
 
+/// Registers `metric` under `name` (with `unit`, a suffix of its name, when given).
+fn add(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    unit: Option<prometheus_client::registry::Unit>,
+    metric: impl prometheus_client::registry::Metric,
+) {
+    match unit {
+        Some(unit) => registry.register_with_unit(name, help, unit, metric),
+        None => registry.register(name, help, metric),
+    }
+}
+
 /// Every metric of the gateway.
 pub struct Metrics {
     registry: Registry,
@@ -143,79 +157,104 @@ impl Metrics {
             breakglass_active_grants: Gauge::default(),
             store_seconds: Family::new_with_constructor(quick_histogram),
         };
-        registry.register(
+        use prometheus_client::registry::Unit::{Bytes, Seconds};
+        let r = &mut registry;
+        add(
+            r,
             "commands_started",
             "Commands started, by cluster",
+            None,
             m.commands_started.clone(),
         );
-        registry.register(
+        add(
+            r,
             "commands_finished",
             "Commands finished, by cluster and final state",
+            None,
             m.commands_finished.clone(),
         );
-        registry.register_with_unit(
+        add(
+            r,
             "command_duration",
             "How long commands ran, by cluster",
-            prometheus_client::registry::Unit::Seconds,
+            Some(Seconds),
             m.command_duration.clone(),
         );
-        registry.register(
+        add(
+            r,
             "commands_in_flight",
             "Commands running now",
+            None,
             m.commands_in_flight.clone(),
         );
-        registry.register_with_unit(
+        add(
+            r,
             "command_output",
             "Output commands printed, by cluster",
-            prometheus_client::registry::Unit::Bytes,
+            Some(Bytes),
             m.output_bytes.clone(),
         );
-        registry.register(
+        add(
+            r,
             "authn_failures",
             "Authentication failures, by method and reason",
+            None,
             m.authn_failures.clone(),
         );
-        registry.register(
+        add(
+            r,
             "authz_denials",
             "Authorization denials, by action",
+            None,
             m.authz_denials.clone(),
         );
-        registry.register(
+        add(
+            r,
             "network_refusals",
             "Connections refused by a listener's address allowlist, by listener",
+            None,
             m.network_refusals.clone(),
         );
-        registry.register(
+        add(
+            r,
             "relay_requests",
             "Requests the relay answered, by verb and status class",
+            None,
             m.relay_requests.clone(),
         );
-        registry.register_with_unit(
+        add(
+            r,
             "relay_latency",
             "Time to the relay's response headers, by verb",
-            prometheus_client::registry::Unit::Seconds,
+            Some(Seconds),
             m.relay_latency.clone(),
         );
-        registry.register_with_unit(
+        add(
+            r,
             "audit_write",
             "Time to write one batch of audit lines",
-            prometheus_client::registry::Unit::Seconds,
+            Some(Seconds),
             m.audit_write_seconds.clone(),
         );
-        registry.register(
+        add(
+            r,
             "audit_write_failures",
             "Audit batches that could not be written",
+            None,
             m.audit_write_failures.clone(),
         );
-        registry.register(
+        add(
+            r,
             "breakglass_active_grants",
             "Break-glass grants active now",
+            None,
             m.breakglass_active_grants.clone(),
         );
-        registry.register_with_unit(
+        add(
+            r,
             "store_operation",
             "Result-store operation time, by operation",
-            prometheus_client::registry::Unit::Seconds,
+            Some(Seconds),
             m.store_seconds.clone(),
         );
         Self { registry, ..m }
