@@ -53,6 +53,17 @@ impl Pods {
         kubelet: impl FnOnce(KubeletOptions) -> KubeletOptions,
         pod_toml: &str,
     ) -> Option<Self> {
+        Self::start_full(kubelet, "", pod_toml, GatewayOptions::default())
+    }
+
+    /// Like [`Pods::start_with`], with more keys of the cluster (`mode = "argv"`) and the
+    /// gateway's other options (limits).
+    fn start_full(
+        kubelet: impl FnOnce(KubeletOptions) -> KubeletOptions,
+        cluster_toml: &str,
+        pod_toml: &str,
+        options: GatewayOptions,
+    ) -> Option<Self> {
         let tools = kube_tools().unwrap()?;
         let sandbox = Sandbox::with_launcher(
             SandboxSettings::default(),
@@ -65,10 +76,16 @@ impl Pods {
         let sim = SimCluster::spawn(SimOptions::default().with_kubelet(kubelet))
             .expect("the simulated cluster starts");
         sim.create_namespace(NAMESPACE).unwrap();
-        let options = GatewayOptions::default()
-            .kube_cluster(PODS, &sim.admin_kubeconfig(), &path)
+        // shell mode unless cluster_toml says otherwise
+        let mode = if cluster_toml.contains("mode =") {
+            ""
+        } else {
+            "mode = \"shell\"\n"
+        };
+        let options = options
+            .file("pods.kubeconfig", sim.admin_kubeconfig())
             .extra_toml(&format!(
-                "executor = \"pod\"\n\n[cluster.pod]\nloopback_relay = true\n{pod_toml}\n"
+                "[[cluster]]\nname = \"{PODS}\"\nexecutor = \"pod\"\nkubeconfig = \"pods.kubeconfig\"\npath = {path:?}\n{mode}{cluster_toml}\n\n[cluster.pod]\nloopback_relay = true\n{pod_toml}\n"
             ));
         let gw = Gateway::start_with(options).expect("the gateway starts");
         Some(Self { gw, sim })
@@ -409,4 +426,91 @@ fn pods_not_made_by_kinvoke_are_not_run_on_the_gateways_host() {
         &[],
     );
     assert_eq!(body(&out, 0), ["pod/probe created", "Running"], "{out}");
+}
+
+#[test]
+fn argv_mode_applies_its_rules_before_any_pod_is_made() {
+    let Some(pods) = Pods::start_full(|k| k, "mode = \"argv\"", "", GatewayOptions::default())
+    else {
+        return;
+    };
+    let ok = pods.invoke("kubectl get pods -n demo", &[]);
+    let lines = body(&ok, 0);
+    assert!(lines.iter().any(|l| l.starts_with("web-")), "{ok}");
+    let before = pods.sim.requests().len();
+    for refused in [
+        "kubectl get pods -A | grep web",
+        "kubectl --kubeconfig=/x get ns",
+        "sh -c 'kubectl get ns'",
+    ] {
+        let out = pods.invoke(refused, &[]);
+        assert_ne!(out.code, Some(0), "{refused}: {out}");
+        assert!(out.stderr.contains("INVALID_ARGUMENT"), "{refused}: {out}");
+    }
+    let created = pods
+        .sim
+        .requests()
+        .into_iter()
+        .skip(before)
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(created, 0, "a refused command made no Pod or Secret");
+}
+
+#[test]
+fn output_past_the_cap_is_cut_and_reported_as_with_the_local_executor() {
+    let Some(pods) = Pods::start_full(
+        |k| k,
+        "",
+        "",
+        GatewayOptions::default().limit("max_output_bytes", "1KiB"),
+    ) else {
+        return;
+    };
+    let command =
+        "printf 'start\\n'; head -c 5000 /dev/zero | tr '\\0' a; printf '\\nfinal error line\\n'";
+    let out = pods.invoke(command, &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(
+        out.stdout
+            .contains("[kinvoke: 4000 bytes of output left out here (limits.max_output_bytes)]"),
+        "{out}"
+    );
+    assert!(out.stdout.ends_with("final error line\n"), "{out}");
+    assert!(out.stdout.contains("start\naaa"), "{out}");
+    assert!(
+        out.stderr
+            .contains("kinvoke: output was cut: 5024 bytes were written"),
+        "{out}"
+    );
+}
+
+#[test]
+fn attached_files_keep_their_modes_in_the_pod() {
+    let Some(pods) = Pods::start() else { return };
+    use std::os::unix::fs::PermissionsExt;
+    let dir = pods.gw.scratch("modes");
+    fs::create_dir_all(dir.join("sub")).unwrap();
+    for (name, mode) in [
+        ("secret.yaml", 0o600),
+        ("run.sh", 0o750),
+        ("sub/plain.txt", 0o644),
+    ] {
+        let file = dir.join(name);
+        fs::write(&file, "x\n").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = pods.invoke(
+        "stat -c '%a %n' modes/secret.yaml modes/run.sh modes/sub/plain.txt",
+        &["--file", dir.to_str().unwrap()],
+    );
+    assert_eq!(
+        body(&out, 0),
+        [
+            "600 modes/secret.yaml",
+            "750 modes/run.sh",
+            "644 modes/sub/plain.txt"
+        ],
+        "{out}"
+    );
 }
