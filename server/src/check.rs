@@ -84,9 +84,16 @@ fn summary(config: &Config) -> String {
     let mut out = String::new();
     let l = &config.limits;
     out.push_str(&format!("state dir: {}\n", config.state_dir.display()));
+    let where_kept = match &config.store.postgres {
+        Some(pg) => format!(
+            "PostgreSQL {} as replica {}",
+            crate::store::redacted_url(&pg.url),
+            pg.replica_id
+        ),
+        None => config.store.path.display().to_string(),
+    };
     out.push_str(&format!(
-        "store: {} (retention {})\n",
-        config.store.path.display(),
+        "store: {where_kept} (retention {})\n",
         humantime::format_duration(config.store.retention)
     ));
     for l in &config.listeners {

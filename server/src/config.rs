@@ -107,8 +107,11 @@ pub struct Config {
 /// Where results are kept and for how long.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// SQLite database file.
+    /// SQLite database file (the embedded default backend).
     pub path: PathBuf,
+    /// `backend = "postgres"`: the PostgreSQL database several replicas share, instead of
+    /// the SQLite file.
+    pub postgres: Option<crate::store::PostgresSettings>,
     /// How long a finished command's record is kept.
     pub retention: Duration,
 }
@@ -156,6 +159,107 @@ pub enum ApiServer {
     },
     /// The service account of the Pod the gateway runs in.
     InCluster,
+}
+
+/// `[store]`'s PostgreSQL settings when `backend = "postgres"`; the keys of one backend are
+/// refused with the other, so nothing configured is silently ignored.
+fn parse_postgres(
+    raw: &raw::RawStore,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<crate::store::PostgresSettings>, ConfigError> {
+    let postgres_keys = [
+        ("url", raw.url.is_some()),
+        ("password_file", raw.password_file.is_some()),
+        ("ca_cert", raw.ca_cert.is_some()),
+        ("max_connections", raw.max_connections.is_some()),
+        ("replica_id", raw.replica_id.is_some()),
+    ];
+    match raw.backend.as_deref().unwrap_or("sqlite") {
+        "sqlite" => {
+            if let Some((key, _)) = postgres_keys.iter().find(|(_, set)| *set) {
+                return Err(invalid(
+                    format!("store.{key}"),
+                    "applies to backend = \"postgres\" only; set it, or remove the key",
+                ));
+            }
+            Ok(None)
+        }
+        "postgres" => {
+            if raw.path.is_some() {
+                return Err(invalid(
+                    "store.path",
+                    "is the SQLite file; with backend = \"postgres\" the database is store.url",
+                ));
+            }
+            let url = raw.url.clone().ok_or_else(|| {
+                invalid(
+                    "store.url",
+                    "backend = \"postgres\" needs the database's URL, e.g. \"postgres://kinvoke@db.internal:5432/kinvoke?sslmode=require\"",
+                )
+            })?;
+            url.parse::<tokio_postgres::Config>().map_err(|e| {
+                invalid(
+                    "store.url",
+                    format!(
+                        "{} is not a PostgreSQL connection string: {e}",
+                        crate::store::redacted_url(&url)
+                    ),
+                )
+            })?;
+            if crate::store::redacted_url(&url) != url {
+                return Err(invalid(
+                    "store.url",
+                    "carries a password; put it in a file named by store.password_file instead",
+                ));
+            }
+            let password = match &raw.password_file {
+                None => None,
+                Some(file) => {
+                    let file = resolve(file);
+                    let text = std::fs::read_to_string(&file).map_err(|e| {
+                        invalid("store.password_file", format!("{}: {e}", file.display()))
+                    })?;
+                    Some(text.trim_end_matches(['\n', '\r']).to_owned())
+                }
+            };
+            let max_connections = raw.max_connections.unwrap_or(16);
+            if max_connections == 0 {
+                return Err(invalid("store.max_connections", "must be at least 1"));
+            }
+            let replica_id = match &raw.replica_id {
+                Some(id) => id.clone(),
+                None => nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .filter(|h| !h.is_empty())
+                    .ok_or_else(|| {
+                        invalid(
+                            "store.replica_id",
+                            "the host name cannot be read; set the replica's name",
+                        )
+                    })?,
+            };
+            if replica_id.is_empty() || replica_id.chars().any(crate::command::is_unprintable) {
+                return Err(invalid(
+                    "store.replica_id",
+                    "must be a non-empty name without control characters",
+                ));
+            }
+            Ok(Some(crate::store::PostgresSettings {
+                url,
+                password,
+                ca_cert: raw.ca_cert.as_deref().map(resolve),
+                max_connections,
+                replica_id,
+            }))
+        }
+        other => Err(invalid(
+            "store.backend",
+            format!(
+                "unknown backend \"{other}\"; this gateway supports \"sqlite\" and \"postgres\""
+            ),
+        )),
+    }
 }
 
 /// Environment variable that overrides `relay.advertise_url` (e.g. with the Pod's own
@@ -225,6 +329,7 @@ impl Config {
                 .store
                 .retention
                 .unwrap_or(Duration::from_secs(24 * 3600)),
+            postgres: parse_postgres(&raw.store, &resolve)?,
         };
         if store.retention.is_zero() {
             return Err(invalid("store.retention", "must be longer than 0s"));
@@ -1052,6 +1157,48 @@ name = "prod-eu"
     fn missing_listener_or_cluster_is_explained() {
         let err = parse("state_dir = \"s\"\n").unwrap_err();
         assert!(err.to_string().contains("[[listener]]"), "{err}");
+    }
+
+    #[test]
+    fn the_postgres_store_is_configured_whole_or_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        let pg = |store: &str| Config::parse(&format!("{MINIMAL}\n[store]\n{store}\n"), dir.path());
+        let config = pg("backend = \"postgres\"\nurl = \"postgres://kinvoke@db.internal:5432/kinvoke?sslmode=require\"\npassword_file = \"pw\"\nreplica_id = \"kinvoke-0\"").unwrap();
+        let settings = config.store.postgres.unwrap();
+        assert_eq!(settings.password.as_deref(), Some("s3cret"));
+        assert_eq!(settings.replica_id, "kinvoke-0");
+        assert_eq!(settings.max_connections, 16);
+        assert!(
+            !format!("{settings:?}").contains("s3cret"),
+            "the password is never printed"
+        );
+        let cases = [
+            ("backend = \"postgres\"", "store.url"),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u:pw@db/k\"",
+                "store.url",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/k\"\npath = \"x.db\"",
+                "store.path",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/k\"\npassword_file = \"missing\"",
+                "store.password_file",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/k\"\nmax_connections = 0",
+                "store.max_connections",
+            ),
+            ("url = \"postgres://u@db/k\"", "store.url"),
+            ("backend = \"mysql\"", "store.backend"),
+        ];
+        for (store, key) in cases {
+            let err = pg(store).unwrap_err().to_string();
+            assert!(err.contains(key), "{store}: {err}");
+            assert!(!err.contains(":pw@"), "the password is never echoed: {err}");
+        }
     }
 
     #[test]

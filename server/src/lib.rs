@@ -238,7 +238,10 @@ impl Gateway {
         // first: a second gateway on this directory must not mark this one's commands
         // failed or remove their directories
         let state_lock = lock_state_dir(&config.state_dir)?;
-        let (store, recovered) = Store::open(&config.store.path)?;
+        let (store, recovered) = match &config.store.postgres {
+            Some(settings) => Store::connect_postgres(settings).await?,
+            None => Store::open(&config.store.path)?,
+        };
         if recovered > 0 {
             tracing::warn!(
                 records = recovered,

@@ -13,6 +13,11 @@ use crate::access::authz::GrantUse;
 use crate::access::grant::{Grant, GrantState};
 use crate::command::{CommandId, CommandState, FileInfo};
 
+mod postgres;
+
+use postgres::PgStore;
+pub use postgres::{PostgresSettings, redacted_url};
+
 /// Reason given to records that were running when the gateway stopped abruptly.
 pub const RESTARTED_REASON: &str = "gateway restarted before the command finished";
 
@@ -36,6 +41,12 @@ pub enum StoreError {
     /// A stored row holds a value this version cannot read.
     #[error("result store holds an unreadable record: {0}")]
     Corrupt(String),
+    /// A PostgreSQL query failed.
+    #[error("result store query failed: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection to the PostgreSQL server could be had.
+    #[error("result store unreachable: {0}")]
+    Unreachable(String),
 }
 
 impl StoreError {
@@ -58,7 +69,17 @@ impl StoreError {
                     | DatabaseCorrupt
                     | NotADatabase
             ),
-            Self::Open { .. } => true,
+            Self::Open { .. } | Self::Unreachable(_) => true,
+            // no answer from the server (a dropped connection), or one saying it cannot
+            // take writes: connection exceptions (08), insufficient resources (53, a full
+            // disk), operator intervention (57, a shutdown), read-only transactions
+            Self::Postgres(err) => err.as_db_error().is_none_or(|db| {
+                let code = db.code().code();
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57")
+                    || code == "25006"
+            }),
             _ => false,
         }
     }
@@ -119,13 +140,21 @@ pub struct ListQuery {
     pub after: Option<(i64, String)>,
 }
 
-/// The SQLite result store.
+/// The result store: SQLite in the state directory (the embedded default), or
+/// PostgreSQL shared by several replicas.
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    db: Db,
     /// False from a query that failed for the disk or the file (full, read-only, I/O
     /// error) until one succeeds again.
     health: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Where records are kept.
+#[derive(Clone)]
+enum Db {
+    Sqlite(Arc<Mutex<Connection>>),
+    Postgres(PgStore),
 }
 
 impl std::fmt::Debug for Store {
@@ -210,7 +239,7 @@ impl Store {
             .map_err(|e| open_err(Box::new(e)))?;
         Ok((
             Self {
-                conn: Arc::new(Mutex::new(conn)),
+                db: Db::Sqlite(Arc::new(Mutex::new(conn))),
                 health: Arc::new(tokio::sync::watch::channel(true).0),
             },
             recovered,
@@ -229,7 +258,7 @@ impl Store {
 
     /// Writes to the database (one row of its own) to find out whether it can be
     /// written again; the outcome sets [`Store::is_healthy`].
-    pub async fn probe(&self) -> Result<(), StoreError> {
+    async fn sqlite_probe(&self) -> Result<(), StoreError> {
         self.with_conn("probe", |conn| {
             conn.execute(
                 "INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?1)",
@@ -238,6 +267,107 @@ impl Store {
             Ok(())
         })
         .await
+    }
+
+    /// Connects to PostgreSQL, applies the migrations it lacks, and marks this replica's
+    /// commands left running as failed. Returns the store and how many were marked.
+    pub async fn connect_postgres(
+        settings: &PostgresSettings,
+    ) -> Result<(Self, usize), StoreError> {
+        let (pg, recovered) = PgStore::connect(settings).await?;
+        Ok((
+            Self {
+                db: Db::Postgres(pg),
+                health: Arc::new(tokio::sync::watch::channel(true).0),
+            },
+            recovered,
+        ))
+    }
+
+    /// A PostgreSQL operation, timed and noted like a SQLite one.
+    async fn on_postgres<T>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        crate::metrics::metrics().store_op(op, started.elapsed());
+        self.note(&result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// Writes to the database (one row of its own) to find out whether it can be
+    /// written again; the outcome sets [`Store::is_healthy`].
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_probe().await,
+            Db::Postgres(pg) => self.on_postgres("probe", pg.probe()).await,
+        }
+    }
+
+    /// Saves a new or updated record.
+    pub async fn put(&self, record: CommandRecord) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_put(record).await,
+            Db::Postgres(pg) => self.on_postgres("put", pg.put(record)).await,
+        }
+    }
+
+    /// Records that a `Pending` command has started running (its Pod runs); a record
+    /// that already ended is left as it is.
+    pub async fn mark_running(&self, id: &CommandId) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_mark_running(id).await,
+            Db::Postgres(pg) => self.on_postgres("mark_running", pg.mark_running(id)).await,
+        }
+    }
+
+    /// The record with this id.
+    pub async fn get(&self, id: &CommandId) -> Result<Option<CommandRecord>, StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_get(id).await,
+            Db::Postgres(pg) => self.on_postgres("get", pg.get(id)).await,
+        }
+    }
+
+    /// Records newest first, with their output left empty.
+    pub async fn list(&self, query: ListQuery) -> Result<Vec<CommandRecord>, StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_list(query).await,
+            Db::Postgres(pg) => self.on_postgres("list", pg.list(query)).await,
+        }
+    }
+
+    /// Saves a new or updated grant.
+    pub async fn put_grant(&self, grant: Grant) -> Result<(), StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_put_grant(grant).await,
+            Db::Postgres(pg) => self.on_postgres("put_grant", pg.put_grant(grant)).await,
+        }
+    }
+
+    /// Every stored grant, newest first.
+    pub async fn grants(&self) -> Result<Vec<Grant>, StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_grants().await,
+            Db::Postgres(pg) => self.on_postgres("grants", pg.grants()).await,
+        }
+    }
+
+    /// Deletes finished records older than `retention`; returns how many.
+    pub async fn purge_expired(&self, retention: Duration) -> Result<usize, StoreError> {
+        match &self.db {
+            Db::Sqlite(_) => self.sqlite_purge_expired(retention).await,
+            Db::Postgres(pg) => {
+                let cutoff = millis(
+                    SystemTime::now()
+                        .checked_sub(retention)
+                        .unwrap_or(UNIX_EPOCH),
+                );
+                self.on_postgres("purge", pg.purge_expired(cutoff)).await
+            }
+        }
     }
 
     fn note(&self, result: &Result<(), &StoreError>) {
@@ -265,7 +395,12 @@ impl Store {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let started = std::time::Instant::now();
-        let conn = self.conn.clone();
+        let Db::Sqlite(conn) = &self.db else {
+            return Err(StoreError::Corrupt(
+                "a SQLite query was sent to the PostgreSQL store".to_owned(),
+            ));
+        };
+        let conn = conn.clone();
         let result = tokio::task::spawn_blocking(move || {
             // a panic inside a query cannot leave SQLite half-written (it rolls back), so
             // a poisoned lock is safe to keep using
@@ -281,7 +416,7 @@ impl Store {
     }
 
     /// Saves a new or updated record.
-    pub async fn put(&self, record: CommandRecord) -> Result<(), StoreError> {
+    async fn sqlite_put(&self, record: CommandRecord) -> Result<(), StoreError> {
         self.with_conn("put", move |conn| {
             let files = files_to_json(&record.files);
             conn.execute(
@@ -316,7 +451,7 @@ impl Store {
 
     /// Records that a `Pending` command has started running (its Pod runs); a record
     /// that already ended is left as it is.
-    pub async fn mark_running(&self, id: &CommandId) -> Result<(), StoreError> {
+    async fn sqlite_mark_running(&self, id: &CommandId) -> Result<(), StoreError> {
         let id = id.as_str().to_owned();
         self.with_conn("mark_running", move |conn| {
             conn.execute(
@@ -329,7 +464,7 @@ impl Store {
     }
 
     /// The record with this id.
-    pub async fn get(&self, id: &CommandId) -> Result<Option<CommandRecord>, StoreError> {
+    async fn sqlite_get(&self, id: &CommandId) -> Result<Option<CommandRecord>, StoreError> {
         let id = id.as_str().to_owned();
         self.with_conn("get", move |conn| {
             conn.query_row(
@@ -344,7 +479,7 @@ impl Store {
     }
 
     /// Records newest first, with their output left empty.
-    pub async fn list(&self, query: ListQuery) -> Result<Vec<CommandRecord>, StoreError> {
+    async fn sqlite_list(&self, query: ListQuery) -> Result<Vec<CommandRecord>, StoreError> {
         if query.visible.is_empty() {
             return Ok(Vec::new());
         }
@@ -386,7 +521,7 @@ impl Store {
     }
 
     /// Saves a new or updated grant.
-    pub async fn put_grant(&self, grant: Grant) -> Result<(), StoreError> {
+    async fn sqlite_put_grant(&self, grant: Grant) -> Result<(), StoreError> {
         self.with_conn("put_grant", move |conn| {
             conn.execute(
                 "INSERT OR REPLACE INTO grants
@@ -416,7 +551,7 @@ impl Store {
     }
 
     /// Every stored grant, newest first.
-    pub async fn grants(&self) -> Result<Vec<Grant>, StoreError> {
+    async fn sqlite_grants(&self) -> Result<Vec<Grant>, StoreError> {
         self.with_conn("grants", |conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, assignment, cluster, role, principal, justification, duration_ms, state,
@@ -459,7 +594,7 @@ impl Store {
     }
 
     /// Deletes finished records older than `retention`; returns how many.
-    pub async fn purge_expired(&self, retention: Duration) -> Result<usize, StoreError> {
+    async fn sqlite_purge_expired(&self, retention: Duration) -> Result<usize, StoreError> {
         let cutoff = millis(
             SystemTime::now()
                 .checked_sub(retention)
@@ -566,6 +701,143 @@ fn files_from_json(text: &str) -> Result<Vec<FileInfo>, StoreError> {
 mod tests {
     use super::*;
 
+    /// A throwaway PostgreSQL server (Debian's `postgresql` binaries) on a Unix socket in
+    /// a temporary directory, stopped and removed on drop. As root it runs as `nobody`
+    /// (PostgreSQL refuses root).
+    pub(crate) struct TestPostgres {
+        dir: tempfile::TempDir,
+        bin: PathBuf,
+    }
+
+    impl TestPostgres {
+        /// Starts one, or `None` (after a SKIPPED line) when the binaries are missing and
+        /// may be; under `CI=true` or `KINVOKE_REQUIRE_KUBE_TOOLS=1` they may not.
+        pub(crate) fn start() -> Option<Self> {
+            let bin = std::fs::read_dir("/usr/lib/postgresql")
+                .ok()
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .filter(|b| b.join("initdb").is_file())
+                .max();
+            let Some(bin) = bin else {
+                let set = |n: &str| std::env::var(n).is_ok_and(|v| v == "true" || v == "1");
+                assert!(
+                    !(set("CI") || set("KINVOKE_REQUIRE_KUBE_TOOLS")),
+                    "PostgreSQL server binaries are missing: apt-get install postgresql"
+                );
+                println!(
+                    "SKIPPED: no /usr/lib/postgresql/*/bin/initdb (apt-get install postgresql)"
+                );
+                return None;
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let pg = Self { dir, bin };
+            if nix::unistd::geteuid().is_root() {
+                std::os::unix::fs::chown(pg.dir.path(), Some(65_534), Some(65_534)).unwrap();
+            }
+            pg.run(
+                "initdb",
+                &[
+                    "-D",
+                    &pg.data(),
+                    "-U",
+                    "kinvoke",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                ],
+            );
+            let options = format!(
+                "-k {} -c listen_addresses= -p 5432",
+                pg.dir.path().display()
+            );
+            let log = pg.dir.path().join("log").display().to_string();
+            pg.run(
+                "pg_ctl",
+                &["-D", &pg.data(), "-o", &options, "-l", &log, "-w", "start"],
+            );
+            Some(pg)
+        }
+
+        fn data(&self) -> String {
+            self.dir.path().join("data").display().to_string()
+        }
+
+        fn run(&self, program: &str, args: &[&str]) {
+            let path = self.bin.join(program);
+            let out = if nix::unistd::geteuid().is_root() {
+                std::process::Command::new("setpriv")
+                    .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                    .arg(&path)
+                    .args(args)
+                    .output()
+            } else {
+                std::process::Command::new(&path).args(args).output()
+            }
+            .unwrap();
+            assert!(
+                out.status.success(),
+                "{program} {args:?}: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        /// Settings for replica `replica`.
+        pub(crate) fn settings(&self, replica: &str) -> PostgresSettings {
+            PostgresSettings {
+                url: format!(
+                    "host={} port=5432 user=kinvoke dbname=postgres",
+                    self.dir.path().display()
+                ),
+                password: None,
+                ca_cert: None,
+                max_connections: 4,
+                replica_id: replica.to_owned(),
+            }
+        }
+    }
+
+    impl Drop for TestPostgres {
+        fn drop(&mut self) {
+            let data = self.data();
+            self.run("pg_ctl", &["-D", &data, "-m", "immediate", "stop"]);
+        }
+    }
+
+    /// One backend a store test runs against.
+    enum Backend {
+        Sqlite(tempfile::TempDir),
+        Postgres(TestPostgres),
+    }
+
+    impl Backend {
+        /// SQLite always; PostgreSQL when its binaries are here.
+        fn all() -> Vec<Self> {
+            let mut out = vec![Self::Sqlite(tempfile::tempdir().unwrap())];
+            out.extend(TestPostgres::start().map(Self::Postgres));
+            out
+        }
+
+        /// Opens (again) the same store, as replica `a`.
+        async fn open(&self) -> (Store, usize) {
+            match self {
+                Self::Sqlite(dir) => Store::open(&dir.path().join("db/kinvoke.db")).unwrap(),
+                Self::Postgres(pg) => Store::connect_postgres(&pg.settings("a")).await.unwrap(),
+            }
+        }
+
+        fn name(&self) -> &'static str {
+            match self {
+                Self::Sqlite(_) => "sqlite",
+                Self::Postgres(_) => "postgres",
+            }
+        }
+    }
+
     fn record(state: CommandState, started_ms: i64) -> CommandRecord {
         CommandRecord {
             id: CommandId::random().unwrap(),
@@ -592,10 +864,14 @@ mod tests {
 
     #[tokio::test]
     async fn records_round_trip_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db/kinvoke.db");
-        let (store, recovered) = Store::open(&path).unwrap();
-        assert_eq!(recovered, 0);
+        for backend in Backend::all() {
+            records_round_trip_and_survive_reopen_on(&backend).await;
+        }
+    }
+
+    async fn records_round_trip_and_survive_reopen_on(backend: &Backend) {
+        let (store, recovered) = backend.open().await;
+        assert_eq!(recovered, 0, "{}", backend.name());
         let done = record(CommandState::Succeeded, 1_000);
         let running = record(CommandState::Running, 2_000);
         store.put(done.clone()).await.unwrap();
@@ -603,8 +879,8 @@ mod tests {
         assert_eq!(store.get(&done.id).await.unwrap(), Some(done.clone()));
         drop(store);
 
-        let (store, recovered) = Store::open(&path).unwrap();
-        assert_eq!(recovered, 1);
+        let (store, recovered) = backend.open().await;
+        assert_eq!(recovered, 1, "{}", backend.name());
         let after = store.get(&running.id).await.unwrap().unwrap();
         assert_eq!(after.state, CommandState::Failed);
         assert_eq!(after.reason, RESTARTED_REASON);
@@ -621,8 +897,13 @@ mod tests {
 
     #[tokio::test]
     async fn list_shows_only_what_is_visible() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(&dir.path().join("k.db")).unwrap();
+        for backend in Backend::all() {
+            let (store, _) = backend.open().await;
+            list_shows_only_what_is_visible_on(&store).await;
+        }
+    }
+
+    async fn list_shows_only_what_is_visible_on(store: &Store) {
         let mut mine = record(CommandState::Succeeded, 1_000);
         mine.principal = "alice".into();
         let mut theirs = record(CommandState::Succeeded, 1_001);
@@ -666,8 +947,13 @@ mod tests {
 
     #[tokio::test]
     async fn list_pages_newest_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(&dir.path().join("k.db")).unwrap();
+        for backend in Backend::all() {
+            let (store, _) = backend.open().await;
+            list_pages_newest_first_on(&store).await;
+        }
+    }
+
+    async fn list_pages_newest_first_on(store: &Store) {
         let mut ids = Vec::new();
         for i in 0..5 {
             let r = record(CommandState::Succeeded, 1_000 + i);
@@ -711,8 +997,13 @@ mod tests {
 
     #[tokio::test]
     async fn expired_records_are_purged_but_running_ones_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(&dir.path().join("k.db")).unwrap();
+        for backend in Backend::all() {
+            let (store, _) = backend.open().await;
+            expired_records_are_purged_but_running_ones_kept_on(&store).await;
+        }
+    }
+
+    async fn expired_records_are_purged_but_running_ones_kept_on(store: &Store) {
         let old = record(CommandState::Succeeded, 1_000);
         let now_ms = millis(SystemTime::now());
         let fresh = record(CommandState::Failed, now_ms);
@@ -734,9 +1025,13 @@ mod tests {
 
     #[tokio::test]
     async fn grants_and_break_glass_marks_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("k.db");
-        let (store, _) = Store::open(&path).unwrap();
+        for backend in Backend::all() {
+            grants_and_break_glass_marks_survive_reopen_on(&backend).await;
+        }
+    }
+
+    async fn grants_and_break_glass_marks_survive_reopen_on(backend: &Backend) {
+        let (store, _) = backend.open().await;
         let mut grant = Grant {
             id: "g1".into(),
             assignment: "oncall".into(),
@@ -764,7 +1059,7 @@ mod tests {
         });
         store.put(used.clone()).await.unwrap();
         drop(store);
-        let (store, _) = Store::open(&path).unwrap();
+        let (store, _) = backend.open().await;
         assert_eq!(store.grants().await.unwrap(), vec![grant]);
         assert_eq!(
             store.get(&used.id).await.unwrap().unwrap().break_glass,
@@ -801,5 +1096,50 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as i64);
         conn.prepare("SELECT grant_id, grant_justification FROM commands")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_at_once_migrate_once_and_recover_only_their_own_commands() {
+        let Some(pg) = TestPostgres::start() else {
+            return;
+        };
+        // two replicas migrate the empty database at the same moment
+        let (settings_a, settings_b) = (pg.settings("a"), pg.settings("b"));
+        let (a, b) = tokio::join!(
+            Store::connect_postgres(&settings_a),
+            Store::connect_postgres(&settings_b),
+        );
+        let ((a, _), (b, _)) = (a.unwrap(), b.unwrap());
+        let on_a = record(CommandState::Running, 1_000);
+        let on_b = record(CommandState::Pending, 2_000);
+        a.put(on_a.clone()).await.unwrap();
+        b.put(on_b.clone()).await.unwrap();
+        // each sees the other's records
+        assert_eq!(b.get(&on_a.id).await.unwrap(), Some(on_a.clone()));
+        b.mark_running(&on_b.id).await.unwrap();
+        assert_eq!(
+            a.get(&on_b.id).await.unwrap().unwrap().state,
+            CommandState::Running
+        );
+        // replica a restarts: its command is marked failed, b's live one is not touched
+        drop(a);
+        let (a, recovered) = Store::connect_postgres(&pg.settings("a")).await.unwrap();
+        assert_eq!(recovered, 1);
+        assert_eq!(
+            a.get(&on_a.id).await.unwrap().unwrap().state,
+            CommandState::Failed
+        );
+        assert_eq!(
+            a.get(&on_b.id).await.unwrap().unwrap().state,
+            CommandState::Running
+        );
+        // an unreachable server makes the store unhealthy, as a full disk does
+        drop(pg);
+        let err = a
+            .put(record(CommandState::Running, 3_000))
+            .await
+            .unwrap_err();
+        assert!(err.is_unavailable(), "{err}");
+        assert!(!a.is_healthy());
     }
 }

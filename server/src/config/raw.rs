@@ -80,7 +80,13 @@ pub(super) struct RawAudit {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStore {
+    pub(super) backend: Option<String>,
     pub(super) path: Option<PathBuf>,
+    pub(super) url: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) ca_cert: Option<PathBuf>,
+    pub(super) max_connections: Option<usize>,
+    pub(super) replica_id: Option<String>,
     #[serde(default, with = "humantime_serde")]
     pub(super) retention: Option<Duration>,
 }
