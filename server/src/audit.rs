@@ -45,6 +45,9 @@ pub struct AuditConfig {
     pub max_file_bytes: u64,
     /// Also emit every event as a `tracing` event on target `kinvoke::audit`.
     pub tracing: bool,
+    /// The replica's name, written in every event (`"replica"`) when several replicas
+    /// share a store: each keeps its own chain, and the lines say whose they are.
+    pub replica: Option<String>,
 }
 
 /// The audit log cannot be written: actions that need an audit record are refused.
@@ -454,6 +457,7 @@ pub struct Audit {
     healthy: Arc<AtomicBool>,
     health: watch::Receiver<bool>,
     tracing: bool,
+    replica: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -497,6 +501,7 @@ impl Audit {
             healthy,
             health,
             tracing: config.tracing,
+            replica: config.replica.as_deref().map(Arc::from),
         })
     }
 
@@ -519,14 +524,18 @@ impl Audit {
     }
 
     fn fields(&self, event: &AuditEvent) -> Map<String, Value> {
-        match serde_json::to_value(event) {
+        let mut map = match serde_json::to_value(event) {
             Ok(Value::Object(map)) => map,
             _ => {
                 let mut map = Map::new();
                 map.insert("event".to_owned(), Value::from(event.name()));
                 map
             }
+        };
+        if let Some(replica) = &self.replica {
+            map.insert("replica".to_owned(), Value::from(replica.as_ref()));
         }
+        map
     }
 
     fn emit_tracing(&self, fields: &Map<String, Value>) {
@@ -718,6 +727,7 @@ mod tests {
             fsync,
             max_file_bytes: 1 << 20,
             tracing: false,
+            replica: None,
         }
     }
 
@@ -748,6 +758,41 @@ mod tests {
             assert_eq!(count, 2);
             assert_eq!(head, audit.head());
         }
+    }
+
+    #[tokio::test]
+    async fn every_event_of_a_replica_names_it_and_its_chain_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = AuditConfig {
+            replica: Some("kinvoke-1".to_owned()),
+            ..config(dir.path(), FsyncPolicy::Always)
+        };
+        let audit = Audit::open(&cfg).unwrap();
+        audit.record(stopped("one"));
+        audit.record_durable(stopped("two")).await.unwrap();
+        let text = std::fs::read_to_string(&cfg.path).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        for line in &lines {
+            assert_eq!(line["replica"], "kinvoke-1", "{line}");
+        }
+        assert_eq!(chain::verify(&cfg.path, None).unwrap().0, 2);
+        // without several replicas, no such field
+        let single = tempfile::tempdir().unwrap();
+        let cfg = config(single.path(), FsyncPolicy::Always);
+        Audit::open(&cfg)
+            .unwrap()
+            .record_durable(stopped("alone"))
+            .await
+            .unwrap();
+        assert!(
+            !std::fs::read_to_string(&cfg.path)
+                .unwrap()
+                .contains("replica")
+        );
     }
 
     #[tokio::test]

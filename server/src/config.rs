@@ -405,7 +405,9 @@ impl Config {
         let policy = Policy::new(roles, assignments, gates)
             .map_err(|e| invalid("assignment", e.to_string()))?;
 
-        let audit = parse_audit(raw.audit, &state_dir, &resolve)?;
+        let mut audit = parse_audit(raw.audit, &state_dir, &resolve)?;
+        // replicas sharing a store each keep a chain of their own, named in every line
+        audit.replica = store.postgres.as_ref().map(|pg| pg.replica_id.clone());
         let webhook = match raw.break_glass.webhook_url {
             None => None,
             Some(url) => {
@@ -1165,6 +1167,8 @@ name = "prod-eu"
         std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
         let pg = |store: &str| Config::parse(&format!("{MINIMAL}\n[store]\n{store}\n"), dir.path());
         let config = pg("backend = \"postgres\"\nurl = \"postgres://kinvoke@db.internal:5432/kinvoke?sslmode=require\"\npassword_file = \"pw\"\nreplica_id = \"kinvoke-0\"").unwrap();
+        // each replica's audit lines name it
+        assert_eq!(config.audit.replica.as_deref(), Some("kinvoke-0"));
         let settings = config.store.postgres.unwrap();
         assert_eq!(settings.password.as_deref(), Some("s3cret"));
         assert_eq!(settings.replica_id, "kinvoke-0");

@@ -1442,6 +1442,7 @@ mod refusal_tests {
             fsync: FsyncPolicy::Batch(Duration::from_millis(1)),
             max_file_bytes: 1 << 20,
             tracing: false,
+            replica: None,
         };
         let audit = Audit::open(&config).unwrap();
         let mut cluster = kube::Config::new(upstream.parse().unwrap());

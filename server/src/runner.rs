@@ -775,6 +775,7 @@ mod tests {
             fsync: FsyncPolicy::Batch(Duration::from_millis(1)),
             max_file_bytes: 1 << 20,
             tracing: false,
+            replica: None,
         })
         .unwrap();
         let executor = Arc::new(LocalExecutor::new(limits.kill_grace, None, None));

@@ -73,6 +73,7 @@ async fn breakglass(
         fsync: FsyncPolicy::Always,
         max_file_bytes: 1 << 20,
         tracing: false,
+        replica: None,
     })
     .unwrap();
     let now = Arc::new(Mutex::new(SystemTime::now()));

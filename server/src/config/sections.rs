@@ -85,6 +85,7 @@ pub(super) fn parse_audit(
         fsync,
         max_file_bytes,
         tracing: raw.tracing.unwrap_or(true),
+        replica: None,
     })
 }
 
