@@ -470,7 +470,7 @@ impl Store {
             conn.query_row(
                 &format!("SELECT {COLUMNS} FROM commands WHERE id = ?1"),
                 [id],
-                row_to_record,
+                |row| Ok(record_from(row)),
             )
             .optional()?
             .transpose()
@@ -510,7 +510,8 @@ impl Store {
                  ORDER BY started_at DESC, id DESC LIMIT ?3",
                 clauses.join(" OR ")
             ))?;
-            let rows = stmt.query_map(rusqlite::params_from_iter(args), row_to_record)?;
+            let rows =
+                stmt.query_map(rusqlite::params_from_iter(args), |row| Ok(record_from(row)))?;
             let mut out = Vec::new();
             for row in rows {
                 out.push(row??);
@@ -553,40 +554,13 @@ impl Store {
     /// Every stored grant, newest first.
     async fn sqlite_grants(&self) -> Result<Vec<Grant>, StoreError> {
         self.with_conn("grants", |conn| {
-            let mut stmt = conn.prepare(
-                "SELECT id, assignment, cluster, role, principal, justification, duration_ms, state,
-                        requested_at, starts_at, expires_at, approved_by, revoked_by, approval_from
-                 FROM grants ORDER BY requested_at DESC, id DESC",
-            )?;
-            let rows = stmt.query_map([], |row| {
-                let state: String = row.get(7)?;
-                let duration_ms: i64 = row.get(6)?;
-                Ok((
-                    state,
-                    Grant {
-                        id: row.get(0)?,
-                        assignment: row.get(1)?,
-                        cluster: row.get(2)?,
-                        role: row.get(3)?,
-                        principal: row.get(4)?,
-                        justification: row.get(5)?,
-                        duration: Duration::from_millis(u64::try_from(duration_ms).unwrap_or(0)),
-                        state: GrantState::Pending,
-                        requested_at: from_millis(row.get(8)?),
-                        starts_at: row.get::<_, Option<i64>>(9)?.map(from_millis),
-                        expires_at: row.get::<_, Option<i64>>(10)?.map(from_millis),
-                        approved_by: row.get(11)?,
-                        revoked_by: row.get(12)?,
-                        approval_from: row.get(13)?,
-                    },
-                ))
-            })?;
+            let mut stmt = conn.prepare(&format!(
+                "SELECT {GRANT_COLUMNS} FROM grants ORDER BY requested_at DESC, id DESC"
+            ))?;
+            let rows = stmt.query_map([], |row| Ok(grant_from(row)))?;
             let mut out = Vec::new();
             for row in rows {
-                let (state, mut grant) = row?;
-                grant.state = GrantState::from_name(&state)
-                    .ok_or_else(|| StoreError::Corrupt(format!("bad grant state {state:?}")))?;
-                out.push(grant);
+                out.push(row??);
             }
             Ok(out)
         })
@@ -628,44 +602,98 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-type RowResult = Result<CommandRecord, StoreError>;
+/// The columns of `grants` every query reads, in the order [`grant_from`] expects.
+const GRANT_COLUMNS: &str = "id, assignment, cluster, role, principal, justification, \
+     duration_ms, state, requested_at, starts_at, expires_at, approved_by, revoked_by, approval_from";
 
-fn row_to_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<RowResult> {
-    let id: String = row.get(0)?;
-    let files: String = row.get(4)?;
-    let state: String = row.get(6)?;
-    let timeout_ms: i64 = row.get(5)?;
-    let started: i64 = row.get(8)?;
-    let finished: Option<i64> = row.get(9)?;
-    let output_size: i64 = row.get(12)?;
-    let grant_id: Option<String> = row.get(13)?;
-    let grant_justification: Option<String> = row.get(14)?;
-    let output_truncated: bool = row.get(15)?;
-    let record = (|| {
-        Ok(CommandRecord {
-            id: CommandId::parse(&id)
-                .ok_or_else(|| StoreError::Corrupt(format!("bad id {id:?}")))?,
-            cluster: row.get(1)?,
-            principal: row.get(2)?,
-            command: row.get(3)?,
-            files: files_from_json(&files)?,
-            timeout: Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)),
-            state: CommandState::from_name(&state)
-                .ok_or_else(|| StoreError::Corrupt(format!("bad state {state:?}")))?,
-            exit_code: row.get(7)?,
-            started_at: from_millis(started),
-            finished_at: finished.map(from_millis),
-            reason: row.get(10)?,
-            output: row.get(11)?,
-            output_size: u64::try_from(output_size).unwrap_or(0),
-            output_truncated,
-            break_glass: grant_id.map(|id| GrantUse {
-                id,
-                justification: grant_justification.unwrap_or_default(),
-            }),
-        })
-    })();
-    Ok(record)
+/// A result row of either backend, read by column index; one reader of records and
+/// grants serves both.
+trait Columns {
+    fn text(&self, i: usize) -> Result<String, StoreError>;
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError>;
+    fn int(&self, i: usize) -> Result<i64, StoreError>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError>;
+    fn opt_i32(&self, i: usize) -> Result<Option<i32>, StoreError>;
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError>;
+    fn boolean(&self, i: usize) -> Result<bool, StoreError>;
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn opt_i32(&self, i: usize) -> Result<Option<i32>, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        Ok(self.get(i)?)
+    }
+    fn boolean(&self, i: usize) -> Result<bool, StoreError> {
+        Ok(self.get(i)?)
+    }
+}
+
+/// A row of `SELECT {COLUMNS}` as a record.
+fn record_from(row: &impl Columns) -> Result<CommandRecord, StoreError> {
+    let id = row.text(0)?;
+    let state = row.text(6)?;
+    Ok(CommandRecord {
+        id: CommandId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("bad id {id:?}")))?,
+        cluster: row.text(1)?,
+        principal: row.text(2)?,
+        command: row.text(3)?,
+        files: files_from_json(&row.text(4)?)?,
+        timeout: Duration::from_millis(u64::try_from(row.int(5)?).unwrap_or(0)),
+        state: CommandState::from_name(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("bad state {state:?}")))?,
+        exit_code: row.opt_i32(7)?,
+        started_at: from_millis(row.int(8)?),
+        finished_at: row.opt_int(9)?.map(from_millis),
+        reason: row.text(10)?,
+        output: row.bytes(11)?,
+        output_size: u64::try_from(row.int(12)?).unwrap_or(0),
+        output_truncated: row.boolean(15)?,
+        break_glass: row
+            .opt_text(13)?
+            .map(|id| -> Result<GrantUse, StoreError> {
+                Ok(GrantUse {
+                    id,
+                    justification: row.opt_text(14)?.unwrap_or_default(),
+                })
+            })
+            .transpose()?,
+    })
+}
+
+/// A row of `SELECT {GRANT_COLUMNS}` as a grant.
+fn grant_from(row: &impl Columns) -> Result<Grant, StoreError> {
+    let state = row.text(7)?;
+    Ok(Grant {
+        id: row.text(0)?,
+        assignment: row.text(1)?,
+        cluster: row.text(2)?,
+        role: row.text(3)?,
+        principal: row.text(4)?,
+        justification: row.text(5)?,
+        duration: Duration::from_millis(u64::try_from(row.int(6)?).unwrap_or(0)),
+        state: GrantState::from_name(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("bad grant state {state:?}")))?,
+        requested_at: from_millis(row.int(8)?),
+        starts_at: row.opt_int(9)?.map(from_millis),
+        expires_at: row.opt_int(10)?.map(from_millis),
+        approved_by: row.opt_text(11)?,
+        revoked_by: row.opt_text(12)?,
+        approval_from: row.opt_text(13)?,
+    })
 }
 
 /// Milliseconds since the Unix epoch.

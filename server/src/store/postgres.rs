@@ -8,19 +8,18 @@
 //! its own interrupted commands failed, never another live replica's.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::{
-    COLUMNS, CommandRecord, ListQuery, RESTARTED_REASON, StoreError, files_from_json,
-    files_to_json, from_millis, millis,
+    COLUMNS, Columns, CommandRecord, GRANT_COLUMNS, ListQuery, RESTARTED_REASON, StoreError,
+    files_to_json, grant_from, millis, record_from,
 };
-use crate::access::authz::GrantUse;
-use crate::access::grant::{Grant, GrantState};
-use crate::command::{CommandId, CommandState};
+use crate::access::grant::Grant;
+use crate::command::CommandId;
 
 /// How to reach the database.
 #[derive(Clone, PartialEq, Eq)]
@@ -299,7 +298,7 @@ impl PgStore {
                 &[&id.as_str()],
             )
             .await?;
-        row.as_ref().map(record_of).transpose()
+        row.as_ref().map(record_from).transpose()
     }
 
     pub(super) async fn list(&self, query: ListQuery) -> Result<Vec<CommandRecord>, StoreError> {
@@ -339,7 +338,7 @@ impl PgStore {
                 &params,
             )
             .await?;
-        rows.iter().map(record_of).collect()
+        rows.iter().map(record_from).collect()
     }
 
     pub(super) async fn put_grant(&self, grant: Grant) -> Result<(), StoreError> {
@@ -386,35 +385,11 @@ impl PgStore {
             .client()
             .await?
             .query(
-                "SELECT id, assignment, cluster, role, principal, justification, duration_ms, state,
-                        requested_at, starts_at, expires_at, approved_by, revoked_by, approval_from
-                 FROM grants ORDER BY requested_at DESC, id DESC",
+                &format!("SELECT {GRANT_COLUMNS} FROM grants ORDER BY requested_at DESC, id DESC"),
                 &[],
             )
             .await?;
-        rows.iter()
-            .map(|row| {
-                let state: String = row.try_get(7)?;
-                let duration_ms: i64 = row.try_get(6)?;
-                Ok(Grant {
-                    id: row.try_get(0)?,
-                    assignment: row.try_get(1)?,
-                    cluster: row.try_get(2)?,
-                    role: row.try_get(3)?,
-                    principal: row.try_get(4)?,
-                    justification: row.try_get(5)?,
-                    duration: Duration::from_millis(u64::try_from(duration_ms).unwrap_or(0)),
-                    state: GrantState::from_name(&state)
-                        .ok_or_else(|| StoreError::Corrupt(format!("bad grant state {state:?}")))?,
-                    requested_at: from_millis(row.try_get(8)?),
-                    starts_at: row.try_get::<_, Option<i64>>(9)?.map(from_millis),
-                    expires_at: row.try_get::<_, Option<i64>>(10)?.map(from_millis),
-                    approved_by: row.try_get(11)?,
-                    revoked_by: row.try_get(12)?,
-                    approval_from: row.try_get(13)?,
-                })
-            })
-            .collect()
+        rows.iter().map(grant_from).collect()
     }
 
     pub(super) async fn purge_expired(&self, cutoff: i64) -> Result<usize, StoreError> {
@@ -430,36 +405,28 @@ impl PgStore {
     }
 }
 
-/// A row of `SELECT {COLUMNS}` as a record.
-fn record_of(row: &Row) -> Result<CommandRecord, StoreError> {
-    let id: String = row.try_get(0)?;
-    let state: String = row.try_get(6)?;
-    let timeout_ms: i64 = row.try_get(5)?;
-    let output_size: i64 = row.try_get(12)?;
-    let grant_id: Option<String> = row.try_get(13)?;
-    let grant_justification: Option<String> = row.try_get(14)?;
-    Ok(CommandRecord {
-        id: CommandId::parse(&id)
-            .ok_or_else(|| StoreError::Corrupt(format!("bad command id {id:?}")))?,
-        cluster: row.try_get(1)?,
-        principal: row.try_get(2)?,
-        command: row.try_get(3)?,
-        files: files_from_json(&row.try_get::<_, String>(4)?)?,
-        timeout: Duration::from_millis(u64::try_from(timeout_ms).unwrap_or(0)),
-        state: CommandState::from_name(&state)
-            .ok_or_else(|| StoreError::Corrupt(format!("bad state {state:?}")))?,
-        exit_code: row.try_get(7)?,
-        started_at: from_millis(row.try_get(8)?),
-        finished_at: row.try_get::<_, Option<i64>>(9)?.map(from_millis),
-        reason: row.try_get(10)?,
-        output: row.try_get(11)?,
-        output_size: u64::try_from(output_size).unwrap_or(0),
-        output_truncated: row.try_get(15)?,
-        break_glass: grant_id.map(|id| GrantUse {
-            id,
-            justification: grant_justification.unwrap_or_default(),
-        }),
-    })
+impl Columns for Row {
+    fn text(&self, i: usize) -> Result<String, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> Result<Option<String>, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_i32(&self, i: usize) -> Result<Option<i32>, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, StoreError> {
+        Ok(self.try_get(i)?)
+    }
+    fn boolean(&self, i: usize) -> Result<bool, StoreError> {
+        Ok(self.try_get(i)?)
+    }
 }
 
 /// rustls for the database: the public roots, plus `ca_cert` when given.
