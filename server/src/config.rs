@@ -219,7 +219,21 @@ fn parse_postgres(
                     let text = std::fs::read_to_string(&file).map_err(|e| {
                         invalid("store.password_file", format!("{}: {e}", file.display()))
                     })?;
-                    Some(text.trim_end_matches(['\n', '\r']).to_owned())
+                    // one line: the line end is not part of it, and more lines are refused
+                    // rather than sent as part of the password or cut off
+                    let line = text
+                        .strip_suffix('\n')
+                        .map_or(text.as_str(), |t| t.strip_suffix('\r').unwrap_or(t));
+                    if line.contains(['\n', '\r']) || line.is_empty() {
+                        return Err(invalid(
+                            "store.password_file",
+                            format!(
+                                "{} must hold the password on one line, and nothing else",
+                                file.display()
+                            ),
+                        ));
+                    }
+                    Some(line.to_owned())
                 }
             };
             let max_connections = raw.max_connections.unwrap_or(16);
@@ -1165,6 +1179,7 @@ name = "prod-eu"
     fn the_postgres_store_is_configured_whole_or_refused_naming_the_key() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        std::fs::write(dir.path().join("two-lines"), "s3cret\nmore\n").unwrap();
         let pg = |store: &str| Config::parse(&format!("{MINIMAL}\n[store]\n{store}\n"), dir.path());
         let config = pg("backend = \"postgres\"\nurl = \"postgres://kinvoke@db.internal:5432/kinvoke?sslmode=require\"\npassword_file = \"pw\"\nreplica_id = \"kinvoke-0\"").unwrap();
         // each replica's audit lines name it
@@ -1197,6 +1212,10 @@ name = "prod-eu"
             ),
             ("url = \"postgres://u@db/k\"", "store.url"),
             ("backend = \"mysql\"", "store.backend"),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/k\"\npassword_file = \"two-lines\"",
+                "store.password_file",
+            ),
         ];
         for (store, key) in cases {
             let err = pg(store).unwrap_err().to_string();

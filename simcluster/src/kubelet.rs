@@ -311,7 +311,7 @@ pub(crate) fn runs(pod: &Value, only_labelled: Option<&(String, String)>) -> boo
 }
 
 /// A Pod the kubelet has not looked at yet: Pending, unscheduled.
-pub(crate) fn make_pending(pod: &mut Value, now: &str) {
+pub(crate) fn make_pending(pod: &mut Value) {
     if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
         spec.remove("nodeName");
     }
@@ -325,7 +325,6 @@ pub(crate) fn make_pending(pod: &mut Value, now: &str) {
         "containerStatuses": statuses,
         "qosClass": "Burstable",
     });
-    let _ = now;
 }
 
 fn container_names(pod: &Value, field: &str) -> Vec<(String, String)> {
@@ -520,14 +519,10 @@ async fn run_pod(
         );
         return Ok(());
     }
-    for (i, c) in inits.iter().enumerate() {
-        let exit = run_container(&handle, options, c, &volumes, deadline, true).await;
-        match exit {
-            Some(0) => {}
-            Some(_) | None => {
-                let _ = i;
-                return Ok(());
-            }
+    for c in &inits {
+        // an init container that failed (or never ran) has set the Pod's end
+        if run_container(&handle, options, c, &volumes, deadline, true).await != Some(0) {
+            return Ok(());
         }
     }
     let now = now();
@@ -650,13 +645,21 @@ fn fail_pod(handle: &Handle<'_>, reason: &str, message: &str) {
     });
 }
 
-/// The Pod's volumes, made below `dir`: name → directory. `Ok(None)` when the Pod was
+/// A volume made for a Pod.
+struct Volume {
+    /// Its directory on this host.
+    path: PathBuf,
+    /// Secret volumes are always mounted read-only.
+    read_only: bool,
+}
+
+/// The Pod's volumes, made below `dir`: name → volume. `Ok(None)` when the Pod was
 /// deleted while waiting for a Secret.
 async fn make_volumes(
     handle: &mut Handle<'_>,
     pod: &Value,
     dir: &Path,
-) -> Result<Option<BTreeMap<String, PathBuf>>, String> {
+) -> Result<Option<BTreeMap<String, Volume>>, String> {
     let mut made = BTreeMap::new();
     let volumes = pod
         .pointer("/spec/volumes")
@@ -737,7 +740,13 @@ async fn make_volumes(
                 "volume \"{name}\": the simulated kubelet supports emptyDir and secret volumes only"
             ));
         }
-        made.insert(name, path);
+        made.insert(
+            name,
+            Volume {
+                path,
+                read_only: v.get("secret").is_some(),
+            },
+        );
     }
     Ok(Some(made))
 }
@@ -784,7 +793,7 @@ async fn run_container(
     handle: &Handle<'_>,
     options: &KubeletOptions,
     spec: &Value,
-    volumes: &BTreeMap<String, PathBuf>,
+    volumes: &BTreeMap<String, Volume>,
     deadline: Option<std::time::Instant>,
     init: bool,
 ) -> Option<i32> {
@@ -834,7 +843,7 @@ async fn run_container(
         .unwrap_or_default()
     {
         let volume = m.get("name").and_then(Value::as_str).unwrap_or_default();
-        let Some(source) = volumes.get(volume) else {
+        let Some(made) = volumes.get(volume) else {
             fail_pod(
                 handle,
                 "Failed",
@@ -843,14 +852,14 @@ async fn run_container(
             return None;
         };
         mounts.push(VolumeMount {
-            source: source.clone(),
+            source: made.path.clone(),
             target: PathBuf::from(
                 m.get("mountPath")
                     .and_then(Value::as_str)
                     .unwrap_or_default(),
             ),
             read_only: m.get("readOnly").and_then(Value::as_bool).unwrap_or(false)
-                || volume_is_secret(handle, volume),
+                || made.read_only,
         });
     }
     let log = LiveLog::new();
@@ -961,19 +970,6 @@ async fn run_container(
         ContainerExit::Exited(code) => Some(code),
         ContainerExit::Failed(_) => None,
     }
-}
-
-fn volume_is_secret(handle: &Handle<'_>, volume: &str) -> bool {
-    handle.get().is_some_and(|p| {
-        p.pointer("/spec/volumes")
-            .and_then(Value::as_array)
-            .is_some_and(|vs| {
-                vs.iter().any(|v| {
-                    v.get("name").and_then(Value::as_str) == Some(volume)
-                        && v.get("secret").is_some()
-                })
-            })
-    })
 }
 
 #[cfg(test)]

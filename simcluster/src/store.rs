@@ -583,7 +583,7 @@ impl Store {
             Some((tx, only))
                 if !dry_run && !scripted && is_pods(r) && kubelet::runs(&obj, only.as_ref()) =>
             {
-                kubelet::make_pending(&mut obj, &now);
+                kubelet::make_pending(&mut obj);
                 Some(tx.clone())
             }
             _ => None,

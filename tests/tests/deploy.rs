@@ -232,7 +232,7 @@ fn the_rbac_is_exactly_what_the_gateway_uses() {
         [
             (
                 vec!["pods".to_owned()],
-                ["create", "get", "list", "watch", "delete"]
+                ["create", "list", "watch", "delete"]
                     .map(str::to_owned)
                     .to_vec()
             ),

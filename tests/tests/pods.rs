@@ -183,6 +183,55 @@ impl Pods {
     }
 }
 
+/// The (resource, verb) pairs README.md and the Helm chart grant the gateway in the
+/// command namespace.
+const GRANTED: [(&str, &str); 9] = [
+    ("pods", "create"),
+    ("pods", "list"),
+    ("pods", "watch"),
+    ("pods", "delete"),
+    ("pods/log", "get"),
+    ("secrets", "create"),
+    ("secrets", "patch"),
+    ("secrets", "list"),
+    ("secrets", "delete"),
+];
+
+/// Every request the gateway made with its own identity (not a caller's) in the command
+/// namespace needs only the documented rights.
+fn assert_gateway_used_only_its_documented_rights(sim: &SimCluster) {
+    let prefix = format!("/api/v1/namespaces/{NAMESPACE}/");
+    let mut seen = 0;
+    for r in sim.requests() {
+        let own = r.user.as_deref() == Some(kinvoke_simcluster::ADMIN_USER);
+        let Some(rest) = r.path.strip_prefix(&prefix).filter(|_| own) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        let resource = match parts.as_slice() {
+            [kind, _, sub] => format!("{kind}/{sub}"),
+            [kind, ..] => (*kind).to_owned(),
+            [] => continue,
+        };
+        let watch = r.query.as_deref().is_some_and(|q| q.contains("watch=true"));
+        let verb = match (r.method.as_str(), parts.len(), watch) {
+            ("GET", _, true) => "watch",
+            ("GET", 1, false) => "list",
+            ("GET", _, false) => "get",
+            ("POST", _, _) => "create",
+            ("PATCH", _, _) => "patch",
+            ("DELETE", _, _) => "delete",
+            (other, _, _) => other,
+        };
+        assert!(
+            GRANTED.contains(&(resource.as_str(), verb)),
+            "the gateway used {verb} on {resource}: {r:?}"
+        );
+        seen += 1;
+    }
+    assert!(seen > 0, "no request of the gateway's own was seen");
+}
+
 /// The lines after the result header, which must say `exitcode=CODE`.
 fn body(out: &Output, code: i32) -> Vec<&str> {
     let mut lines = out.stdout.lines();
@@ -222,6 +271,7 @@ fn kubectl_in_a_pod_prints_the_clusters_table_and_its_exit_code_is_the_clients()
         "{listed:?}"
     );
     pods.await_no_leftovers("after the command ended");
+    assert_gateway_used_only_its_documented_rights(&pods.sim);
 }
 
 #[test]
@@ -347,6 +397,7 @@ fn cancel_deletes_the_pod() {
     let (id, follower) = pods.start_sleeper();
     assert_eq!(pods.names("pods"), [format!("kinvoke-{id}")]);
     pods.cancel(&id);
+    assert_gateway_used_only_its_documented_rights(&pods.sim);
     let requests = pods.sim.requests();
     assert!(
         requests.iter().any(|r| r.method == "DELETE"

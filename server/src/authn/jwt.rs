@@ -73,6 +73,9 @@ pub struct TokenIdentity {
 /// Why a token was not accepted. Messages help the caller and never include the token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// The groups claim is neither a string nor an array of strings.
+    #[error("token claim \"{0}\" must be a string or an array of strings")]
+    BadGroups(String),
     /// The user or groups claim holds control or text-direction characters.
     #[error(
         "token claim \"{0}\" holds control or text-direction characters; no principal or group may"
@@ -379,14 +382,17 @@ impl Issuer {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| TokenError::MissingClaim(self.config.user_claim.clone()))?;
+        // every group is a string: one that is not is refused, never left out (a
+        // dropped group could be one a deny rule names)
+        let not_a_group = || TokenError::BadGroups(self.config.groups_claim.clone());
         let groups = match claims.get(&self.config.groups_claim) {
             Some(Value::Array(items)) => items
                 .iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect(),
+                .map(|g| g.as_str().map(str::to_owned).ok_or_else(not_a_group))
+                .collect::<Result<Vec<_>, _>>()?,
             Some(Value::String(g)) => vec![g.clone()],
-            _ => Vec::new(),
+            None | Some(Value::Null) => Vec::new(),
+            Some(_) => return Err(not_a_group()),
         };
         let flat: BTreeMap<String, Vec<String>> = claims
             .iter()
@@ -574,6 +580,16 @@ mod tests {
             ("groups", json!(["sre", "admins\u{200b}"])),
             ("groups", json!("ops\nforged")),
         ];
+        // groups that are not strings are refused, not left out
+        for value in [json!(["sre", 7]), json!({"a": "b"}), json!(true)] {
+            let mut c = claims();
+            c["groups"] = value.clone();
+            let err = issuers
+                .verify(&sign(Algorithm::RS256, "rsa-1", &k.rsa, &c))
+                .await
+                .unwrap_err();
+            assert_eq!(err, TokenError::BadGroups("groups".into()), "{value}");
+        }
         for (claim, value) in cases {
             let mut c = claims();
             c[claim] = value.clone();

@@ -19,7 +19,7 @@
 //! a killed gateway left behind.
 //!
 //! RBAC the gateway needs, in the command namespace only: `pods` (create, get, list,
-//! watch, delete), `pods/log` (get), `secrets` (create, list, delete).
+//! watch, delete), `pods/log` (get), `secrets` (create, patch, list, delete).
 
 use std::collections::BTreeMap;
 use std::future::Future;
