@@ -565,3 +565,17 @@ fn attached_files_keep_their_modes_in_the_pod() {
         "{out}"
     );
 }
+
+#[test]
+fn output_that_is_not_utf8_arrives_byte_for_byte_from_the_pod() {
+    let Some(pods) = Pods::start() else { return };
+    let out = pods.invoke("printf 'ok\\377\\376\\n'", &["-o", "json"]);
+    assert_eq!(out.code, Some(0), "{out}");
+    let json = out.json().unwrap();
+    assert_eq!(json["logsEncoding"], "utf-8-lossy", "{out}");
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(json["logsBase64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, b"ok\xff\xfe\n", "{out}");
+}

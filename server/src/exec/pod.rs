@@ -1675,11 +1675,20 @@ mod tests {
         /// `pod_states` are the Pod's statuses in order: the first in the list, the rest
         /// as watch events; `log` is the command's output.
         fn start(pod_states: Vec<Value>, log: &'static str) -> (kube::Client, Self) {
+            Self::start_with(pod_states, log, Faults::default())
+        }
+
+        fn start_with(
+            pod_states: Vec<Value>,
+            log: &'static str,
+            faults: Faults,
+        ) -> (kube::Client, Self) {
             let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
             let seen = Arc::new(Mutex::new(Vec::new()));
             let record = seen.clone();
             let task = tokio::spawn(async move {
                 let mut held = Vec::new();
+                let mut failed_deletes = 0;
                 while let Some((request, send)) = handle.next_request().await {
                     let (method, path) = (
                         request.method().to_string(),
@@ -1695,6 +1704,22 @@ mod tests {
                         })
                     };
                     let body = match (method.as_str(), path.as_str()) {
+                        ("POST", _) if faults.stall_creates => {
+                            // an API server that takes the request and never answers
+                            held.push(send);
+                            continue;
+                        }
+                        ("DELETE", _) if failed_deletes < faults.failed_deletes => {
+                            failed_deletes += 1;
+                            let status = json!({"kind": "Status", "code": 500, "status": "Failure", "reason": "InternalError", "message": "etcd is busy"});
+                            send.send_response(
+                                Response::builder()
+                                    .status(500)
+                                    .body(Body::from(status.to_string().into_bytes()))
+                                    .unwrap(),
+                            );
+                            continue;
+                        }
                         ("POST", p) if p.ends_with("/pods") => pod(&json!({})).to_string(),
                         ("POST", p) if p.ends_with("/secrets") => json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}).to_string(),
                         ("PATCH", p) if p.contains("/secrets/") => json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}}).to_string(),
@@ -1731,6 +1756,15 @@ mod tests {
         fn seen(&self) -> Vec<String> {
             self.seen.lock().unwrap().clone()
         }
+    }
+
+    /// What the scripted API server does wrong.
+    #[derive(Default)]
+    struct Faults {
+        /// Every create is taken and never answered.
+        stall_creates: bool,
+        /// The first this many deletes are answered 500.
+        failed_deletes: usize,
     }
 
     impl Drop for FakeApi {
@@ -1851,5 +1885,65 @@ mod tests {
         assert_eq!(outcome.state, CommandState::Canceled);
         let name = format!("kinvoke-{}", id());
         assert!(api.seen().iter().any(|s| s == &format!("DELETE /api/v1/namespaces/{DEFAULT_NAMESPACE}/pods/{name}")));
+    }
+
+    #[tokio::test]
+    async fn an_api_server_that_never_answers_a_create_fails_the_command_within_the_startup_timeout()
+     {
+        let (client, _api) = FakeApi::start_with(
+            vec![json!({"phase": "Pending"})],
+            "",
+            Faults {
+                stall_creates: true,
+                ..Faults::default()
+            },
+        );
+        let settings = PodSettings {
+            startup_timeout: Duration::from_millis(200),
+            ..PodSettings::default()
+        };
+        let executor = PodExecutor::new(client, settings, Duration::from_secs(1));
+        let (job, _, _) = job(CancellationToken::new());
+        let outcome = executor.run(job).await;
+        assert_eq!(outcome.state, CommandState::Failed);
+        assert!(
+            outcome.reason.contains("did not answer within 200ms"),
+            "{}",
+            outcome.reason
+        );
+    }
+
+    #[tokio::test]
+    async fn a_command_that_ends_before_it_is_seen_running_keeps_its_output_and_a_failed_delete_is_retried()
+     {
+        // Pending, then already ended: no live stream was started, the log is read once
+        let ended = json!({"phase": "Succeeded", "containerStatuses": [{"name": COMMAND_CONTAINER, "image": "i", "imageID": "", "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]});
+        let (client, api) = FakeApi::start_with(
+            vec![json!({"phase": "Pending"}), ended],
+            "quick\n",
+            Faults {
+                failed_deletes: 1,
+                ..Faults::default()
+            },
+        );
+        let executor = PodExecutor::new(client, PodSettings::default(), Duration::from_secs(1));
+        let (job, output, _) = job(CancellationToken::new());
+        let outcome = executor.run(job).await;
+        assert_eq!(
+            (outcome.state, outcome.exit_code),
+            (CommandState::Succeeded, Some(0))
+        );
+        assert_eq!(output.close().data, b"quick\n");
+        let pod_deletes = api
+            .seen()
+            .iter()
+            .filter(|s| s.starts_with("DELETE") && s.contains("/pods/"))
+            .count();
+        assert_eq!(
+            pod_deletes,
+            2,
+            "the delete answered 500 was tried again: {:?}",
+            api.seen()
+        );
     }
 }
