@@ -29,6 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -487,6 +488,9 @@ async fn run_pod(
         .prefix("kinvoke-sim-pod-")
         .tempdir_in(options.work_root.clone().unwrap_or_else(std::env::temp_dir))
         .map_err(|e| format!("volume directory: {e}"))?;
+    // other users may pass through to a volume, not list the Pod's
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| format!("volume directory: {e}"))?;
     let volumes = tokio::select! {
         made = make_volumes(&mut handle, &spec, dir.path()) => made,
         () = sleep_until(deadline) => { fail_deadline(&handle); return Ok(()) }
@@ -674,6 +678,9 @@ async fn make_volumes(
             .to_owned();
         let path = dir.join(format!("v{i}"));
         std::fs::create_dir(&path).map_err(|e| format!("volume \"{name}\": {e}"))?;
+        // the Pod's alone (the runtime gives it to the container's user)
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("volume \"{name}\": {e}"))?;
         if v.get("emptyDir").is_some() {
         } else if let Some(secret) = v.get("secret") {
             let secret_name = secret
@@ -730,7 +737,6 @@ async fn make_volumes(
                         .map_err(|e| format!("volume \"{name}\": {e}"))?;
                 }
                 std::fs::write(&file, content).map_err(|e| format!("volume \"{name}\": {e}"))?;
-                use std::os::unix::fs::PermissionsExt;
                 let mode = u32::try_from(mode & 0o777).unwrap_or(0o644);
                 std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode))
                     .map_err(|e| format!("volume \"{name}\": {e}"))?;
@@ -851,13 +857,29 @@ async fn run_container(
             );
             return None;
         };
+        let target = PathBuf::from(
+            m.get("mountPath")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+        );
+        // as container runtimes do: the kernel's file systems are the runtime's
+        if ["/proc", "/sys", "/dev"]
+            .iter()
+            .any(|reserved| target.starts_with(reserved))
+        {
+            fail_pod(
+                handle,
+                "Failed",
+                &format!(
+                    "container \"{name}\" mounts volume \"{volume}\" at {}, where the kernel's file systems are",
+                    target.display()
+                ),
+            );
+            return None;
+        }
         mounts.push(VolumeMount {
             source: made.path.clone(),
-            target: PathBuf::from(
-                m.get("mountPath")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-            ),
+            target,
             read_only: m.get("readOnly").and_then(Value::as_bool).unwrap_or(false)
                 || made.read_only,
         });

@@ -579,3 +579,44 @@ fn output_that_is_not_utf8_arrives_byte_for_byte_from_the_pod() {
         .unwrap();
     assert_eq!(raw, b"ok\xff\xfe\n", "{out}");
 }
+
+#[test]
+fn a_pod_that_mounts_a_volume_over_the_kernels_file_systems_never_runs() {
+    let Some(pods) = Pods::start() else { return };
+    // a caller's own Pod, labelled like the gateway's so the simulated kubelet takes it,
+    // with a writable volume at /proc/sys: were it to run, its Landlock rights would land
+    // on the host's kernel settings
+    let script = r#"kubectl apply -f - >/dev/null <<'YAML'
+apiVersion: v1
+kind: Pod
+metadata:
+  name: evil
+  namespace: default
+  labels: {app.kubernetes.io/managed-by: kinvoke}
+spec:
+  restartPolicy: Never
+  volumes: [{name: p, emptyDir: {}}]
+  containers:
+  - name: c
+    image: x
+    command: ["sh", "-c", "echo RAN"]
+    volumeMounts: [{name: p, mountPath: /proc/sys}]
+YAML
+for i in $(seq 200); do
+  phase=$(kubectl get pod evil -n default -o jsonpath='{.status.phase}')
+  case "$phase" in Succeeded|Failed) break ;; esac
+  sleep 0.05
+done
+echo "phase=$phase"
+kubectl get pod evil -n default -o jsonpath='{.status.message}'; echo
+kubectl logs evil -n default 2>&1; true"#;
+    let out = pods.invoke(script, &[]);
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("phase=Failed"), "{out}");
+    assert!(
+        out.stdout
+            .contains("at /proc/sys, where the kernel's file systems are"),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("RAN"), "the container ran: {out}");
+}

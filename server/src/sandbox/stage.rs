@@ -446,6 +446,55 @@ fn confine_and_exec(spec: &LaunchSpec) -> Result<Report, String> {
     Err(format!("could not start \"{program}\": {err}"))
 }
 
+/// What the sandbox mounts itself, after the binds: a volume there would be covered by
+/// the kernel's own file system, and Landlock, which grants by path, would give the
+/// volume's rights to it (a writable `/proc/sys` is the host's kernel settings).
+const RESERVED_TARGETS: &[&str] = &["/proc", "/dev", "/sys"];
+
+/// Refuses a mount whose target is not a plain absolute path below `/`, lies inside
+/// another bind or mount (whose contents could hold a symbolic link that creating the
+/// target would follow on the host), or at or below what the sandbox mounts itself
+/// (`/proc`, `/dev`, `/sys`, and `/tmp` when the command has a private one).
+fn check_mounts(spec: &LaunchSpec) -> Result<(), String> {
+    let bound: Vec<&Path> = spec
+        .read_only
+        .iter()
+        .chain(&spec.devices)
+        .chain(&spec.writable)
+        .map(PathBuf::as_path)
+        .collect();
+    let private_tmp = spec.private_tmp.as_ref().map(|_| Path::new("/tmp"));
+    for (i, m) in spec.mounts.iter().enumerate() {
+        let plain = m.target.is_absolute()
+            && m.target.components().count() > 1
+            && m.target.components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::RootDir | std::path::Component::Normal(_)
+                )
+            });
+        let nested = bound.iter().any(|b| m.target.starts_with(b))
+            || spec
+                .mounts
+                .iter()
+                .enumerate()
+                .any(|(j, other)| j != i && m.target.starts_with(&other.target));
+        let reserved = RESERVED_TARGETS
+            .iter()
+            .map(Path::new)
+            .chain(private_tmp)
+            .any(|r| m.target.starts_with(r));
+        if !plain || nested || reserved {
+            return Err(format!(
+                "sandbox: mount target {} must be a plain absolute path below / that lies in \
+                 no other mount and not in /proc, /dev or /sys",
+                m.target.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Makes the mount point for `shown_at` below `root`, one component at a time, refusing
 /// any component that is a symbolic link or not a directory: the path lies inside a
 /// volume whose contents a command may have written.
@@ -521,40 +570,7 @@ fn build_root(spec: &LaunchSpec, features: &mut Features) -> Result<(), String> 
     let read_only = spec.read_only.iter().map(|p| (p, p, Bind::ReadOnly));
     let devices = spec.devices.iter().map(|p| (p, p, Bind::Device));
     let writable = spec.writable.iter().map(|p| (p, p, Bind::Writable));
-    // a mount's target lies on the new root's own tmpfs: absolute, no `..` or `.`, not
-    // `/`, and neither inside another bind nor inside another mount, whose contents (a
-    // host directory, a volume an init container filled) could hold a symbolic link that
-    // creating the target would follow on the host
-    let bound: Vec<&Path> = spec
-        .read_only
-        .iter()
-        .chain(&spec.devices)
-        .chain(&spec.writable)
-        .map(PathBuf::as_path)
-        .collect();
-    for (i, m) in spec.mounts.iter().enumerate() {
-        let plain = m.target.is_absolute()
-            && m.target.components().count() > 1
-            && m.target.components().all(|c| {
-                matches!(
-                    c,
-                    std::path::Component::RootDir | std::path::Component::Normal(_)
-                )
-            });
-        let nested = bound.iter().any(|b| m.target.starts_with(b))
-            || spec
-                .mounts
-                .iter()
-                .enumerate()
-                .any(|(j, other)| j != i && m.target.starts_with(&other.target));
-        if !plain || nested {
-            return Err(format!(
-                "sandbox: mount target {} must be a plain absolute path below / that lies in \
-                 no other mount",
-                m.target.display()
-            ));
-        }
-    }
+    check_mounts(spec)?;
     let mounts = spec.mounts.iter().map(|m| {
         let kind = if m.writable {
             Bind::Writable
@@ -942,6 +958,53 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "test code")]
 
     use super::*;
+
+    fn spec_with_mount(target: &str) -> LaunchSpec {
+        LaunchSpec {
+            argv: vec!["true".into()],
+            env: Vec::new(),
+            cwd: PathBuf::from("/"),
+            read_only: vec![PathBuf::from("/usr")],
+            writable: Vec::new(),
+            mounts: vec![crate::sandbox::Mount {
+                source: PathBuf::from("/tmp/volume"),
+                target: PathBuf::from(target),
+                writable: true,
+            }],
+            devices: Vec::new(),
+            private_tmp: None,
+            new_root: PathBuf::from("/tmp/root"),
+            run_as: None,
+            probe: false,
+        }
+    }
+
+    #[test]
+    fn a_volume_may_not_lie_where_the_sandbox_mounts_the_kernels_file_systems() {
+        for target in [
+            "/proc",
+            "/proc/sys",
+            "/proc/sys/kernel",
+            "/dev",
+            "/dev/shm",
+            "/sys",
+            "/sys/kernel",
+            "/",
+            "/usr/local",
+            "/a/../proc",
+            "relative",
+        ] {
+            let err = check_mounts(&spec_with_mount(target)).unwrap_err();
+            assert!(err.contains("mount target"), "{target}: {err}");
+        }
+        for target in ["/kinvoke/work", "/tmp", "/procedures", "/devices"] {
+            check_mounts(&spec_with_mount(target)).unwrap_or_else(|e| panic!("{target}: {e}"));
+        }
+        // with a private /tmp, /tmp is the sandbox's
+        let mut spec = spec_with_mount("/tmp/x");
+        spec.private_tmp = Some(PathBuf::from("/tmp/private"));
+        assert!(check_mounts(&spec).is_err());
+    }
 
     #[test]
     fn a_mount_point_inside_a_volume_never_follows_a_planted_link() {
